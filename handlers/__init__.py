@@ -1,0 +1,1 @@
+"""HTTP handlers: parse and validate, one service call, return a representation."""

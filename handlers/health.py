@@ -1,0 +1,25 @@
+"""Liveness (/health, no I/O) and readiness (/ready, checks PostgreSQL and Redis)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from handlers.common import json_response
+from server.errors import Unavailable
+from server.health import check_readiness
+from server.keys import CONFIG, PG_POOL, REDIS
+
+_HEALTH_BODY = b'{"status":"ok"}'
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(body=_HEALTH_BODY, content_type="application/json")
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app
+    checks = await check_readiness(app[PG_POOL], app[REDIS], app[CONFIG].health.check_timeout)
+    down = [name for name, result in checks.items() if not result["ok"]]
+    if down:
+        raise Unavailable(f"not ready: {', '.join(down)} down", extra={"checks": checks})
+    return json_response({"status": "ready", "checks": checks})

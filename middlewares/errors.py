@@ -1,0 +1,78 @@
+"""Every error leaves as application/problem+json (RFC 9457); unexpected ones leak nothing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from server.errors import DomainError, Unavailable, as_unavailable
+from server.keys import REQUEST_ID
+
+log = logging.getLogger("hotpath.errors")
+
+PROBLEM_TYPE = "application/problem+json"
+# Headers of an HTTPException worth keeping on the problem response (Allow on 405, ...).
+_KEEP_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate", "Accept", "Accept-Post", "Accept-Patch")
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    type_: str = "about:blank",
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """Build an RFC 9457 problem document response."""
+    doc: dict[str, Any] = {"type": type_, "title": title, "status": status}
+    if detail:
+        doc["detail"] = detail
+    if extra:
+        doc.update(extra)
+    return web.Response(
+        body=orjson.dumps(doc), status=status, content_type=PROBLEM_TYPE, headers=headers
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    default_text = f"{exc.status}: {exc.reason}"
+    detail = exc.text if exc.text and exc.text != default_text else None
+    headers = {k: exc.headers[k] for k in _KEEP_HEADERS if k in exc.headers}
+    return problem_response(exc.status, exc.reason, detail, headers=headers)
+
+
+def _from_domain_error(exc: DomainError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    type_ = exc.type_slug if exc.type_slug == "about:blank" else f"/problems/{exc.type_slug}"
+    return problem_response(exc.status, exc.title, exc.detail, type_=type_, extra=exc.extra, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects and friends are not errors
+        return _from_http_exception(exc)
+    except DomainError as exc:
+        return _from_domain_error(exc)
+    except Exception as exc:  # CancelledError is a BaseException and passes through untouched
+        unavailable = as_unavailable(exc)
+        rid = request.get(REQUEST_ID, "-")
+        if unavailable is not None:
+            log.warning("request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc)
+            return _from_domain_error(unavailable)
+        log.exception("request %s %s %s failed", rid, request.method, request.path)
+        return problem_response(
+            500,
+            "Internal Server Error",
+            "the server failed to handle this request; quote the request_id when reporting it",
+            extra={"request_id": rid},
+        )

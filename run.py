@@ -1,0 +1,182 @@
+"""hotpath command line: serve (default) or migrate.
+
+    python run.py [serve] [--host H] [--port P] [--config PATH]
+    python run.py migrate [--config PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from server.config import Config, ConfigError, load_config, mask_url
+
+log = logging.getLogger("hotpath")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="hotpath API server")
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
+    parser.add_argument("--config", default=None, help="path to a config.toml (default: the project's)")
+    parser.add_argument("--host", default=None, help="listen address (overrides server.host)")
+    parser.add_argument("--port", default=None, help="listen port (overrides server.port)")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    server: dict[str, Any] = {}
+    if args.host is not None:
+        server["host"] = args.host
+    if args.port is not None:
+        try:
+            server["port"] = int(args.port)
+        except ValueError:
+            raise ConfigError("--port", f"expected an integer, got {args.port!r}") from None
+    return load_config(args.config, overrides={"server": server} if server else None)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (Linux, macOS), the stock loop elsewhere."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(config: Config) -> int:
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.embedded import EmbeddedError, EmbeddedServices
+    from server.errors import StartupError
+
+    # Until run_app installs its own handlers, SIGTERM unwinds through `finally` like
+    # Ctrl-C does, so embedded servers that were started are stopped.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    embedded: EmbeddedServices | None = None
+    try:
+        if config.embedded_mode:
+            started = time.perf_counter()
+            embedded = EmbeddedServices(config.embedded_data_dir)
+            try:
+                db_url, redis_url = embedded.start()
+            except EmbeddedError as exc:
+                log.error("%s", exc)
+                return EXIT_STARTUP
+            config = dataclasses.replace(
+                config,
+                database=dataclasses.replace(config.database, url=db_url),
+                redis=dataclasses.replace(config.redis, url=redis_url),
+            )
+            log.info(
+                "embedded PostgreSQL and Redis ready in %.2f s (data in %s)",
+                time.perf_counter() - started,
+                config.embedded_data_dir,
+            )
+        srv = config.server
+        listening = (
+            f"hotpath listening on http://{srv.host}:{srv.port} "
+            f"(database {mask_url(config.database.url)}, redis {mask_url(config.redis.url)}"
+            f"{', embedded' if embedded else ''})"
+        )
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            web.run_app(
+                create_app(config),
+                host=srv.host,
+                port=srv.port,
+                shutdown_timeout=srv.shutdown_timeout,
+                access_log=logging.getLogger("hotpath.access") if srv.access_log else None,
+                print=lambda *_: log.info("%s", listening),
+                loop=loop,
+            )
+        except StartupError as exc:
+            log.error("%s", exc)
+            return EXIT_STARTUP
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
+            return EXIT_STARTUP
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("embedded PostgreSQL and Redis stopped")
+
+
+def migrate(config: Config) -> int:
+    import asyncpg
+
+    from server.embedded import EmbeddedServices
+    from server.errors import StartupError
+    from server.migrations import MigrationError, apply_migrations
+    from server.resources import retry_until
+
+    async def run(url: str) -> list[int]:
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(url)
+
+        conn = await retry_until(
+            f"PostgreSQL at {mask_url(url)}", connect, (OSError, asyncpg.CannotConnectNowError), config.database.start_timeout
+        )
+        try:
+            return await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    embedded = EmbeddedServices(config.embedded_data_dir) if config.embedded_mode else None
+    try:
+        url = embedded.start()[0] if embedded else config.database.url
+        loop = new_loop()
+        try:
+            applied = loop.run_until_complete(run(url))
+        finally:
+            loop.close()
+    except (StartupError, MigrationError) as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    log.info("migrations applied: %s", ", ".join(f"{v:03d}" for v in applied) if applied else "none pending")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"hotpath: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger().setLevel(config.log.level)
+    try:
+        if args.command == "migrate":
+            return migrate(config)
+        return serve(config)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""hotpath: a production-grade web API server written directly on aiohttp."""

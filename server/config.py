@@ -1,0 +1,268 @@
+"""Load config.toml plus environment overrides into frozen, validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
+ENV_PREFIX = "HOTPATH_"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown, of the wrong type or out of range."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_range(1, 65535))
+    access_log: bool = False
+    client_max_size: int = field(default=1024 * 1024, metadata=_range(1024))
+    shutdown_timeout: float = field(default=10.0, metadata=_range(0))
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url: str = ""
+    min_size: int = field(default=2, metadata=_range(0, 1000))
+    max_size: int = field(default=10, metadata=_range(1, 1000))
+    command_timeout: float = field(default=5.0, metadata=_range(0.001))
+    acquire_timeout: float = field(default=2.0, metadata=_range(0.001))
+    statement_cache_size: int = field(default=256, metadata=_range(0))
+    max_inactive_lifetime: float = field(default=300.0, metadata=_range(0))
+    start_timeout: float = field(default=30.0, metadata=_range(0))
+    migrate_on_start: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""
+    max_connections: int = field(default=64, metadata=_range(1))
+    socket_timeout: float = field(default=2.0, metadata=_range(0.001))
+    connect_timeout: float = field(default=2.0, metadata=_range(0.001))
+    start_timeout: float = field(default=30.0, metadata=_range(0))
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedConfig:
+    data_dir: str = "var"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    check_timeout: float = field(default=1.0, metadata=_range(0.001))
+
+
+@dataclass(frozen=True, slots=True)
+class UsersConfig:
+    default_limit: int = field(default=50, metadata=_range(1))
+    max_limit: int = field(default=200, metadata=_range(1))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = field(
+        default="INFO",
+        metadata={"choices": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    redis: RedisConfig = RedisConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    health: HealthConfig = HealthConfig()
+    users: UsersConfig = UsersConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def embedded_mode(self) -> bool:
+        """True when neither a database nor a Redis URL is configured."""
+        return not self.database.url and not self.redis.url
+
+    @property
+    def embedded_data_dir(self) -> Path:
+        path = Path(self.embedded.data_dir)
+        return path if path.is_absolute() else DEFAULT_CONFIG_PATH.parent / path
+
+
+_SECTION_TYPES: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def mask_url(url: str) -> str:
+    """Return the URL with its password replaced by ***, for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _coerce(key: str, value: Any, target: Any, from_env: bool) -> Any:
+    """Check (or, for environment strings, parse) one value against its declared type."""
+    if isinstance(target, types.UnionType):  # pragma: no cover - no optional settings yet
+        target = next(t for t in typing.get_args(target) if t is not type(None))
+    if target is bool:
+        if from_env and isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(key, f"expected a boolean (true/false), got {value!r}")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected a boolean, got {type(value).__name__} {value!r}")
+    if target is int:
+        if from_env and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ConfigError(key, f"expected an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+    if target is float:
+        if from_env and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+    if target is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(key, f"unsupported setting type {target!r}")  # pragma: no cover
+
+
+def _check_constraints(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(key, f"must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _build_section(name: str, raw: Mapping[str, Any], from_env: set[str]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(full, f"unknown setting (known: {', '.join(sorted(known))})")
+        coerced = _coerce(full, value, hints[key], full in from_env)
+        _check_constraints(full, coerced, known[key].metadata)
+        values[key] = coerced
+    return cls(**values)
+
+
+def _validate_whole(config: Config) -> None:
+    db = config.database
+    if db.min_size > db.max_size:
+        raise ConfigError("database.min_size", f"must be <= database.max_size ({db.max_size})")
+    if config.users.default_limit > config.users.max_limit:
+        raise ConfigError("users.default_limit", f"must be <= users.max_limit ({config.users.max_limit})")
+    for key, url, schemes in (
+        ("database.url", db.url, ("postgres", "postgresql")),
+        ("redis.url", config.redis.url, ("redis", "rediss", "unix")),
+    ):
+        if url and urlsplit(url).scheme not in schemes:
+            raise ConfigError(key, f"scheme must be one of {', '.join(schemes)}: {mask_url(url)}")
+    if bool(db.url) != bool(config.redis.url):
+        missing = "redis.url (REDIS_URL)" if db.url else "database.url (DATABASE_URL)"
+        raise ConfigError(
+            missing,
+            "set both database and Redis URLs, or neither (then embedded servers are started)",
+        )
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    out: dict[str, dict[str, Any]] = {}
+    touched: set[str] = set()
+    if "DATABASE_URL" in env:
+        out.setdefault("database", {})["url"] = env["DATABASE_URL"]
+        touched.add("database.url")
+    if "REDIS_URL" in env:
+        out.setdefault("redis", {})["url"] = env["REDIS_URL"]
+        touched.add("redis.url")
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section = next((s for s in _SECTION_TYPES if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(var, f"unknown section (known: {', '.join(_SECTION_TYPES)})")
+        key = rest[len(section) + 1:]
+        out.setdefault(section, {})[key] = value
+        touched.add(f"{section}.{key}")
+    return out, touched
+
+
+def load_config(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read `path` (default: the project's config.toml), apply environment and CLI overrides.
+
+    Raises ConfigError naming the offending key on any invalid value.
+    """
+    file_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        raw: dict[str, Any] = tomllib.loads(file_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {file_path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(file_path), f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(str(file_path), f"cannot read: {exc.strerror}") from None
+
+    for section, body in raw.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(section, f"unknown section (known: {', '.join(_SECTION_TYPES)})")
+        if not isinstance(body, dict):
+            raise ConfigError(section, "must be a table")
+
+    env_values, from_env = _env_overrides(os.environ if env is None else env)
+    merged: dict[str, dict[str, Any]] = {name: dict(raw.get(name, {})) for name in _SECTION_TYPES}
+    for layer in (env_values, overrides or {}):
+        for section, values in layer.items():
+            merged[section].update(values)
+    sections = {name: _build_section(name, merged[name], from_env) for name in _SECTION_TYPES}
+    config = Config(**sections)
+    _validate_whole(config)
+    return config

@@ -1,0 +1,80 @@
+"""Domain exceptions raised by services; middlewares/errors.py maps them to HTTP problems."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import asyncpg
+import redis.exceptions as redis_exc
+
+
+class DomainError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    status = 500
+    title = "Internal Server Error"
+    type_slug = "about:blank"
+
+    def __init__(self, detail: str, *, extra: Mapping[str, object] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        # Extension members of the problem document (RFC 9457 section 3.2).
+        self.extra: dict[str, object] = dict(extra or {})
+
+
+class NotFound(DomainError):
+    status = 404
+    title = "Not Found"
+    type_slug = "not-found"
+
+
+class Conflict(DomainError):
+    status = 409
+    title = "Conflict"
+    type_slug = "conflict"
+
+
+class ValidationFailed(DomainError):
+    """Input that parsed but does not satisfy the rules; `errors` lists every field at fault."""
+
+    status = 422
+    title = "Unprocessable Content"
+    type_slug = "validation"
+
+    def __init__(self, errors: Sequence[Mapping[str, str]], detail: str = "the request has invalid fields") -> None:
+        super().__init__(detail, extra={"errors": [dict(e) for e in errors]})
+
+
+class Unavailable(DomainError):
+    """A backing service (PostgreSQL, Redis) cannot be reached right now."""
+
+    status = 503
+    title = "Service Unavailable"
+    type_slug = "unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, extra: Mapping[str, object] | None = None) -> None:
+        super().__init__(detail, extra=extra)
+        self.retry_after = retry_after
+
+
+class StartupError(Exception):
+    """A resource could not be opened at start; the message names it (password masked)."""
+
+
+def as_unavailable(exc: BaseException) -> Unavailable | None:
+    """Classify a driver exception that means "backing service unreachable" (→ 503), else None."""
+    if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError):
+        return Unavailable("Redis is unavailable, retry shortly")
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.exceptions.OperatorInterventionError
+        | asyncpg.QueryCanceledError
+        | asyncpg.ConnectionDoesNotExistError,
+    ):
+        return Unavailable("the database is unavailable, retry shortly")
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return Unavailable("a backing service did not answer in time, retry shortly")
+    return None

@@ -1,0 +1,93 @@
+"""Versioned SQL migrations from server/sql/, applied in order under an advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger("hotpath.migrations")
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+# Any constant works; it only has to be the same in every hotpath process.
+ADVISORY_LOCK_ID = 0x686F7470617468  # "hotpath"
+_NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(Exception):
+    """The migration files and the database disagree (edited or missing migration)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    """Every migration file in version order; a malformed or duplicate name is an error."""
+    found: dict[int, Migration] = {}
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"bad migration file name {path.name!r} (want NNN_name.sql)")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"two migrations share version {version}")
+        found[version] = Migration(version, match.group(2), path.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+async def apply_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[int]:
+    """Apply pending migrations; return the versions applied by this call.
+
+    A session advisory lock serialises concurrent callers (several workers starting at
+    once): the second waits, then finds everything applied. Each migration runs in its
+    own transaction together with its bookkeeping row.
+    """
+    migrations = discover(sql_dir)
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_ID)
+    try:
+        await conn.execute(_CREATE_TABLE)
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        done = {r["version"]: r["checksum"] for r in rows}
+        for m in migrations:
+            if m.version in done:
+                if done[m.version] != m.checksum:
+                    raise MigrationError(
+                        f"migration {m.version:03d}_{m.name} was changed after it was applied; "
+                        "add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    m.version,
+                    m.name,
+                    m.checksum,
+                )
+            log.info("applied migration %03d_%s", m.version, m.name)
+            applied_now.append(m.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_ID)
+    return applied_now

@@ -1,0 +1,142 @@
+"""Cleanup contexts: each opens one resource at start, stores it under its key, closes it at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
+from aiohttp import web
+
+from server.config import mask_url
+from server.errors import StartupError
+from server.keys import CONFIG, PG_POOL, REDIS
+from server.migrations import apply_migrations
+
+log = logging.getLogger("hotpath.resources")
+
+T = TypeVar("T")
+
+# Errors worth retrying at start: the server is down, starting, or briefly refusing.
+# Anything else (bad password, unknown database) fails at once: waiting will not fix it.
+_PG_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TooManyConnectionsError,
+)
+_REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    redis_exc.BusyLoadingError,
+)
+
+
+async def retry_until(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    transient: tuple[type[BaseException], ...],
+    timeout: float,
+) -> T:
+    """Call `attempt` until it succeeds, backing off 0.1 s → 2 s, for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    warned = False
+    while True:
+        try:
+            return await attempt()
+        except transient as exc:
+            remaining = deadline - time.monotonic()
+            reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            if remaining <= 0:
+                raise StartupError(f"cannot reach {what}: {reason} (gave up after {timeout:g} s)") from None
+            if not warned:
+                log.warning("waiting for %s: %s (retrying for up to %g s)", what, reason, timeout)
+                warned = True
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+        except Exception as exc:
+            raise StartupError(f"cannot use {what}: {type(exc).__name__}: {exc}") from None
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release: hotpath keeps no session state on pooled
+    connections (no SET, LISTEN, cursors or advisory locks outlive a checkout), so the
+    round trip per request buys nothing. An open transaction is still rolled back by asyncpg."""
+
+
+async def create_pg_pool(app: web.Application) -> asyncpg.Pool:
+    """Open the pool described by the config, retrying an unreachable server at start."""
+    cfg = app[CONFIG].database
+    target = f"PostgreSQL at {mask_url(cfg.url)}"
+
+    async def attempt() -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            cfg.url,
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+            command_timeout=cfg.command_timeout,
+            statement_cache_size=cfg.statement_cache_size,
+            max_inactive_connection_lifetime=cfg.max_inactive_lifetime,
+            timeout=min(10.0, max(1.0, cfg.start_timeout)),
+            reset=_no_reset,
+        )
+
+    return await retry_until(target, attempt, _PG_TRANSIENT, cfg.start_timeout)
+
+
+async def pg_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool under PG_POOL; migrations applied first when configured."""
+    cfg = app[CONFIG].database
+    pool = await create_pg_pool(app)
+    try:
+        if cfg.migrate_on_start:
+            async with pool.acquire() as conn:
+                await apply_migrations(conn)
+    except BaseException:
+        pool.terminate()
+        raise
+    app[PG_POOL] = pool
+    yield
+    try:
+        await asyncio.wait_for(pool.close(), timeout=app[CONFIG].server.shutdown_timeout)
+    except TimeoutError:
+        log.warning("PostgreSQL pool did not close in time; terminating its connections")
+        pool.terminate()
+
+
+def create_redis(app: web.Application) -> aioredis.Redis:
+    """A Redis client over a blocking pool: a burst waits for a connection instead of failing."""
+    cfg = app[CONFIG].redis
+    pool = aioredis.BlockingConnectionPool.from_url(
+        cfg.url,
+        max_connections=cfg.max_connections,
+        timeout=cfg.socket_timeout,
+        socket_timeout=cfg.socket_timeout,
+        socket_connect_timeout=cfg.connect_timeout,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The shared Redis client under REDIS, checked with PING (retried) before serving."""
+    cfg = app[CONFIG].redis
+    client = create_redis(app)
+    try:
+        await retry_until(f"Redis at {mask_url(cfg.url)}", client.ping, _REDIS_TRANSIENT, cfg.start_timeout)
+    except BaseException:
+        await client.aclose()
+        raise
+    app[REDIS] = client
+    yield
+    await client.aclose()

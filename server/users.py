@@ -1,0 +1,143 @@
+"""Users in PostgreSQL through asyncpg: validation rules, CRUD, keyset pages, profiles."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from server.errors import Conflict, NotFound, ValidationFailed
+
+NAME_MAX = 200
+EMAIL_MAX = 254
+FIELDS = ("name", "email")
+# Deliberately loose: one @, no spaces, a dot in the domain. Deliverability is the
+# mail server's business; this only catches what cannot possibly be an address.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_COLUMNS = "id, name, email, created_at, updated_at"
+SQL_INSERT = f"INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {_COLUMNS}"
+SQL_GET = f"SELECT {_COLUMNS} FROM users WHERE id = $1"
+SQL_DELETE = "DELETE FROM users WHERE id = $1"
+SQL_PAGE = f"SELECT {_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+# COALESCE keeps a field that the PATCH did not send; both parameters are typed text.
+SQL_UPDATE = f"""
+UPDATE users
+   SET name = COALESCE($2::text, name),
+       email = COALESCE($3::text, email),
+       updated_at = now()
+ WHERE id = $1
+RETURNING {_COLUMNS}
+"""
+SQL_PROFILE = f"""
+SELECT {_COLUMNS},
+       split_part(email, '@', 2)                              AS email_domain,
+       (created_at AT TIME ZONE 'UTC')::date                  AS member_since,
+       floor(extract(epoch FROM now() - created_at) / 86400)::int AS account_age_days,
+       updated_at > created_at                                AS has_been_updated
+  FROM users WHERE id = $1
+"""
+
+
+def validate_user_fields(data: Any, *, partial: bool) -> dict[str, str]:
+    """Check a create (partial=False) or PATCH (partial=True) body; return the clean fields.
+
+    Raises ValidationFailed listing every problem at once, so a client fixes them in one go.
+    """
+    if not isinstance(data, Mapping):
+        raise ValidationFailed(
+            [{"field": "", "message": "the body must be a JSON object"}], "the body must be a JSON object"
+        )
+    errors: list[dict[str, str]] = []
+    clean: dict[str, str] = {}
+    for key in data:
+        if key not in FIELDS:
+            errors.append({"field": str(key), "message": "unknown field"})
+    name = data.get("name")
+    if "name" in data:
+        if not isinstance(name, str):
+            errors.append({"field": "name", "message": "must be a string"})
+        else:
+            name = name.strip()
+            if not 1 <= len(name) <= NAME_MAX:
+                errors.append({"field": "name", "message": f"must be 1 to {NAME_MAX} characters"})
+            elif _CONTROL.search(name):
+                errors.append({"field": "name", "message": "must not contain control characters"})
+            else:
+                clean["name"] = name
+    elif not partial:
+        errors.append({"field": "name", "message": "is required"})
+    email = data.get("email")
+    if "email" in data:
+        if not isinstance(email, str):
+            errors.append({"field": "email", "message": "must be a string"})
+        else:
+            email = email.strip()
+            if len(email) > EMAIL_MAX or not _EMAIL.match(email):
+                errors.append({"field": "email", "message": "must be a valid email address"})
+            else:
+                clean["email"] = email
+    elif not partial:
+        errors.append({"field": "email", "message": "is required"})
+    if partial and not errors and not clean:
+        errors.append({"field": "", "message": f"send at least one of: {', '.join(FIELDS)}"})
+    if errors:
+        raise ValidationFailed(errors)
+    return clean
+
+
+def _record(row: asyncpg.Record) -> dict[str, Any]:
+    return dict(row.items())
+
+
+async def create_user(pool: asyncpg.Pool, name: str, email: str) -> dict[str, Any]:
+    """Insert a user; Conflict when the email (any case) is taken."""
+    try:
+        row = await pool.fetchrow(SQL_INSERT, name, email)
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"a user with email {email!r} already exists") from None
+    assert row is not None
+    return _record(row)
+
+
+async def get_user(pool: asyncpg.Pool, user_id: int) -> dict[str, Any]:
+    """The user with this id; NotFound otherwise."""
+    row = await pool.fetchrow(SQL_GET, user_id)
+    if row is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return _record(row)
+
+
+async def update_user(pool: asyncpg.Pool, user_id: int, changes: Mapping[str, str]) -> dict[str, Any]:
+    """Apply validated changes; NotFound when missing, Conflict when the new email is taken."""
+    try:
+        row = await pool.fetchrow(SQL_UPDATE, user_id, changes.get("name"), changes.get("email"))
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"a user with email {changes.get('email')!r} already exists") from None
+    if row is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return _record(row)
+
+
+async def delete_user(pool: asyncpg.Pool, user_id: int) -> None:
+    """Delete the user; NotFound when there was none."""
+    status = await pool.execute(SQL_DELETE, user_id)
+    if status == "DELETE 0":
+        raise NotFound(f"user {user_id} does not exist")
+
+
+async def list_users(pool: asyncpg.Pool, after: int, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` users with id > `after`, in id order (keyset pagination)."""
+    rows = await pool.fetch(SQL_PAGE, after, limit)
+    return [_record(r) for r in rows]
+
+
+async def get_profile(pool: asyncpg.Pool, user_id: int) -> dict[str, Any]:
+    """The user plus fields derived from stored data (account age, email domain, ...)."""
+    row = await pool.fetchrow(SQL_PROFILE, user_id)
+    if row is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return _record(row)
