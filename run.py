@@ -1,7 +1,7 @@
 """hotpath command line: serve (default) or migrate.
 
-    python run.py [serve] [--host H] [--port P] [--config PATH]
-    python run.py migrate [--config PATH]
+python run.py [serve] [--host H] [--port P] [--config PATH]
+python run.py migrate [--config PATH]
 """
 
 from __future__ import annotations
@@ -133,7 +133,10 @@ def migrate(config: Config) -> int:
             return await asyncpg.connect(url)
 
         conn = await retry_until(
-            f"PostgreSQL at {mask_url(url)}", connect, (OSError, asyncpg.CannotConnectNowError), config.database.start_timeout
+            f"PostgreSQL at {mask_url(url)}",
+            connect,
+            (OSError, asyncpg.CannotConnectNowError),
+            config.database.start_timeout,
         )
         try:
             return await apply_migrations(conn)

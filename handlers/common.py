@@ -14,9 +14,7 @@ JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1
 
 
-def json_response(
-    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """orjson straight into the body: no str round trip, datetimes as ISO 8601."""
     return web.Response(body=orjson.dumps(data), status=status, content_type=JSON_TYPE, headers=headers)
 

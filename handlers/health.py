@@ -7,7 +7,7 @@ from aiohttp import web
 from handlers.common import json_response
 from server.errors import Unavailable
 from server.health import check_readiness
-from server.keys import CONFIG, PG_POOL, REDIS
+from server.keys import CONFIG, DB, REDIS
 
 _HEALTH_BODY = b'{"status":"ok"}'
 
@@ -18,7 +18,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     app = request.app
-    checks = await check_readiness(app[PG_POOL], app[REDIS], app[CONFIG].health.check_timeout)
+    checks = await check_readiness(app[DB], app[REDIS], app[CONFIG].health.check_timeout)
     down = [name for name, result in checks.items() if not result["ok"]]
     if down:
         raise Unavailable(f"not ready: {', '.join(down)} down", extra={"checks": checks})

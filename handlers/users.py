@@ -6,30 +6,30 @@ from aiohttp import web
 
 from handlers.common import json_response, path_id, query_int, read_json
 from server import users
-from server.keys import CONFIG, PG_POOL
+from server.keys import CONFIG, DB
 
 
 async def create_user(request: web.Request) -> web.Response:
     fields = users.validate_user_fields(await read_json(request), partial=False)
-    user = await users.create_user(request.app[PG_POOL], fields["name"], fields["email"])
+    user = await users.create_user(request.app[DB], fields["name"], fields["email"])
     location = request.app.router["user"].url_for(user_id=str(user["id"]))
     return json_response(user, status=201, headers={"Location": str(location)})
 
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    return json_response(await users.get_user(request.app[PG_POOL], user_id))
+    return json_response(await users.get_user(request.app[DB], user_id))
 
 
 async def update_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     changes = users.validate_user_fields(await read_json(request), partial=True)
-    return json_response(await users.update_user(request.app[PG_POOL], user_id, changes))
+    return json_response(await users.update_user(request.app[DB], user_id, changes))
 
 
 async def delete_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    await users.delete_user(request.app[PG_POOL], user_id)
+    await users.delete_user(request.app[DB], user_id)
     return web.Response(status=204)
 
 
@@ -37,7 +37,7 @@ async def list_users(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG].users
     after = query_int(request, "after", 0, minimum=0, maximum=2**63 - 1)
     limit = query_int(request, "limit", cfg.default_limit, minimum=1, maximum=cfg.max_limit)
-    items = await users.list_users(request.app[PG_POOL], after, limit)
+    items = await users.list_users(request.app[DB], after, limit)
     next_url = None
     headers = {}
     if len(items) == limit:
@@ -50,4 +50,4 @@ async def list_users(request: web.Request) -> web.Response:
 
 async def get_profile(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    return json_response(await users.get_profile(request.app[PG_POOL], user_id))
+    return json_response(await users.get_profile(request.app[DB], user_id))

@@ -35,9 +35,7 @@ def problem_response(
         doc["detail"] = detail
     if extra:
         doc.update(extra)
-    return web.Response(
-        body=orjson.dumps(doc), status=status, content_type=PROBLEM_TYPE, headers=headers
-    )
+    return web.Response(body=orjson.dumps(doc), status=status, content_type=PROBLEM_TYPE, headers=headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:
@@ -67,7 +65,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         unavailable = as_unavailable(exc)
         rid = request.get(REQUEST_ID, "-")
         if unavailable is not None:
-            log.warning("request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc)
+            log.warning(
+                "request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc
+            )
             return _from_domain_error(unavailable)
         log.exception("request %s %s %s failed", rid, request.method, request.path)
         return problem_response(

@@ -222,11 +222,11 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], s
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
-        rest = var[len(ENV_PREFIX):].lower()
+        rest = var[len(ENV_PREFIX) :].lower()
         section = next((s for s in _SECTION_TYPES if rest.startswith(s + "_")), None)
         if section is None:
             raise ConfigError(var, f"unknown section (known: {', '.join(_SECTION_TYPES)})")
-        key = rest[len(section) + 1:]
+        key = rest[len(section) + 1 :]
         out.setdefault(section, {})[key] = value
         touched.add(f"{section}.{key}")
     return out, touched

@@ -136,7 +136,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while not _redis_ping(self.socket):
             if self.proc.poll() is not None:
-                raise EmbeddedError(f"embedded Redis exited with {self.proc.returncode}; see {self.dir / 'redis.log'}")
+                raise EmbeddedError(
+                    f"embedded Redis exited with {self.proc.returncode}; see {self.dir / 'redis.log'}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedError(f"embedded Redis did not answer within {timeout:g} s")
@@ -189,7 +191,9 @@ class EmbeddedPostgres:
         try:
             self._ensure_database()
         except (OSError, subprocess.SubprocessError) as exc:
-            raise EmbeddedError(f"embedded PostgreSQL: cannot create database {DATABASE_NAME}: {exc}") from exc
+            raise EmbeddedError(
+                f"embedded PostgreSQL: cannot create database {DATABASE_NAME}: {exc}"
+            ) from exc
         self.url = self._server.get_uri(database=DATABASE_NAME)
 
     def _psql(self, database: str, sql: str) -> str:

@@ -41,7 +41,9 @@ class ValidationFailed(DomainError):
     title = "Unprocessable Content"
     type_slug = "validation"
 
-    def __init__(self, errors: Sequence[Mapping[str, str]], detail: str = "the request has invalid fields") -> None:
+    def __init__(
+        self, errors: Sequence[Mapping[str, str]], detail: str = "the request has invalid fields"
+    ) -> None:
         super().__init__(detail, extra={"errors": [dict(e) for e in errors]})
 
 
@@ -52,7 +54,9 @@ class Unavailable(DomainError):
     title = "Service Unavailable"
     type_slug = "unavailable"
 
-    def __init__(self, detail: str, *, retry_after: int = 1, extra: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, detail: str, *, retry_after: int = 1, extra: Mapping[str, object] | None = None
+    ) -> None:
         super().__init__(detail, extra=extra)
         self.retry_after = retry_after
 

@@ -7,8 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
+
+from server.db import Database
 
 
 async def _timed(probe: Callable[[], Awaitable[Any]], timeout: float) -> dict[str, Any]:
@@ -22,11 +23,12 @@ async def _timed(probe: Callable[[], Awaitable[Any]], timeout: float) -> dict[st
     return {"ok": True, "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
 
 
-async def check_readiness(pool: asyncpg.Pool, redis: aioredis.Redis, timeout: float) -> dict[str, dict[str, Any]]:
+async def check_readiness(db: Database, redis: aioredis.Redis, timeout: float) -> dict[str, dict[str, Any]]:
     """Probe PostgreSQL (SELECT 1) and Redis (PING) concurrently; one result per service."""
 
     async def pg() -> None:
-        await pool.fetchval("SELECT 1", timeout=timeout)
+        async with db.acquire() as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
 
     postgres, redis_result = await asyncio.gather(_timed(pg, timeout), _timed(redis.ping, timeout))
     return {"postgres": postgres, "redis": redis_result}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.config import Config
+from server.db import Database
 
 CONFIG = web.AppKey("hotpath.config", Config)
-PG_POOL = web.AppKey("hotpath.pg_pool", asyncpg.Pool)
+DB = web.AppKey("hotpath.db", Database)
 REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)

@@ -14,8 +14,9 @@ import redis.exceptions as redis_exc
 from aiohttp import web
 
 from server.config import mask_url
+from server.db import Database
 from server.errors import StartupError
-from server.keys import CONFIG, PG_POOL, REDIS
+from server.keys import CONFIG, DB, REDIS
 from server.migrations import apply_migrations
 
 log = logging.getLogger("hotpath.resources")
@@ -95,7 +96,7 @@ async def create_pg_pool(app: web.Application) -> asyncpg.Pool:
 
 
 async def pg_pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The asyncpg pool under PG_POOL; migrations applied first when configured."""
+    """The asyncpg pool (wrapped in Database) under DB; migrations applied first when configured."""
     cfg = app[CONFIG].database
     pool = await create_pg_pool(app)
     try:
@@ -105,7 +106,7 @@ async def pg_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         pool.terminate()
         raise
-    app[PG_POOL] = pool
+    app[DB] = Database(pool, cfg.acquire_timeout)
     yield
     try:
         await asyncio.wait_for(pool.close(), timeout=app[CONFIG].server.shutdown_timeout)

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from server.db import Database
 from server.errors import Conflict, NotFound, ValidationFailed
 
 NAME_MAX = 200
@@ -93,28 +94,28 @@ def _record(row: asyncpg.Record) -> dict[str, Any]:
     return dict(row.items())
 
 
-async def create_user(pool: asyncpg.Pool, name: str, email: str) -> dict[str, Any]:
+async def create_user(db: Database, name: str, email: str) -> dict[str, Any]:
     """Insert a user; Conflict when the email (any case) is taken."""
     try:
-        row = await pool.fetchrow(SQL_INSERT, name, email)
+        row = await db.fetchrow(SQL_INSERT, name, email)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"a user with email {email!r} already exists") from None
     assert row is not None
     return _record(row)
 
 
-async def get_user(pool: asyncpg.Pool, user_id: int) -> dict[str, Any]:
+async def get_user(db: Database, user_id: int) -> dict[str, Any]:
     """The user with this id; NotFound otherwise."""
-    row = await pool.fetchrow(SQL_GET, user_id)
+    row = await db.fetchrow(SQL_GET, user_id)
     if row is None:
         raise NotFound(f"user {user_id} does not exist")
     return _record(row)
 
 
-async def update_user(pool: asyncpg.Pool, user_id: int, changes: Mapping[str, str]) -> dict[str, Any]:
+async def update_user(db: Database, user_id: int, changes: Mapping[str, str]) -> dict[str, Any]:
     """Apply validated changes; NotFound when missing, Conflict when the new email is taken."""
     try:
-        row = await pool.fetchrow(SQL_UPDATE, user_id, changes.get("name"), changes.get("email"))
+        row = await db.fetchrow(SQL_UPDATE, user_id, changes.get("name"), changes.get("email"))
     except asyncpg.UniqueViolationError:
         raise Conflict(f"a user with email {changes.get('email')!r} already exists") from None
     if row is None:
@@ -122,22 +123,22 @@ async def update_user(pool: asyncpg.Pool, user_id: int, changes: Mapping[str, st
     return _record(row)
 
 
-async def delete_user(pool: asyncpg.Pool, user_id: int) -> None:
+async def delete_user(db: Database, user_id: int) -> None:
     """Delete the user; NotFound when there was none."""
-    status = await pool.execute(SQL_DELETE, user_id)
+    status = await db.execute(SQL_DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound(f"user {user_id} does not exist")
 
 
-async def list_users(pool: asyncpg.Pool, after: int, limit: int) -> list[dict[str, Any]]:
+async def list_users(db: Database, after: int, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` users with id > `after`, in id order (keyset pagination)."""
-    rows = await pool.fetch(SQL_PAGE, after, limit)
+    rows = await db.fetch(SQL_PAGE, after, limit)
     return [_record(r) for r in rows]
 
 
-async def get_profile(pool: asyncpg.Pool, user_id: int) -> dict[str, Any]:
+async def get_profile(db: Database, user_id: int) -> dict[str, Any]:
     """The user plus fields derived from stored data (account age, email domain, ...)."""
-    row = await pool.fetchrow(SQL_PROFILE, user_id)
+    row = await db.fetchrow(SQL_PROFILE, user_id)
     if row is None:
         raise NotFound(f"user {user_id} does not exist")
     return _record(row)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a private PostgreSQL database and Redis database per test run.
+
+With DATABASE_URL and REDIS_URL set (CI, a developer's machine), the run creates its own
+database on that server and uses its own Redis database number. With neither set (a fresh
+machine), it starts embedded PostgreSQL and Redis in a temporary directory, exactly as
+`python run.py` would, so the suite needs nothing but Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from server.app import create_app
+from server.config import Config, load_config
+from server.embedded import EmbeddedServices
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _with_redis_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+        return urlunsplit(parts._replace(query=f"{query}&db={db}" if query else f"db={db}"))
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(postgres server URL, redis server URL): the configured ones, or embedded ones."""
+    db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+    if db_url and redis_url:
+        yield db_url, redis_url
+        return
+    with EmbeddedServices(tmp_path_factory.mktemp("embedded")) as embedded:
+        yield embedded.start()
+
+
+@pytest.fixture(scope="session")
+def database_url(servers: tuple[str, str]) -> Iterator[str]:
+    """A database of this run's own, created on the server and dropped at the end."""
+    name = f"hotpath_test_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(servers[0], f'CREATE DATABASE "{name}"'))
+    yield _with_database(servers[0], name)
+    asyncio.run(_admin(servers[0], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url(servers: tuple[str, str]) -> str:
+    """A Redis database number of this run's own (1..15), flushed before each test."""
+    return _with_redis_db(servers[1], 1 + os.getpid() % 15)
+
+
+@pytest.fixture(scope="session")
+def base_config(database_url: str, redis_url: str) -> Config:
+    return load_config(env={"DATABASE_URL": database_url, "REDIS_URL": redis_url})
+
+
+@pytest.fixture
+async def clean_state(base_config: Config) -> AsyncIterator[None]:
+    """Empty tables and an empty Redis database before each test that uses the app."""
+    conn = await asyncpg.connect(base_config.database.url)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('users') IS NOT NULL")
+        if exists:
+            await conn.execute("TRUNCATE users RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    r = aioredis.from_url(base_config.redis.url)
+    try:
+        await r.flushdb()
+    finally:
+        await r.aclose()
+    yield
+
+
+@pytest.fixture
+def cfg(base_config: Config, clean_state: None) -> Config:
+    return base_config
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, cfg: Config) -> Any:
+    """A test client over the real app: cleanup contexts open the real pool and Redis."""
+    return await aiohttp_client(create_app(cfg))
+
+
+def replace(config: Config, **sections: dict[str, Any]) -> Config:
+    """dataclasses.replace for nested sections: replace(cfg, database={"max_size": 1})."""
+    changes = {
+        name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()
+    }
+    return dataclasses.replace(config, **changes)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

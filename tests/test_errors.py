@@ -1,0 +1,153 @@
+"""The error and request-context middlewares, each on a small app of its own, then the whole."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from middlewares import MIDDLEWARES
+from middlewares.request_context import add_request_id_header
+from server.errors import Conflict, Unavailable, ValidationFailed
+
+PROBLEM = "application/problem+json"
+
+
+def small_app() -> web.Application:
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internals: password=hunter2")
+
+    async def conflict(request: web.Request) -> web.Response:
+        raise Conflict("already there")
+
+    async def invalid(request: web.Request) -> web.Response:
+        raise ValidationFailed([{"field": "x", "message": "bad"}])
+
+    async def down(request: web.Request) -> web.Response:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    async def unavailable(request: web.Request) -> web.Response:
+        raise Unavailable("later", retry_after=7)
+
+    async def teapot(request: web.Request) -> web.Response:
+        raise web.HTTPBadRequest(text="custom detail")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def cancelled(request: web.Request) -> web.Response:
+        raise asyncio.CancelledError
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"chunk")
+        return resp
+
+    app = web.Application(middlewares=MIDDLEWARES)
+    app.on_response_prepare.append(add_request_id_header)
+    app.router.add_get("/boom", boom)
+    app.router.add_get("/conflict", conflict)
+    app.router.add_get("/invalid", invalid)
+    app.router.add_get("/down", down)
+    app.router.add_get("/unavailable", unavailable)
+    app.router.add_get("/bad", teapot)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_get("/cancelled", cancelled)
+    app.router.add_get("/stream", stream)
+    return app
+
+
+@pytest.fixture
+async def small(aiohttp_client: Any) -> Any:
+    return await aiohttp_client(small_app())
+
+
+async def doc_of(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status == status
+    assert resp.content_type == PROBLEM
+    body = await resp.json(content_type=PROBLEM)
+    assert body["status"] == status
+    assert {"type", "title", "status"} <= body.keys()
+    return body  # type: ignore[no-any-return]
+
+
+async def test_unexpected_exception_is_generic_500_and_logged(
+    small: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="hotpath.errors"):
+        resp = await small.get("/boom", headers={"X-Request-ID": "trace-123"})
+        doc = await doc_of(resp, 500)
+    text = str(doc)
+    assert "hunter2" not in text and "RuntimeError" not in text and "Traceback" not in text
+    assert doc["request_id"] == "trace-123" == resp.headers["X-Request-ID"]
+    logged = [r for r in caplog.records if "trace-123" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+
+
+async def test_domain_errors_map_to_their_status(small: Any) -> None:
+    assert (await doc_of(await small.get("/conflict"), 409))["detail"] == "already there"
+    doc = await doc_of(await small.get("/invalid"), 422)
+    assert doc["errors"] == [{"field": "x", "message": "bad"}]
+    resp = await small.get("/unavailable")
+    await doc_of(resp, 503)
+    assert resp.headers["Retry-After"] == "7"
+
+
+async def test_connection_errors_are_503_not_500(small: Any) -> None:
+    resp = await small.get("/down")
+    await doc_of(resp, 503)
+    assert resp.headers["Retry-After"] == "1"
+
+
+async def test_http_exceptions_keep_detail_and_routing_errors_are_problems(small: Any) -> None:
+    assert (await doc_of(await small.get("/bad"), 400))["detail"] == "custom detail"
+    doc = await doc_of(await small.get("/nowhere"), 404)
+    assert doc["title"] == "Not Found" and "detail" not in doc
+    resp = await small.post("/boom")
+    await doc_of(resp, 405)
+    assert resp.headers["Allow"] == "GET,HEAD"
+
+
+async def test_redirects_pass_through(small: Any) -> None:
+    resp = await small.get("/redirect", allow_redirects=False)
+    assert resp.status == 302
+    assert resp.headers["Location"] == "/elsewhere"
+
+
+async def test_cancelled_error_is_not_swallowed(small: Any) -> None:
+    # aiohttp drops the connection of a cancelled handler; a swallowed CancelledError
+    # would instead produce a 500 problem document.
+    with pytest.raises(Exception) as info:
+        await small.get("/cancelled")
+    assert "ServerDisconnected" in type(info.value).__name__ or "Disconnect" in str(info.value)
+
+
+@pytest.mark.parametrize("incoming", ["abc-123", "a" * 128, "req:1/2+3=4@x.y"])
+async def test_sane_request_id_is_echoed(small: Any, incoming: str) -> None:
+    resp = await small.get("/conflict", headers={"X-Request-ID": incoming})
+    assert resp.headers["X-Request-ID"] == incoming
+
+
+@pytest.mark.parametrize("incoming", ["", "a" * 129, "has space", "semi;colon", "new\\nline", "é"])
+async def test_insane_request_id_is_replaced(small: Any, incoming: str) -> None:
+    resp = await small.get("/conflict", headers={"X-Request-ID": incoming})
+    rid = resp.headers["X-Request-ID"]
+    assert rid != incoming and len(rid) == 24 and all(c in "0123456789abcdef" for c in rid)
+
+
+async def test_request_ids_differ_and_reach_streaming_responses(small: Any) -> None:
+    ids = {(await small.get("/conflict")).headers["X-Request-ID"] for _ in range(5)}
+    assert len(ids) == 5
+    resp = await small.get("/stream", headers={"X-Request-ID": "stream-1"})
+    assert resp.headers["X-Request-ID"] == "stream-1"
+    assert await resp.read() == b"chunk"
+
+
+async def test_whole_app_404_405_are_problems(client: Any) -> None:
+    await doc_of(await client.get("/definitely/not/here"), 404)
+    await doc_of(await client.delete("/health"), 405)
+    assert (await client.get("/health")).headers["X-Request-ID"]

@@ -1,0 +1,105 @@
+"""Migrations: applied in order, recorded, idempotent, safe from several processes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from server.migrations import ADVISORY_LOCK_ID, MigrationError, apply_migrations, discover
+from tests.conftest import PYTHON, ROOT, _with_database
+
+
+@pytest.fixture
+async def fresh_db(database_url: str) -> AsyncIterator[str]:
+    """An empty database of this test's own (migrations must start from nothing)."""
+    name = f"hotpath_mig_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(database_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def test_discover_finds_ordered_migrations() -> None:
+    found = discover()
+    assert [m.version for m in found] == sorted(m.version for m in found)
+    assert found[0].version == 1 and found[0].name == "users"
+
+
+def test_discover_rejects_bad_names(tmp_path: Path) -> None:
+    (tmp_path / "1_x.sql").write_text("SELECT 1")
+    with pytest.raises(MigrationError):
+        discover(tmp_path)
+
+
+async def test_apply_twice_applies_once(fresh_db: str) -> None:
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        first = await apply_migrations(conn)
+        assert first == [m.version for m in discover()]
+        assert await apply_migrations(conn) == []
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in discover()]
+        assert await conn.fetchval("SELECT count(*) FROM users") == 0
+    finally:
+        await conn.close()
+
+
+async def test_new_migration_applies_and_edited_one_is_refused(fresh_db: str, tmp_path: Path) -> None:
+    (tmp_path / "001_a.sql").write_text("CREATE TABLE a (x int);")
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        assert await apply_migrations(conn, tmp_path) == [1]
+        (tmp_path / "002_b.sql").write_text("CREATE TABLE b (x int);")
+        assert await apply_migrations(conn, tmp_path) == [2]
+        (tmp_path / "001_a.sql").write_text("CREATE TABLE a (x bigint);")
+        with pytest.raises(MigrationError, match="001_a was changed"):
+            await apply_migrations(conn, tmp_path)
+    finally:
+        await conn.close()
+
+
+async def test_failed_migration_rolls_back_and_records_nothing(fresh_db: str, tmp_path: Path) -> None:
+    (tmp_path / "001_bad.sql").write_text("CREATE TABLE t (x int); SELECT * FROM no_such_table;")
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await apply_migrations(conn, tmp_path)
+        assert await conn.fetchval("SELECT to_regclass('t')") is None
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 0
+        # the advisory lock was released: another session can take it at once
+        other = await asyncpg.connect(fresh_db)
+        try:
+            assert await other.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_ID) is True
+        finally:
+            await other.close()
+    finally:
+        await conn.close()
+
+
+async def test_two_processes_migrating_at_once(fresh_db: str, redis_url: str) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), "DATABASE_URL": fresh_db, "REDIS_URL": redis_url}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            PYTHON, "run.py", "migrate", cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        for _ in range(3)
+    ]
+    outputs = [(await p.communicate())[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    # exactly one of them applied 001; the others found nothing pending
+    assert sum("applied migration 001_users" in out for out in outputs) == 1
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(discover())
+    finally:
+        await conn.close()
