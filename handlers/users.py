@@ -6,7 +6,7 @@ from aiohttp import web
 
 from handlers.common import json_response, path_id, query_int, read_json
 from server import users
-from server.keys import CONFIG, DB
+from server.keys import CONFIG, DB, USER_BATCHER
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -18,7 +18,8 @@ async def create_user(request: web.Request) -> web.Response:
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    return json_response(await users.get_user(request.app[DB], user_id))
+    app = request.app
+    return json_response(await users.get_user(app[DB], user_id, app[USER_BATCHER]))
 
 
 async def update_user(request: web.Request) -> web.Response:

@@ -50,6 +50,8 @@ class DatabaseConfig:
     max_inactive_lifetime: float = field(default=300.0, metadata=_range(0))
     start_timeout: float = field(default=30.0, metadata=_range(0))
     migrate_on_start: bool = True
+    batch_reads: bool = True
+    batch_max: int = field(default=256, metadata=_range(1, 10000))
 
 
 @dataclass(frozen=True, slots=True)

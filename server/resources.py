@@ -6,18 +6,21 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 from aiohttp import web
 
+from server.batching import KeyBatcher
 from server.config import mask_url
 from server.db import Database
 from server.errors import StartupError
-from server.keys import CONFIG, DB, REDIS
+from server.keys import CONFIG, DB, REDIS, USER_BATCHER
 from server.migrations import apply_migrations
+from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")
 
@@ -106,13 +109,27 @@ async def pg_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         pool.terminate()
         raise
-    app[DB] = Database(pool, cfg.acquire_timeout)
+    app[DB] = Database(pool, cfg.acquire_timeout, cfg.max_size)
     yield
     try:
         await asyncio.wait_for(pool.close(), timeout=app[CONFIG].server.shutdown_timeout)
     except TimeoutError:
         log.warning("PostgreSQL pool did not close in time; terminating its connections")
         pool.terminate()
+
+
+async def user_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Coalesces concurrent reads of users by id (database.batch_reads); closed before the pool."""
+    cfg = app[CONFIG].database
+    if not cfg.batch_reads:
+        app[USER_BATCHER] = None
+        yield
+        return
+    db = app[DB]
+    batcher: KeyBatcher[int, dict[str, Any]] = KeyBatcher(partial(get_users_by_ids, db), cfg.batch_max)
+    app[USER_BATCHER] = batcher
+    yield
+    await batcher.close()
 
 
 def create_redis(app: web.Application) -> aioredis.Redis:

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from server.batching import KeyBatcher
 from server.db import Database
 from server.errors import Conflict, NotFound, ValidationFailed
 
@@ -22,6 +23,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _COLUMNS = "id, name, email, created_at, updated_at"
 SQL_INSERT = f"INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {_COLUMNS}"
 SQL_GET = f"SELECT {_COLUMNS} FROM users WHERE id = $1"
+SQL_GET_MANY = f"SELECT {_COLUMNS} FROM users WHERE id = ANY($1::bigint[])"
 SQL_DELETE = "DELETE FROM users WHERE id = $1"
 SQL_PAGE = f"SELECT {_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
 # COALESCE keeps a field that the PATCH did not send; both parameters are typed text.
@@ -104,12 +106,28 @@ async def create_user(db: Database, name: str, email: str) -> dict[str, Any]:
     return _record(row)
 
 
-async def get_user(db: Database, user_id: int) -> dict[str, Any]:
-    """The user with this id; NotFound otherwise."""
-    row = await db.fetchrow(SQL_GET, user_id)
-    if row is None:
+async def get_users_by_ids(db: Database, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Every existing user among `ids`, by id, in one query (the KeyBatcher's load_many)."""
+    rows = await db.fetch(SQL_GET_MANY, ids)
+    return {row["id"]: _record(row) for row in rows}
+
+
+async def get_user(
+    db: Database, user_id: int, batcher: KeyBatcher[int, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The user with this id; NotFound otherwise.
+
+    With a batcher, concurrent lookups share one query; the dict returned may then be
+    shared with other callers asking for the same id, so callers must not mutate it.
+    """
+    if batcher is not None:
+        user = await batcher.load(user_id)
+    else:
+        row = await db.fetchrow(SQL_GET, user_id)
+        user = None if row is None else _record(row)
+    if user is None:
         raise NotFound(f"user {user_id} does not exist")
-    return _record(row)
+    return user
 
 
 async def update_user(db: Database, user_id: int, changes: Mapping[str, str]) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""hotpath benchmark suite: every speed claim measured against the bare aiohttp floor."""

@@ -1,0 +1,336 @@
+"""Benchmark runner: hotpath (one worker) and the bare floor, each pinned to one core, loaded
+in turn by wrk pinned to the other core, rounds alternating A/B so drift hits both alike.
+
+    python -m bench [--quick] [--duration S] [--rounds N] [--connections C]
+
+Prints a table (req/s median of rounds, p50/p99 latency, ratio to the floor, errors) and
+writes it as Markdown and JSON under bench/results/. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+SERVER_CPU, LOAD_CPU = "0", "1"
+SEED_USERS = 1000
+
+
+@dataclass
+class Scenario:
+    name: str
+    server: str  # "floor" or "hotpath"
+    path: str
+    lua: str | None = None
+    target: str = ""
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(s.rps for s in self.samples)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(s.p50_ms for s in self.samples)
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(s.p99_ms for s in self.samples)
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.samples)
+
+
+RANDOM_USER_LUA = f"""
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/users/" .. math.random(1, {SEED_USERS}))
+end
+"""
+
+SCENARIOS = [
+    Scenario("floor GET /json", "floor", "/json"),
+    Scenario(
+        "hotpath GET /health (whole stack, trivial route)", "hotpath", "/health", target=">= 0.85x (issue 12)"
+    ),
+    Scenario(
+        "hotpath GET /users/{id} (PostgreSQL, no cache)", "hotpath", "/users/1", RANDOM_USER_LUA, ">= 0.35x"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def taskset(cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"cannot parse latency {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def parse_wrk(out: str) -> Sample:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return Sample(rps, p50, p99, errors)
+
+
+def run_wrk(url: str, duration: float, connections: int, lua: str | None) -> Sample:
+    cmd = [*taskset(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        if lua:
+            f.write(lua)
+    try:
+        if lua:
+            cmd += ["-s", f.name]
+        out = subprocess.run(
+            [*cmd, url], capture_output=True, text=True, check=True, timeout=duration + 60
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    return parse_wrk(out)
+
+
+async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def server(cmd: list[str], ready_url: str, env: dict[str, str]) -> Iterator[None]:
+    proc = subprocess.Popen([*taskset(SERVER_CPU), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        asyncio.run(_wait_http(ready_url, proc))
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def seed_users(base: str, count: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with (
+                sem,
+                session.post(
+                    f"{base}/users", json={"name": f"Bench {i}", "email": f"bench{i}@example.com"}
+                ) as resp,
+            ):
+                if resp.status not in (201, 409):
+                    raise RuntimeError(f"seeding failed: {resp.status} {await resp.text()}")
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+async def _recreate_database(url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def hotpath_env(workdir: Path) -> tuple[dict[str, str], Path]:
+    """Environment and config for hotpath: a fresh bench database on the configured servers,
+    or embedded servers in a temporary data dir."""
+    env = dict(os.environ)
+    config = workdir / "config.toml"
+    text = f'[embedded]\ndata_dir = "{workdir / "var"}"\n'
+    if env.get("DATABASE_URL") and env.get("REDIS_URL"):
+        asyncio.run(_recreate_database(env["DATABASE_URL"], "hotpath_bench"))
+        env["DATABASE_URL"] = _with_database(env["DATABASE_URL"], "hotpath_bench")
+    else:
+        env.pop("DATABASE_URL", None)
+        env.pop("REDIS_URL", None)
+    config.write_text(text)
+    return env, config
+
+
+def machine() -> dict[str, str]:
+    import aiohttp as _a
+
+    cpu = ""
+    with suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "aiohttp": _a.__version__,
+        "wrk": wrk.strip(),
+    }
+
+
+def render(results: list[Result], floor: float, meta: dict[str, str], args: argparse.Namespace) -> str:
+    lines = [
+        f"# hotpath benchmarks, {meta['date']}",
+        "",
+        f"{meta['cpu']} ({meta['cores']} cores), Python {meta['python']}, "
+        f"aiohttp {meta['aiohttp']}, {meta['wrk']}.",
+        f"Server pinned to CPU {SERVER_CPU}, wrk (1 thread, {args.connections} connections) "
+        f"to CPU {LOAD_CPU}; "
+        f"{args.rounds} alternating rounds of {args.duration:g} s each, medians shown.",
+        "",
+        "| scenario | req/s | p50 ms | p99 ms | ratio to floor | target | errors |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.scenario.name} | {r.rps:,.0f} | {r.p50:.2f} | {r.p99:.2f} | {r.rps / floor:.2f}x "
+            f"| {r.scenario.target} | {r.errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="short runs (about a minute in all)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 3.0, 2, 1.0
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+
+    floor_port, hot_port = free_port(), free_port()
+    results = {s.name: Result(s) for s in SCENARIOS}
+    with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
+        env, config = hotpath_env(Path(tmp))
+        floor_cmd = [sys.executable, "bench/floor.py", "--port", str(floor_port)]
+        hot_cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(hot_port)]
+        # seed once, in a hotpath of its own, so measured rounds only read
+        with server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env):
+            asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS))
+        for round_ in range(args.rounds):
+            for kind, cmd, port, ready in (
+                ("floor", floor_cmd, floor_port, "/json"),
+                ("hotpath", hot_cmd, hot_port, "/ready"),
+            ):
+                with server(cmd, f"http://127.0.0.1:{port}{ready}", env):
+                    for s in SCENARIOS:
+                        if s.server != kind:
+                            continue
+                        url = f"http://127.0.0.1:{port}{s.path}"
+                        run_wrk(url, args.warmup, args.connections, s.lua)
+                        sample = run_wrk(url, args.duration, args.connections, s.lua)
+                        results[s.name].samples.append(sample)
+                        print(
+                            f"round {round_ + 1}: {s.name}: {sample.rps:,.0f} req/s, "
+                            f"p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, errors {sample.errors}",
+                            flush=True,
+                        )
+    ordered = [results[s.name] for s in SCENARIOS]
+    floor = results[SCENARIOS[0].name].rps
+    meta = machine()
+    table = render(ordered, floor, meta, args)
+    print()
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"{stamp}.md").write_text(table)
+    (RESULTS / f"{stamp}.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "settings": vars(args),
+                "results": [
+                    {
+                        "scenario": r.scenario.name,
+                        "target": r.scenario.target,
+                        "rps_median": r.rps,
+                        "p50_ms": r.p50,
+                        "p99_ms": r.p99,
+                        "ratio_to_floor": r.rps / floor,
+                        "errors": r.errors,
+                        "samples": [vars(s) for s in r.samples],
+                    }
+                    for r in ordered
+                ],
+            },
+            indent=2,
+        )
+    )
+    print(f"written to bench/results/{stamp}.md and .json")
+    return 0 if all(r.errors == 0 for r in ordered) else 1
