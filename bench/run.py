@@ -41,7 +41,7 @@ SEED_USERS = 1000
 @dataclass
 class Scenario:
     name: str
-    server: str  # "floor" or "hotpath"
+    server: str  # a key of the servers dict built in main(): "floor", "hotpath", ...
     path: str
     lua: str | None = None
     target: str = ""
@@ -91,6 +91,13 @@ SCENARIOS = [
     ),
     Scenario(
         "hotpath GET /users/{id} (PostgreSQL, no cache)", "hotpath", "/users/1", RANDOM_USER_LUA, ">= 0.35x"
+    ),
+    Scenario(
+        "hotpath GET /users/{id}, batch_reads off (one query per request)",
+        "hotpath-nobatch",
+        "/users/1",
+        RANDOM_USER_LUA,
+        "for comparison",
     ),
 ]
 
@@ -229,6 +236,7 @@ def machine() -> dict[str, str]:
     with suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
         cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    wrk = wrk.split(" Copyright")[0]
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
@@ -283,12 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         # seed once, in a hotpath of its own, so measured rounds only read
         with server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env):
             asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS))
+        servers = {
+            "floor": (floor_cmd, floor_port, "/json", env),
+            "hotpath": (hot_cmd, hot_port, "/ready", env),
+            "hotpath-nobatch": (
+                hot_cmd,
+                hot_port,
+                "/ready",
+                {**env, "HOTPATH_DATABASE_BATCH_READS": "false"},
+            ),
+        }
         for round_ in range(args.rounds):
-            for kind, cmd, port, ready in (
-                ("floor", floor_cmd, floor_port, "/json"),
-                ("hotpath", hot_cmd, hot_port, "/ready"),
-            ):
-                with server(cmd, f"http://127.0.0.1:{port}{ready}", env):
+            for kind, (cmd, port, ready, server_env) in servers.items():
+                with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env):
                     for s in SCENARIOS:
                         if s.server != kind:
                             continue

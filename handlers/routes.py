@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import health, users
+from handlers import health, meta, users
 
 ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
     web.get("/ready", health.ready, name="ready", allow_head=True),
+    web.get("/openapi.json", meta.openapi, name="openapi"),
     web.post("/users", users.create_user, name="users_create"),
     web.get("/users", users.list_users, name="users"),
     web.get(r"/users/{user_id:\d+}", users.get_user, name="user"),
