@@ -70,7 +70,8 @@ async def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
     async with aiohttp.ClientSession() as session:
-        for round_ in range(2):  # cold start, then warm start on the same data dir
+        # cold start stopped by SIGTERM, then a warm start on the same data dir stopped by Ctrl-C
+        for round_, stop_signal in enumerate((signal.SIGTERM, signal.SIGINT)):
             proc = await start_run_py(config, log)
             try:
                 await wait_ready(session, base, proc)
@@ -85,7 +86,7 @@ async def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
                     assert (await r.json())["email"] == "e2e@example.com"
             finally:
                 if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(stop_signal)
                 rc = await asyncio.wait_for(proc.wait(), 60)
             text = log.read_text()
             assert rc == 0, text
