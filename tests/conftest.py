@@ -12,9 +12,12 @@ import asyncio
 import dataclasses
 import os
 import secrets
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,14 +55,35 @@ async def _admin(url: str, sql: str) -> None:
         await conn.close()
 
 
+@contextmanager
+def embedded_dir() -> Iterator[Path]:
+    """A temporary dir for embedded servers, directly under /tmp.
+
+    Not pytest's tmp_path: running as root, embedded PostgreSQL needs o+rx on every parent
+    of its data dir, and pytest resets its own base dir to 0700 whenever a session starts,
+    which would break an embedded server of a concurrently running session.
+    """
+    path = Path(tempfile.mkdtemp(prefix="hotpath-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def embedded_tmp() -> Iterator[Path]:
+    with embedded_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def servers() -> Iterator[tuple[str, str]]:
     """(postgres server URL, redis server URL): the configured ones, or embedded ones."""
     db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
     if db_url and redis_url:
         yield db_url, redis_url
         return
-    with EmbeddedServices(tmp_path_factory.mktemp("embedded")) as embedded:
+    with embedded_dir() as path, EmbeddedServices(path) as embedded:
         yield embedded.start()
 
 

@@ -62,7 +62,8 @@ async def start_run_py(config: Path, stderr_path: Path) -> Any:
         )  # fmt: skip
 
 
-async def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
+async def test_embedded_mode_end_to_end(embedded_tmp: Path) -> None:
+    tmp_path = embedded_tmp
     data_dir = tmp_path / "var"
     port = free_port()
     config = tmp_path / "config.toml"
@@ -96,7 +97,8 @@ async def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
             assert processes_mentioning(str(data_dir)) == []
 
 
-async def test_next_start_works_after_kill_9(tmp_path: Path) -> None:
+async def test_next_start_works_after_kill_9(embedded_tmp: Path) -> None:
+    tmp_path = embedded_tmp
     data_dir = tmp_path / "var"
     port = free_port()
     config = tmp_path / "config.toml"
