@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import health, meta, users
+from handlers import health, meta, products, users
 
 ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
@@ -16,6 +16,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.patch(r"/users/{user_id:\d+}", users.update_user, name="user_update"),
     web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
     web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
+    web.get("/products", products.list_products, name="products"),
 )
 
 

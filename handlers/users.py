@@ -1,31 +1,38 @@
-"""Users: create, read, update, delete, keyset pages and profiles."""
+"""Users: create, read, update, delete, keyset pages and profiles, in every representation."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import json_response, path_id, query_int, read_json
+from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
 from server import users
 from server.keys import CONFIG, DB, USER_BATCHER
+from server.render import Shape
+
+USER = Shape("user")
+USERS = Shape("users", rows="items")
+PROFILE = Shape("profile")
 
 
 async def create_user(request: web.Request) -> web.Response:
-    fields = users.validate_user_fields(await read_json(request), partial=False)
+    media = negotiate(request)
+    fields = users.validate_user_fields(await read_body(request), partial=False)
     user = await users.create_user(request.app[DB], fields["name"], fields["email"])
     location = request.app.router["user"].url_for(user_id=str(user["id"]))
-    return json_response(user, status=201, headers={"Location": str(location)})
+    return represent(request, user, USER, status=201, headers={"Location": str(location)}, media=media)
 
 
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     app = request.app
-    return json_response(await users.get_user(app[DB], user_id, app[USER_BATCHER]))
+    return represent(request, await users.get_user(app[DB], user_id, app[USER_BATCHER]), USER)
 
 
 async def update_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    changes = users.validate_user_fields(await read_json(request), partial=True)
-    return json_response(await users.update_user(request.app[DB], user_id, changes))
+    media = negotiate(request)
+    changes = users.validate_user_fields(await read_body(request), partial=True)
+    return represent(request, await users.update_user(request.app[DB], user_id, changes), USER, media=media)
 
 
 async def delete_user(request: web.Request) -> web.Response:
@@ -42,13 +49,11 @@ async def list_users(request: web.Request) -> web.Response:
     next_url = None
     headers = {}
     if len(items) == limit:
-        next_url = str(
-            request.app.router["users"].url_for().with_query(after=str(items[-1]["id"]), limit=str(limit))
-        )
+        next_url = page_link(request, "users", after=str(items[-1]["id"]), limit=str(limit))
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return json_response({"items": items, "limit": limit, "next": next_url}, headers=headers)
+    return represent(request, {"items": items, "limit": limit, "next": next_url}, USERS, headers=headers)
 
 
 async def get_profile(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    return json_response(await users.get_profile(request.app[DB], user_id))
+    return represent(request, await users.get_profile(request.app[DB], user_id), PROFILE)

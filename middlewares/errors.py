@@ -6,17 +6,32 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from server import negotiation, render
 from server.errors import DomainError, Unavailable, as_unavailable
 from server.keys import REQUEST_ID
 
 log = logging.getLogger("hotpath.errors")
 
 PROBLEM_TYPE = "application/problem+json"
+PROBLEM_XML = "application/problem+xml"
+PROBLEM_XML_NS = "urn:ietf:rfc:7807"  # RFC 9457 appendix B
+# What a problem document can be sent as, in preference order: RFC 9457 JSON first. A client
+# that accepts only XML or only YAML gets it in that format; one that accepts none of these
+# still gets JSON (an error must reach the client in some form).
+PROBLEM_OFFERS = (
+    PROBLEM_TYPE,
+    render.JSON,
+    PROBLEM_XML,
+    render.XML,
+    "text/xml",
+    render.YAML,
+    "application/x-yaml",
+)
 # Headers of an HTTPException worth keeping on the problem response (Allow on 405, ...).
+_PROBLEM_SHAPE = render.Shape("problem")
 _KEEP_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate", "Accept", "Accept-Post", "Accept-Patch")
 
 
@@ -28,27 +43,43 @@ def problem_response(
     type_: str = "about:blank",
     extra: Mapping[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
+    accept: str | None = None,
 ) -> web.Response:
-    """Build an RFC 9457 problem document response."""
+    """Build an RFC 9457 problem document response, in XML or YAML when `accept` asks only for those."""
     doc: dict[str, Any] = {"type": type_, "title": title, "status": status}
     if detail:
         doc["detail"] = detail
     if extra:
         doc.update(extra)
-    return web.Response(body=orjson.dumps(doc), status=status, content_type=PROBLEM_TYPE, headers=headers)
+    media = negotiation.choose(accept, PROBLEM_OFFERS) if accept else None
+    if media in (PROBLEM_XML, render.XML, "text/xml"):
+        body = render.xml_document("problem", doc, namespace=PROBLEM_XML_NS)
+        ctype = PROBLEM_XML
+    elif media in (render.YAML, "application/x-yaml"):
+        body = render.render(media, doc, _PROBLEM_SHAPE)
+        ctype = media
+    else:
+        body = render.dumps_json(doc)
+        ctype = PROBLEM_TYPE
+    out = web.Response(body=body, status=status, content_type=ctype, headers=headers)
+    if accept:
+        out.headers["Vary"] = "Accept"
+    return out
 
 
-def _from_http_exception(exc: web.HTTPException) -> web.Response:
+def _from_http_exception(exc: web.HTTPException, accept: str | None) -> web.Response:
     default_text = f"{exc.status}: {exc.reason}"
     detail = exc.text if exc.text and exc.text != default_text else None
     headers = {k: exc.headers[k] for k in _KEEP_HEADERS if k in exc.headers}
-    return problem_response(exc.status, exc.reason, detail, headers=headers)
+    return problem_response(exc.status, exc.reason, detail, headers=headers, accept=accept)
 
 
-def _from_domain_error(exc: DomainError) -> web.Response:
+def _from_domain_error(exc: DomainError, accept: str | None) -> web.Response:
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
     type_ = exc.type_slug if exc.type_slug == "about:blank" else f"/problems/{exc.type_slug}"
-    return problem_response(exc.status, exc.title, exc.detail, type_=type_, extra=exc.extra, headers=headers)
+    return problem_response(
+        exc.status, exc.title, exc.detail, type_=type_, extra=exc.extra, headers=headers, accept=accept
+    )
 
 
 @web.middleware
@@ -58,9 +89,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and friends are not errors
-        return _from_http_exception(exc)
+        return _from_http_exception(exc, request.headers.get("Accept"))
     except DomainError as exc:
-        return _from_domain_error(exc)
+        return _from_domain_error(exc, request.headers.get("Accept"))
     except Exception as exc:  # CancelledError is a BaseException and passes through untouched
         unavailable = as_unavailable(exc)
         rid = request.get(REQUEST_ID, "-")
@@ -68,11 +99,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.warning(
                 "request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc
             )
-            return _from_domain_error(unavailable)
+            return _from_domain_error(unavailable, request.headers.get("Accept"))
         log.exception("request %s %s %s failed", rid, request.method, request.path)
         return problem_response(
             500,
             "Internal Server Error",
             "the server failed to handle this request; quote the request_id when reporting it",
             extra={"request_id": rid},
+            accept=request.headers.get("Accept"),
         )

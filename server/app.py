@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
 from middlewares import MIDDLEWARES
 from middlewares.request_context import add_request_id_header
 from server.config import Config
-from server.keys import CONFIG
-from server.resources import pg_pool_ctx, redis_ctx, user_batcher_ctx
+from server.keys import CONFIG, NEGOTIATOR
+from server.negotiation import Negotiator
+from server.render import OFFERS
+from server.resources import catalogue_ctx, pg_pool_ctx, redis_ctx, user_batcher_ctx
 
 
 def create_app(config: Config) -> web.Application:
     """Build the application; resources open when it starts and close in reverse order."""
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.client_max_size)
     app[CONFIG] = config
+    app[NEGOTIATOR] = Negotiator(OFFERS)
+    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
     app.cleanup_ctx.append(pg_pool_ctx)
     app.cleanup_ctx.append(user_batcher_ctx)
+    app.cleanup_ctx.append(catalogue_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.on_response_prepare.append(add_request_id_header)
     setup_routes(app)

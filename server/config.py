@@ -80,6 +80,13 @@ class UsersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProductsConfig:
+    default_limit: int = field(default=50, metadata=_range(1))
+    max_limit: int = field(default=200, metadata=_range(1))
+    render_cache_size: int = field(default=256, metadata=_range(1))
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -95,6 +102,7 @@ class Config:
     embedded: EmbeddedConfig = EmbeddedConfig()
     health: HealthConfig = HealthConfig()
     users: UsersConfig = UsersConfig()
+    products: ProductsConfig = ProductsConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -198,6 +206,10 @@ def _validate_whole(config: Config) -> None:
         raise ConfigError("database.min_size", f"must be <= database.max_size ({db.max_size})")
     if config.users.default_limit > config.users.max_limit:
         raise ConfigError("users.default_limit", f"must be <= users.max_limit ({config.users.max_limit})")
+    if config.products.default_limit > config.products.max_limit:
+        raise ConfigError(
+            "products.default_limit", f"must be <= products.max_limit ({config.products.max_limit})"
+        )
     for key, url, schemes in (
         ("database.url", db.url, ("postgres", "postgresql")),
         ("redis.url", config.redis.url, ("redis", "rediss", "unix")),

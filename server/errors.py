@@ -47,6 +47,21 @@ class ValidationFailed(DomainError):
         super().__init__(detail, extra={"errors": [dict(e) for e in errors]})
 
 
+class NotAcceptable(DomainError):
+    """The client accepts none of the representations we can produce."""
+
+    status = 406
+    title = "Not Acceptable"
+    type_slug = "not-acceptable"
+
+    def __init__(self, available: list[str]) -> None:
+        super().__init__(
+            "none of the representations this resource has is acceptable; send an Accept header "
+            "naming one of `available`, or ?format=",
+            extra={"available": available},
+        )
+
+
 class Unavailable(DomainError):
     """A backing service (PostgreSQL, Redis) cannot be reached right now."""
 

@@ -10,6 +10,8 @@ from aiohttp import web
 from server.batching import KeyBatcher
 from server.config import Config
 from server.db import Database
+from server.negotiation import Negotiator
+from server.products import Catalogue
 
 CONFIG = web.AppKey("hotpath.config", Config)
 DB = web.AppKey("hotpath.db", Database)
@@ -17,6 +19,9 @@ DB = web.AppKey("hotpath.db", Database)
 UserBatcher = KeyBatcher[int, dict[str, Any]]
 USER_BATCHER: web.AppKey[UserBatcher | None] = web.AppKey("hotpath.user_batcher")
 REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
+
+CATALOGUE = web.AppKey("hotpath.catalogue", Catalogue)
+NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 REQUEST_START = web.RequestKey("hotpath.request_start", float)

@@ -22,6 +22,60 @@ def _json(description: str, schema: dict[str, Any], headers: dict[str, Any] | No
     return out
 
 
+def _negotiated(
+    description: str, schema: dict[str, Any], headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A response in every representation (Accept or ?format=); JSON and the structured formats
+    share the schema, the text formats are documents of their own."""
+    structured = {"schema": schema}
+    text = {"schema": {"type": "string"}}
+    out: dict[str, Any] = {
+        "description": description + " (representation chosen by Accept or ?format=; Vary: Accept)",
+        "content": {
+            "application/json": structured,
+            "application/vnd.msgpack": structured,
+            "application/yaml": structured,
+            "application/xml": text,
+            "text/plain": text,
+            "text/csv": text,
+            "text/html": text,
+        },
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_NEGOTIATION_PARAMS: list[dict[str, Any]] = [
+    {
+        "name": "format",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["json", "msgpack", "yaml", "xml", "csv", "txt", "html"]},
+        "description": "overrides Accept",
+    },
+    {"name": "pretty", "in": "query", "schema": {"type": "string"}, "description": "1 for indented JSON"},
+]
+_NEGOTIATION_ERRORS = {
+    "400": _problem("unknown ?format="),
+    "406": _problem("nothing in Accept can be produced; `available` lists what can"),
+}
+_BODY_CONTENT_TYPES = ("application/json", "application/vnd.msgpack", "application/yaml")
+
+
+def _body(name: str) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{name}"}
+    return {"required": True, "content": {t: {"schema": schema} for t in _BODY_CONTENT_TYPES}}
+
+
+def _page_param(name: str, description: str, minimum: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "schema": {"type": "integer", "minimum": minimum},
+        "description": description,
+    }
+
+
 _USER_ID = {
     "name": "user_id",
     "in": "path",
@@ -31,12 +85,14 @@ _USER_ID = {
 }
 _USER = {"$ref": "#/components/schemas/User"}
 _BODY_ERRORS = {
-    "400": _problem("missing or malformed JSON body"),
+    "400": _problem("missing or malformed body, or unknown ?format="),
+    "406": _problem("nothing in Accept can be produced"),
     "413": _problem("body larger than server.client_max_size"),
-    "415": _problem("body is not application/json"),
+    "415": _problem("body is not JSON, msgpack or YAML"),
     "422": _problem("invalid fields; `errors` lists each one"),
 }
 _UNAVAILABLE = {"503": _problem("database or Redis unavailable; see Retry-After")}
+_NOT_FOUND = {"404": _problem("no such user")}
 
 
 def build_spec() -> dict[str, Any]:
@@ -70,14 +126,10 @@ def build_spec() -> dict[str, Any]:
                 "post": {
                     "operationId": "users_create",
                     "summary": "Create a user",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/UserCreate"}}
-                        },
-                    },
+                    "parameters": _NEGOTIATION_PARAMS,
+                    "requestBody": _body("UserCreate"),
                     "responses": {
-                        "201": _json(
+                        "201": _negotiated(
                             "created",
                             _USER,
                             {
@@ -96,22 +148,16 @@ def build_spec() -> dict[str, Any]:
                     "operationId": "users",
                     "summary": "List users in id order (keyset pagination)",
                     "parameters": [
-                        {
-                            "name": "after",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 0},
-                            "description": "return users with an id greater than this",
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1},
-                            "description": "page size (default users.default_limit, at most users.max_limit)",
-                        },
+                        *_NEGOTIATION_PARAMS,
+                        _page_param("after", "return users with an id greater than this", 0),
+                        _page_param(
+                            "limit", "page size (default users.default_limit, at most users.max_limit)", 1
+                        ),
                     ],
                     "responses": {
-                        "200": _json("a page", {"$ref": "#/components/schemas/UserPage"}),
+                        "200": _negotiated("a page", {"$ref": "#/components/schemas/UserPage"}),
                         "422": _problem("after or limit is not a valid integer"),
+                        **_NEGOTIATION_ERRORS,
                         **_UNAVAILABLE,
                     },
                 },
@@ -121,24 +167,22 @@ def build_spec() -> dict[str, Any]:
                 "get": {
                     "operationId": "user",
                     "summary": "Read a user",
+                    "parameters": _NEGOTIATION_PARAMS,
                     "responses": {
-                        "200": _json("the user", _USER),
-                        "404": _problem("no such user"),
+                        "200": _negotiated("the user", _USER),
+                        **_NOT_FOUND,
+                        **_NEGOTIATION_ERRORS,
                         **_UNAVAILABLE,
                     },
                 },
                 "patch": {
                     "operationId": "user_update",
                     "summary": "Change a user's name and/or email",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/UserPatch"}}
-                        },
-                    },
+                    "parameters": _NEGOTIATION_PARAMS,
+                    "requestBody": _body("UserPatch"),
                     "responses": {
-                        "200": _json("the updated user", _USER),
-                        "404": _problem("no such user"),
+                        "200": _negotiated("the updated user", _USER),
+                        **_NOT_FOUND,
                         "409": _problem("email already used"),
                         **_BODY_ERRORS,
                         **_UNAVAILABLE,
@@ -147,11 +191,7 @@ def build_spec() -> dict[str, Any]:
                 "delete": {
                     "operationId": "user_delete",
                     "summary": "Delete a user",
-                    "responses": {
-                        "204": {"description": "deleted"},
-                        "404": _problem("no such user"),
-                        **_UNAVAILABLE,
-                    },
+                    "responses": {"204": {"description": "deleted"}, **_NOT_FOUND, **_UNAVAILABLE},
                 },
             },
             "/users/{user_id}/profile": {
@@ -159,12 +199,36 @@ def build_spec() -> dict[str, Any]:
                 "get": {
                     "operationId": "user_profile",
                     "summary": "A user with derived profile fields",
+                    "parameters": _NEGOTIATION_PARAMS,
                     "responses": {
-                        "200": _json("the profile", {"$ref": "#/components/schemas/Profile"}),
-                        "404": _problem("no such user"),
+                        "200": _negotiated("the profile", {"$ref": "#/components/schemas/Profile"}),
+                        **_NOT_FOUND,
+                        **_NEGOTIATION_ERRORS,
                         **_UNAVAILABLE,
                     },
                 },
+            },
+            "/products": {
+                "get": {
+                    "operationId": "products",
+                    "summary": "The product catalogue (served from memory, refreshed on every change)",
+                    "parameters": [
+                        *_NEGOTIATION_PARAMS,
+                        _page_param("page", "1-based page number", 1),
+                        _page_param(
+                            "limit",
+                            "page size (default products.default_limit, at most products.max_limit)",
+                            1,
+                        ),
+                    ],
+                    "responses": {
+                        "200": _negotiated(
+                            "a page of products", {"$ref": "#/components/schemas/ProductPage"}
+                        ),
+                        "422": _problem("page or limit is not a valid integer"),
+                        **_NEGOTIATION_ERRORS,
+                    },
+                }
             },
             "/openapi.json": {
                 "get": {
@@ -194,6 +258,7 @@ def build_spec() -> dict[str, Any]:
                             },
                         },
                         "checks": {"type": "object"},
+                        "available": {"type": "array", "items": {"type": "string"}},
                     },
                 },
                 "Health": {
@@ -240,6 +305,29 @@ def build_spec() -> dict[str, Any]:
                     "required": ["items", "limit", "next"],
                     "properties": {
                         "items": {"type": "array", "items": _USER},
+                        "limit": {"type": "integer"},
+                        "next": {"type": ["string", "null"]},
+                    },
+                },
+                "Product": {
+                    "type": "object",
+                    "required": ["id", "name", "price", "category"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "price": {"type": "number", "minimum": 0},
+                        "category": {"type": "string"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "updated_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "ProductPage": {
+                    "type": "object",
+                    "required": ["items", "total", "page", "limit", "next"],
+                    "properties": {
+                        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Product"}},
+                        "total": {"type": "integer"},
+                        "page": {"type": "integer"},
                         "limit": {"type": "integer"},
                         "next": {"type": ["string", "null"]},
                     },

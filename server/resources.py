@@ -18,8 +18,9 @@ from server.batching import KeyBatcher
 from server.config import mask_url
 from server.db import Database
 from server.errors import StartupError
-from server.keys import CONFIG, DB, REDIS, USER_BATCHER
+from server.keys import CATALOGUE, CONFIG, DB, REDIS, USER_BATCHER
 from server.migrations import apply_migrations
+from server.products import Catalogue
 from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")
@@ -130,6 +131,16 @@ async def user_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     app[USER_BATCHER] = batcher
     yield
     await batcher.close()
+
+
+async def catalogue_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The product catalogue in memory, kept fresh by LISTEN/NOTIFY."""
+    cfg = app[CONFIG]
+    catalogue = Catalogue(app[DB], cfg.database.url, render_cache_size=cfg.products.render_cache_size)
+    await catalogue.start()
+    app[CATALOGUE] = catalogue
+    yield
+    await catalogue.close()
 
 
 def create_redis(app: web.Application) -> aioredis.Redis:

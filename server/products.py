@@ -1,0 +1,130 @@
+"""The product catalogue, held in process memory and reloaded on PostgreSQL NOTIFY.
+
+The catalogue is small and read-mostly, so every process keeps all of it in memory and
+serves pages without a query. A statement-level trigger on `products` (migration 002)
+sends NOTIFY on every change; each process LISTENs on a dedicated connection and reloads
+within milliseconds. When that connection drops, the process reconnects with backoff and
+reloads once more, since changes may have happened while it was not listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from server.db import Database
+
+log = logging.getLogger("hotpath.products")
+
+CHANNEL = "hotpath_products"
+SQL_ALL = "SELECT id, name, price, category, created_at, updated_at FROM products ORDER BY id"
+_PING_EVERY = 30.0  # seconds between liveness checks of the LISTEN connection
+
+
+class Catalogue:
+    """All products in memory, plus a bounded cache of rendered pages for this version."""
+
+    def __init__(self, db: Database, dsn: str, *, render_cache_size: int = 256) -> None:
+        self._db = db
+        self._dsn = dsn
+        self._items: list[dict[str, Any]] = []
+        self._rendered: dict[tuple[Any, ...], bytes] = {}
+        self._render_cache_size = render_cache_size
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.version = 0
+        self.listening = asyncio.Event()
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        return self._items
+
+    async def reload(self) -> None:
+        """Read the whole table; the rendered-page cache starts empty for the new version."""
+        rows = await self._db.fetch(SQL_ALL)
+        self._items = [dict(r.items()) for r in rows]
+        self._rendered = {}
+        self.version += 1
+
+    async def start(self) -> None:
+        """First load (errors propagate: no catalogue, no start), then listen for changes."""
+        await self.reload()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._reload_loop()), loop.create_task(self._listen_forever())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def page(self, page: int, limit: int) -> dict[str, Any]:
+        """One page (1-based) of `limit` products: items, total, page, limit."""
+        items = self._items
+        start = (page - 1) * limit
+        return {"items": items[start : start + limit], "total": len(items), "page": page, "limit": limit}
+
+    def rendered(self, key: tuple[Any, ...], build: Callable[[], bytes]) -> bytes:
+        """The bytes for `key` in this version, built once (bounded, oldest dropped first)."""
+        body = self._rendered.get(key)
+        if body is None:
+            body = build()
+            if len(self._rendered) >= self._render_cache_size:
+                del self._rendered[next(iter(self._rendered))]
+            self._rendered[key] = body
+        return body
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._dirty.set()
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.reload()
+            except Exception as exc:  # keep serving the last good version; try again shortly
+                log.warning("catalogue reload failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+                self._dirty.set()
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=5.0)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("catalogue LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+            try:
+                await conn.add_listener(CHANNEL, self._notified)
+                self._dirty.set()  # anything that changed while we were not listening
+                self.listening.set()
+                delay = 0.1
+                await self._watch(conn, lost)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("catalogue LISTEN connection lost (%s); reconnecting", exc)
+            finally:
+                self.listening.clear()
+                if not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Return when the connection is gone: closed under us, or not answering a ping."""
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), _PING_EVERY)
+            except TimeoutError:
+                await conn.execute("SELECT 1", timeout=5.0)
