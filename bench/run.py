@@ -45,6 +45,7 @@ class Scenario:
     path: str
     lua: str | None = None
     target: str = ""
+    headers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,6 +94,18 @@ SCENARIOS = [
         "hotpath GET /users/{id} (PostgreSQL, no cache)", "hotpath", "/users/1", RANDOM_USER_LUA, ">= 0.35x"
     ),
     Scenario(
+        "hotpath GET /products JSON (in-memory catalogue)",
+        "hotpath",
+        "/products",
+        target=">= 0.85x (issue 3)",
+        headers=("Accept: application/json",),
+    ),
+    Scenario(
+        "hotpath GET /products msgpack", "hotpath", "/products", headers=("Accept: application/vnd.msgpack",)
+    ),
+    Scenario("hotpath GET /products YAML", "hotpath", "/products", headers=("Accept: application/yaml",)),
+    Scenario("hotpath GET /products XML", "hotpath", "/products", headers=("Accept: application/xml",)),
+    Scenario(
         "hotpath GET /users/{id}, batch_reads off (one query per request)",
         "hotpath-nobatch",
         "/users/1",
@@ -134,8 +147,12 @@ def parse_wrk(out: str) -> Sample:
     return Sample(rps, p50, p99, errors)
 
 
-def run_wrk(url: str, duration: float, connections: int, lua: str | None) -> Sample:
+def run_wrk(
+    url: str, duration: float, connections: int, lua: str | None, headers: tuple[str, ...] = ()
+) -> Sample:
     cmd = [*taskset(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    for header in headers:
+        cmd += ["-H", header]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         if lua:
             f.write(lua)
@@ -308,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                         if s.server != kind:
                             continue
                         url = f"http://127.0.0.1:{port}{s.path}"
-                        run_wrk(url, args.warmup, args.connections, s.lua)
-                        sample = run_wrk(url, args.duration, args.connections, s.lua)
+                        run_wrk(url, args.warmup, args.connections, s.lua, s.headers)
+                        sample = run_wrk(url, args.duration, args.connections, s.lua, s.headers)
                         results[s.name].samples.append(sample)
                         print(
                             f"round {round_ + 1}: {s.name}: {sample.rps:,.0f} req/s, "

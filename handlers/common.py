@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp_jinja2
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from server import render
@@ -19,8 +20,9 @@ JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1
 _TRUE = frozenset({"1", "true", "yes", "on"})
 # Built once: the headers of a negotiated response depend only on its media type.
-_NEGOTIATED_HEADERS: dict[str, dict[str, str]] = {
-    media: {"Content-Type": fmt.content_type, "Vary": "Accept"} for media, fmt in BY_MEDIA.items()
+_NEGOTIATED_HEADERS: dict[str, CIMultiDict[str]] = {
+    media: CIMultiDict({"Content-Type": fmt.content_type, "Vary": "Accept"})
+    for media, fmt in BY_MEDIA.items()
 }
 _BODY_TYPES = ", ".join(render.BODY_TYPES)
 
@@ -33,9 +35,8 @@ def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | Non
 def negotiate(request: web.Request) -> str:
     """The media type to answer with: ?format= if given (400 when unknown), else the best
     match for Accept (406 when nothing we have is acceptable)."""
-    query = request.query
-    if query:
-        name = query.get("format")
+    if request.query_string:
+        name = request.query.get("format")
         if name is not None:
             fmt = BY_NAME.get(name.lower())
             if fmt is None:
@@ -48,7 +49,7 @@ def negotiate(request: web.Request) -> str:
 
 
 def render_options(request: web.Request, media: str) -> RenderOptions:
-    pretty = request.query.get("pretty", "").lower() in _TRUE if request.query else False
+    pretty = request.query.get("pretty", "").lower() in _TRUE if request.query_string else False
     templates = aiohttp_jinja2.get_env(request.app) if media == render.HTML else None
     return RenderOptions(pretty=pretty, templates=templates)
 
@@ -56,8 +57,10 @@ def render_options(request: web.Request, media: str) -> RenderOptions:
 def negotiated_response(
     media: str, body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    base = _NEGOTIATED_HEADERS[media]
-    return web.Response(body=body, status=status, headers={**base, **headers} if headers else base)
+    out = _NEGOTIATED_HEADERS[media].copy()  # Response keeps (and may change) the mapping it gets
+    if headers:
+        out.update(headers)
+    return web.Response(body=body, status=status, headers=out)
 
 
 def represent(

@@ -7,25 +7,35 @@ from aiohttp import web
 from handlers.common import negotiate, negotiated_response, page_link, query_int, render_options
 from server import render
 from server.keys import CATALOGUE, CONFIG
+from server.products import Catalogue
 from server.render import Shape
 
 PRODUCTS = Shape("products", rows="items")
 
 
 async def list_products(request: web.Request) -> web.Response:
-    cfg = request.app[CONFIG].products
     media = negotiate(request)
+    catalogue = request.app[CATALOGUE]
+    if not request.query_string:
+        # the common case, a bare GET /products: one dict lookup for the rendered bytes
+        key: tuple[object, ...] = (media,)
+        body = catalogue.cached_page(key)
+        if body is None:
+            limit = request.app[CONFIG].products.default_limit
+            body = catalogue.cache_page(key, _render_page(request, catalogue, media, 1, limit))
+        return negotiated_response(media, body)
+    cfg = request.app[CONFIG].products
     page = query_int(request, "page", 1, minimum=1, maximum=10**9)
     limit = query_int(request, "limit", cfg.default_limit, minimum=1, maximum=cfg.max_limit)
-    query = request.query
-    opts = render_options(request, media)
-    catalogue = request.app[CATALOGUE]
-    key = (page, limit, media, opts.pretty, query.get("format"))
+    key = (media, page, limit, request.query.get("pretty"), request.query.get("format"))
+    body = catalogue.cached_page(key)
+    if body is None:
+        body = catalogue.cache_page(key, _render_page(request, catalogue, media, page, limit))
+    return negotiated_response(media, body)
 
-    def build() -> bytes:
-        data = catalogue.page(page, limit)
-        more = page * limit < data["total"]
-        data["next"] = page_link(request, "products", page=str(page + 1), limit=str(limit)) if more else None
-        return render.render(media, data, PRODUCTS, opts)
 
-    return negotiated_response(media, catalogue.rendered(key, build))
+def _render_page(request: web.Request, catalogue: Catalogue, media: str, page: int, limit: int) -> bytes:
+    data = catalogue.page(page, limit)
+    more = page * limit < data["total"]
+    data["next"] = page_link(request, "products", page=str(page + 1), limit=str(limit)) if more else None
+    return render.render(media, data, PRODUCTS, render_options(request, media))

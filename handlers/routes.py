@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers import health, meta, products, users
+from middlewares import compose
 
 ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
@@ -18,7 +19,26 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
     web.get("/products", products.list_products, name="products"),
 )
+UNMATCHED = "unmatched"
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """Catch-all route, registered last: 405 with Allow when another route has this path,
+    404 otherwise. It runs through the same middleware chain as every other route."""
+    own = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is own:
+            continue
+        match, methods = await resource.resolve(request)
+        if match is None and methods:
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def setup_routes(app: web.Application) -> None:
-    app.router.add_routes(ROUTES)
+    for route in ROUTES:
+        web.RouteDef(route.method, route.path, compose(route.handler), route.kwargs).register(app.router)
+    app.router.add_route("*", "/{tail:.*}", compose(unmatched), name=UNMATCHED)

@@ -1,8 +1,22 @@
-"""The ordered middleware tuple: first is outermost."""
+"""The ordered middleware tuple (first is outermost) and how it is applied: per route.
+
+Each entry is an ordinary aiohttp new-style middleware, tested on a small app of its own.
+hotpath does not hand them to `web.Application(middlewares=...)`, though: aiohttp then runs
+every request through an extra current-app layer and a cache lookup of the built chain, which
+measured about 4 µs a request (products JSON went from 0.89x to 0.76x of the bare floor).
+Instead `compose()` binds the chain onto each route's handler once, at start-up, the same
+way aiohttp builds it (functools.partial per layer), and a catch-all route gives unmatched
+paths (404) and wrong methods (405) the same chain. A middleware that has nothing to do for
+a route (no rate-limit or cache policy, say) can then be left out of that route's chain
+entirely, so the route pays nothing for it.
+"""
 
 from __future__ import annotations
 
-from aiohttp.typedefs import Middleware
+from collections.abc import Sequence
+from functools import partial, update_wrapper
+
+from aiohttp.typedefs import Handler, Middleware
 
 from middlewares.errors import errors_middleware
 from middlewares.request_context import request_context_middleware
@@ -14,3 +28,10 @@ MIDDLEWARES: tuple[Middleware, ...] = (
     # cache, compression) see and shape a normal response, errors included.
     errors_middleware,
 )
+
+
+def compose(handler: Handler, middlewares: Sequence[Middleware] = MIDDLEWARES) -> Handler:
+    """`handler` wrapped by `middlewares`, the first one outermost."""
+    for middleware in reversed(middlewares):
+        handler = update_wrapper(partial(middleware, handler=handler), handler)
+    return handler

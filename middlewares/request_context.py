@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -15,20 +16,49 @@ HEADER = "X-Request-ID"
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
+class RequestIds:
+    """Unique ids without a syscall per request: a random per-process prefix and a counter.
+
+    Ids only need to be unique (they correlate logs), not unpredictable; 12 random hex
+    characters per process make two processes' ids collide with negligible probability.
+    """
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+# One generator per process: after a fork (workers) each child makes a new one at import.
+_new_id = RequestIds()
+_sane = _SANE.fullmatch
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return _new_id()
 
 
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(HEADER)
-    request[REQUEST_ID] = incoming if incoming is not None and _SANE.fullmatch(incoming) else new_request_id()
-    return await handler(request)
+    rid = incoming if incoming is not None and _sane(incoming) else _new_id()
+    request[REQUEST_ID] = rid
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # only redirects get here: errors become responses below us
+        exc.headers[HEADER] = rid
+        raise
+    if not response.prepared:
+        response.headers[HEADER] = rid
+    return response
 
 
-async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare hook: runs for plain and streaming responses alike, just before
-    the headers leave, so a handler that prepares its own StreamResponse still gets the id."""
+def apply_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """For handlers that prepare a StreamResponse themselves: call before prepare()."""
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers[HEADER] = rid

@@ -7,8 +7,6 @@ import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
-from middlewares import MIDDLEWARES
-from middlewares.request_context import add_request_id_header
 from server.config import Config
 from server.keys import CONFIG, NEGOTIATOR
 from server.negotiation import Negotiator
@@ -18,7 +16,9 @@ from server.resources import catalogue_ctx, pg_pool_ctx, redis_ctx, user_batcher
 
 def create_app(config: Config) -> web.Application:
     """Build the application; resources open when it starts and close in reverse order."""
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.client_max_size)
+    # No app-level middlewares: handlers/routes.py binds middlewares.MIDDLEWARES onto each
+    # route (see middlewares/__init__.py for why).
+    app = web.Application(client_max_size=config.server.client_max_size)
     app[CONFIG] = config
     app[NEGOTIATOR] = Negotiator(OFFERS)
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
@@ -26,6 +26,5 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(user_batcher_ctx)
     app.cleanup_ctx.append(catalogue_ctx)
     app.cleanup_ctx.append(redis_ctx)
-    app.on_response_prepare.append(add_request_id_header)
     setup_routes(app)
     return app

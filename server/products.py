@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -71,14 +70,15 @@ class Catalogue:
         start = (page - 1) * limit
         return {"items": items[start : start + limit], "total": len(items), "page": page, "limit": limit}
 
-    def rendered(self, key: tuple[Any, ...], build: Callable[[], bytes]) -> bytes:
-        """The bytes for `key` in this version, built once (bounded, oldest dropped first)."""
-        body = self._rendered.get(key)
-        if body is None:
-            body = build()
-            if len(self._rendered) >= self._render_cache_size:
-                del self._rendered[next(iter(self._rendered))]
-            self._rendered[key] = body
+    def cached_page(self, key: tuple[Any, ...]) -> bytes | None:
+        """Rendered bytes stored under `key` for this version, if any."""
+        return self._rendered.get(key)
+
+    def cache_page(self, key: tuple[Any, ...], body: bytes) -> bytes:
+        """Keep rendered bytes for this version (bounded: the oldest entry goes first)."""
+        if len(self._rendered) >= self._render_cache_size:
+            del self._rendered[next(iter(self._rendered))]
+        self._rendered[key] = body
         return body
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:

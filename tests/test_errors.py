@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from middlewares import MIDDLEWARES
-from middlewares.request_context import add_request_id_header
+from middlewares.request_context import apply_request_id
 from server.errors import Conflict, Unavailable, ValidationFailed
 
 PROBLEM = "application/problem+json"
@@ -43,12 +43,12 @@ def small_app() -> web.Application:
 
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
+        apply_request_id(request, resp)
         await resp.prepare(request)
         await resp.write(b"chunk")
         return resp
 
     app = web.Application(middlewares=MIDDLEWARES)
-    app.on_response_prepare.append(add_request_id_header)
     app.router.add_get("/boom", boom)
     app.router.add_get("/conflict", conflict)
     app.router.add_get("/invalid", invalid)
@@ -137,6 +137,11 @@ async def test_insane_request_id_is_replaced(small: Any, incoming: str) -> None:
     resp = await small.get("/conflict", headers={"X-Request-ID": incoming})
     rid = resp.headers["X-Request-ID"]
     assert rid != incoming and len(rid) == 24 and all(c in "0123456789abcdef" for c in rid)
+
+
+async def test_redirects_carry_the_request_id(small: Any) -> None:
+    resp = await small.get("/redirect", allow_redirects=False, headers={"X-Request-ID": "r-1"})
+    assert resp.headers["X-Request-ID"] == "r-1"
 
 
 async def test_request_ids_differ_and_reach_streaming_responses(small: Any) -> None:
