@@ -110,6 +110,9 @@ def serve(config: Config) -> int:
         except StartupError as exc:
             log.error("%s", exc)
             return EXIT_STARTUP
+        except ConfigError as exc:  # found while assembling (e.g. a policy naming no route)
+            log.error("configuration error: %s", exc)
+            return EXIT_CONFIG
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
             return EXIT_STARTUP

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import health, meta, products, users
-from middlewares import compose
+from handlers import health, legacy, meta, products, users
+from middlewares import chain_for, compose
+from server.keys import CONFIG
 
 ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
@@ -18,6 +19,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
     web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
     web.get("/products", products.list_products, name="products"),
+    web.get("/protected-endpoint", legacy.protected, name="protected"),
 )
 UNMATCHED = "unmatched"
 
@@ -39,6 +41,9 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
+    """Register every route with its own middleware chain (see middlewares/__init__.py)."""
+    config = app[CONFIG]
     for route in ROUTES:
-        web.RouteDef(route.method, route.path, compose(route.handler), route.kwargs).register(app.router)
-    app.router.add_route("*", "/{tail:.*}", compose(unmatched), name=UNMATCHED)
+        handler = compose(route.handler, chain_for(route.kwargs["name"], config))
+        web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
+    app.router.add_route("*", "/{tail:.*}", compose(unmatched, chain_for(UNMATCHED, config)), name=UNMATCHED)

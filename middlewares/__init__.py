@@ -13,13 +13,16 @@ entirely, so the route pays nothing for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial, update_wrapper
 
 from aiohttp.typedefs import Handler, Middleware
 
+from middlewares import ratelimit
 from middlewares.errors import errors_middleware
+from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
+from server.config import Config
 
 MIDDLEWARES: tuple[Middleware, ...] = (
     # Outermost: the request id exists before anything can fail or log.
@@ -27,7 +30,17 @@ MIDDLEWARES: tuple[Middleware, ...] = (
     # Turns every exception below into problem+json, so later middlewares (rate limit,
     # cache, compression) see and shape a normal response, errors included.
     errors_middleware,
+    # Inside errors, so a refusal is an ordinary problem response; before cache and
+    # compression, so a refused request costs no cache lookup or compression.
+    ratelimit_middleware,
 )
+# Middlewares that only some routes need: route name, config -> is it in that route's chain.
+APPLIES: dict[Middleware, Callable[[str, Config], bool]] = {ratelimit_middleware: ratelimit.applies}
+
+
+def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:
+    """The middlewares of one route, in MIDDLEWARES order."""
+    return tuple(m for m in MIDDLEWARES if m not in APPLIES or APPLIES[m](route_name, config))
 
 
 def compose(handler: Handler, middlewares: Sequence[Middleware] = MIDDLEWARES) -> Handler:

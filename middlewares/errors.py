@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server import negotiation, render
-from server.errors import DomainError, Unavailable, as_unavailable
+from server.errors import DomainError, as_unavailable
 from server.keys import REQUEST_ID
 
 log = logging.getLogger("hotpath.errors")
@@ -75,7 +75,7 @@ def _from_http_exception(exc: web.HTTPException, accept: str | None) -> web.Resp
 
 
 def _from_domain_error(exc: DomainError, accept: str | None) -> web.Response:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    headers = exc.headers or None
     type_ = exc.type_slug if exc.type_slug == "about:blank" else f"/problems/{exc.type_slug}"
     return problem_response(
         exc.status, exc.title, exc.detail, type_=type_, extra=exc.extra, headers=headers, accept=accept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from server.ratelimit import parse_policy
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 ENV_PREFIX = "HOTPATH_"
@@ -87,6 +90,21 @@ class ProductsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    enabled: bool = True
+    default: str = ""
+    policies: dict[str, str] = field(default_factory=lambda: {"protected": "100/hour, 10/minute"})
+    exempt: tuple[str, ...] = ("health", "ready", "metrics", "openapi")
+    key_header: str = ""
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    ipv6_prefix: int = field(default=64, metadata=_range(1, 128))
+    fail_mode: str = field(default="local", metadata={"choices": ("open", "closed", "local")})
+    processes: int = field(default=1, metadata=_range(1, 1024))
+    retry_interval: float = field(default=1.0, metadata=_range(0.01))
+    max_batch: int = field(default=256, metadata=_range(1, 10000))
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -103,6 +121,7 @@ class Config:
     health: HealthConfig = HealthConfig()
     users: UsersConfig = UsersConfig()
     products: ProductsConfig = ProductsConfig()
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     log: LogConfig = LogConfig()
 
     @property
@@ -171,6 +190,23 @@ def _coerce(key: str, value: Any, target: Any, from_env: bool) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+    origin = typing.get_origin(target)
+    if origin in (tuple, dict):
+        if from_env and isinstance(value, str):
+            # non-scalar settings come from the environment as TOML values:
+            # HOTPATH_RATELIMIT_EXEMPT='["health", "ready"]'
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(
+                    key, f"expected a TOML {'array' if origin is tuple else 'inline table'}"
+                ) from None
+        if origin is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if origin is dict and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return dict(value)
+        want = "an array of strings" if origin is tuple else "a table of strings"
+        raise ConfigError(key, f"expected {want}, got {type(value).__name__} {value!r}")
     raise ConfigError(key, f"unsupported setting type {target!r}")  # pragma: no cover
 
 
@@ -216,6 +252,22 @@ def _validate_whole(config: Config) -> None:
     ):
         if url and urlsplit(url).scheme not in schemes:
             raise ConfigError(key, f"scheme must be one of {', '.join(schemes)}: {mask_url(url)}")
+    rl = config.ratelimit
+    for name, text in [*rl.policies.items(), *([("default", rl.default)] if rl.default.strip() else [])]:
+        try:
+            parse_policy(name, text)
+        except ValueError as exc:
+            key = (
+                "ratelimit.default"
+                if name == "default" and text == rl.default
+                else f"ratelimit.policies.{name}"
+            )
+            raise ConfigError(key, str(exc)) from None
+    for cidr in rl.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError("ratelimit.trusted_proxies", f"{cidr!r} is not an IP network") from None
     if bool(db.url) != bool(config.redis.url):
         missing = "redis.url (REDIS_URL)" if db.url else "database.url (DATABASE_URL)"
         raise ConfigError(

@@ -15,11 +15,19 @@ class DomainError(Exception):
     title = "Internal Server Error"
     type_slug = "about:blank"
 
-    def __init__(self, detail: str, *, extra: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        extra: Mapping[str, object] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         # Extension members of the problem document (RFC 9457 section 3.2).
         self.extra: dict[str, object] = dict(extra or {})
+        # Response headers the problem must carry (Retry-After, RateLimit, ...).
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 class NotFound(DomainError):
@@ -72,8 +80,23 @@ class Unavailable(DomainError):
     def __init__(
         self, detail: str, *, retry_after: int = 1, extra: Mapping[str, object] | None = None
     ) -> None:
-        super().__init__(detail, extra=extra)
+        super().__init__(detail, extra=extra, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+
+
+class RateLimited(DomainError):
+    status = 429
+    title = "Too Many Requests"
+    type_slug = "rate-limited"
+
+    def __init__(
+        self, window: str, retry_after: float, rate_info: Mapping[str, object], headers: Mapping[str, str]
+    ) -> None:
+        super().__init__(
+            f"rate limit of {window} exceeded; retry in {headers.get('Retry-After', '1')} s",
+            extra={"rate_info": dict(rate_info)},
+            headers=headers,
+        )
 
 
 class StartupError(Exception):

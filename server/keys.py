@@ -12,6 +12,7 @@ from server.config import Config
 from server.db import Database
 from server.negotiation import Negotiator
 from server.products import Catalogue
+from server.ratelimit import Decision, RateLimiter
 
 CONFIG = web.AppKey("hotpath.config", Config)
 DB = web.AppKey("hotpath.db", Database)
@@ -23,5 +24,8 @@ REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
 CATALOGUE = web.AppKey("hotpath.catalogue", Catalogue)
 NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 
+RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 REQUEST_START = web.RequestKey("hotpath.request_start", float)
+RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

@@ -76,6 +76,11 @@ def _page_param(name: str, description: str, minimum: int) -> dict[str, Any]:
     }
 
 
+_RATE_HEADERS = {
+    "RateLimit-Policy": {"schema": {"type": "string"}, "description": "draft-ietf-httpapi-ratelimit-headers"},
+    "RateLimit": {"schema": {"type": "string"}, "description": "the tightest window: r=remaining, t=seconds"},
+}
+
 _USER_ID = {
     "name": "user_id",
     "in": "path",
@@ -230,6 +235,32 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            "/protected-endpoint": {
+                "get": {
+                    "operationId": "protected",
+                    "summary": "A rate-limited resource (policy `ratelimit.policies.protected`)",
+                    "parameters": _NEGOTIATION_PARAMS,
+                    "responses": {
+                        "200": _negotiated(
+                            "allowed, with the caller's rate info",
+                            {"$ref": "#/components/schemas/Protected"},
+                            _RATE_HEADERS,
+                        ),
+                        "429": {
+                            **_problem("limited: `rate_info`, Retry-After, RateLimit and X-Rate-* headers"),
+                            "headers": {
+                                **_RATE_HEADERS,
+                                "Retry-After": {"schema": {"type": "integer"}},
+                                "X-Rate-Limit": {"schema": {"type": "integer"}},
+                                "X-Rate-Remaining": {"schema": {"type": "integer"}},
+                                "X-Rate-Reset": {"schema": {"type": "integer"}, "description": "Unix time"},
+                            },
+                        },
+                        **_NEGOTIATION_ERRORS,
+                        **_UNAVAILABLE,
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -259,6 +290,7 @@ def build_spec() -> dict[str, Any]:
                         },
                         "checks": {"type": "object"},
                         "available": {"type": "array", "items": {"type": "string"}},
+                        "rate_info": {"$ref": "#/components/schemas/RateInfo"},
                     },
                 },
                 "Health": {
@@ -330,6 +362,24 @@ def build_spec() -> dict[str, Any]:
                         "page": {"type": "integer"},
                         "limit": {"type": "integer"},
                         "next": {"type": ["string", "null"]},
+                    },
+                },
+                "RateInfo": {
+                    "type": "object",
+                    "required": ["allowed", "limit", "remaining", "reset_time"],
+                    "properties": {
+                        "allowed": {"type": "boolean"},
+                        "limit": {"type": "integer"},
+                        "remaining": {"type": "integer"},
+                        "reset_time": {"type": "integer", "description": "Unix time the window frees a slot"},
+                    },
+                },
+                "Protected": {
+                    "type": "object",
+                    "required": ["message", "rate_info"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "rate_info": {"anyOf": [{"$ref": "#/components/schemas/RateInfo"}, {"type": "null"}]},
                     },
                 },
                 "Profile": {

@@ -15,12 +15,13 @@ import redis.exceptions as redis_exc
 from aiohttp import web
 
 from server.batching import KeyBatcher
-from server.config import mask_url
+from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
-from server.keys import CATALOGUE, CONFIG, DB, REDIS, USER_BATCHER
+from server.keys import CATALOGUE, CONFIG, DB, RATE_LIMITER, REDIS, USER_BATCHER
 from server.migrations import apply_migrations
 from server.products import Catalogue
+from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
 from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")
@@ -169,3 +170,24 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     yield
     await client.aclose()
+
+
+async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The rate limiter under RATE_LIMITER: policies per route name, checks coalesced per loop pass."""
+    cfg = app[CONFIG].ratelimit
+    route_names = sorted({r.name for r in app.router.routes() if r.name})
+    try:
+        policies = build_policies(route_names, cfg.policies, cfg.default, cfg.exempt) if cfg.enabled else {}
+    except ValueError as exc:
+        raise ConfigError("ratelimit.policies", str(exc)) from None
+    limiter = RateLimiter(
+        RedisWindows(app[REDIS], cfg.max_batch),
+        policies,
+        ClientIdentity(cfg.trusted_proxies, cfg.key_header, cfg.ipv6_prefix),
+        fail_mode=cfg.fail_mode,
+        processes=cfg.processes,
+        retry_interval=cfg.retry_interval,
+    )
+    app[RATE_LIMITER] = limiter
+    yield
+    await limiter.close()

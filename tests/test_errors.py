@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from middlewares import MIDDLEWARES
-from middlewares.request_context import apply_request_id
+from middlewares.errors import errors_middleware
+from middlewares.request_context import apply_request_id, request_context_middleware
 from server.errors import Conflict, Unavailable, ValidationFailed
 
 PROBLEM = "application/problem+json"
@@ -48,7 +48,7 @@ def small_app() -> web.Application:
         await resp.write(b"chunk")
         return resp
 
-    app = web.Application(middlewares=MIDDLEWARES)
+    app = web.Application(middlewares=[request_context_middleware, errors_middleware])
     app.router.add_get("/boom", boom)
     app.router.add_get("/conflict", conflict)
     app.router.add_get("/invalid", invalid)

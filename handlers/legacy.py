@@ -1,0 +1,18 @@
+"""Endpoints kept for the earlier service's clients (shared/API.md)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from handlers.common import represent
+from server.keys import RATE_LIMIT
+from server.render import Shape
+
+PROTECTED = Shape("result")
+
+
+async def protected(request: web.Request) -> web.Response:
+    """A rate-limited resource: says so, with the caller's current rate info."""
+    decision = request.get(RATE_LIMIT)
+    info = decision.info() if decision is not None else None
+    return represent(request, {"message": "Request successful", "rate_info": info}, PROTECTED)

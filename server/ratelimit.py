@@ -1,0 +1,492 @@
+"""Rate limiting: exact sliding windows in Redis, checked in one round trip per loop pass.
+
+Each policy is one or more windows ("100/hour, 10/minute"); a request is allowed only when
+every window has room, and then it is counted in all of them. A window is a Redis sorted
+set of the request times inside it (microseconds from Redis `TIME`, so hosts with skewed
+clocks agree), which makes "at most N in any W seconds" exact rather than approximate.
+
+All checks made during one event-loop pass go to Redis together: one EVALSHA of one Lua
+script that handles them in arrival order, atomically. Exactness is kept (the script sees
+every earlier check of the batch), and under load a process pays one round trip for many
+requests instead of one each.
+
+When Redis fails, `fail_mode` decides: `open` allows (logged once, counted), `closed`
+refuses with 503, `local` falls back to the same algorithm in process memory with each
+limit divided by the number of processes. After a failure Redis is left alone for
+`retry_interval` seconds, then tried again; recovery needs nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import itertools
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
+
+log = logging.getLogger("hotpath.ratelimit")
+
+KEY_PREFIX = "hotpath:v1:rl"
+_PERIODS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+FAIL_MODES = ("open", "closed", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    limit: int
+    seconds: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.limit} per {self.seconds} s"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    windows: tuple[Window, ...]
+    # the RateLimit-Policy header value: constant per policy, built once
+    header: str = field(default="", compare=False)
+
+
+def parse_policy(name: str, text: str) -> Policy:
+    """ "100/hour, 10/minute" (also "5/30s", "1000/day") → Policy. Raises ValueError."""
+    windows = []
+    for part in text.split(","):
+        match = _RATE.match(part.lower())
+        if match is None or match.group(3) not in _PERIODS:
+            raise ValueError(f"{part.strip()!r} is not a rate like 100/hour or 5/30s")
+        limit = int(match.group(1))
+        seconds = int(match.group(2) or 1) * _PERIODS[match.group(3)]
+        if limit < 1 or seconds < 1:
+            raise ValueError(f"{part.strip()!r}: limit and period must be positive")
+        windows.append(Window(limit, seconds))
+    if not windows:
+        raise ValueError("a policy needs at least one window")
+    windows.sort(key=lambda w: w.seconds)
+    header = ", ".join(f'"{name}-{w.seconds}s";q={w.limit};w={w.seconds}' for w in windows)
+    return Policy(name, tuple(windows), header)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome for one request, reported for its tightest window."""
+
+    allowed: bool
+    policy: Policy
+    window: Window  # the window with the least room left (or the one that refused)
+    remaining: int
+    reset_after: float  # seconds until that window frees a slot (0 when it is empty)
+    retry_after: float  # seconds until a refused request could succeed (0 when allowed)
+    source: str  # "redis", "local" or "open"
+
+    def headers(self) -> dict[str, str]:
+        """IETF RateLimit-Policy / RateLimit headers, plus Retry-After and the legacy
+        X-Rate-* headers on a refusal."""
+        name = f"{self.policy.name}-{self.window.seconds}s"
+        out = {
+            "RateLimit-Policy": self.policy.header,
+            "RateLimit": f'"{name}";r={self.remaining};t={math.ceil(self.reset_after)}',
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+            out["X-Rate-Limit"] = str(self.window.limit)
+            out["X-Rate-Remaining"] = "0"
+            out["X-Rate-Reset"] = str(math.ceil(time.time() + self.retry_after))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """The `rate_info` object of the old API: allowed, limit, remaining, reset_time (epoch s)."""
+        wait = self.reset_after if self.allowed else self.retry_after
+        return {
+            "allowed": self.allowed,
+            "limit": self.window.limit,
+            "remaining": self.remaining,
+            "reset_time": math.ceil(time.time() + wait),
+        }
+
+
+# ---------------------------------------------------------------- client identity
+
+
+class ClientIdentity:
+    """Who a request counts against: an API key when configured and sent, else the client IP.
+
+    X-Forwarded-For / Forwarded are believed only when the socket peer is a trusted proxy,
+    and then walked right to left past trusted hops: the first untrusted address is the
+    client. A header from an untrusted peer changes nothing. IPv6 clients are grouped by
+    their /ipv6_prefix network (one host usually owns a whole /64).
+    """
+
+    def __init__(self, trusted_proxies: Iterable[str], key_header: str = "", ipv6_prefix: int = 64) -> None:
+        self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        self.key_header = key_header
+        self.ipv6_prefix = ipv6_prefix
+        self._trusted_memo: dict[str, bool] = {}
+
+    def is_trusted(self, address: str) -> bool:
+        known = self._trusted_memo.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in net for net in self.trusted)
+            if len(self._trusted_memo) >= 4096:
+                self._trusted_memo.clear()
+            self._trusted_memo[address] = known
+        return known
+
+    def client_ip(self, headers: Mapping[str, str], peer: str | None) -> str:
+        if peer is None or not self.trusted or not self.is_trusted(peer):
+            return peer or "unknown"
+        hops = _forwarded_for(headers)
+        for hop in reversed(hops):
+            if not self.is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def identify(self, headers: Mapping[str, str], peer: str | None) -> str:
+        if self.key_header:
+            key = headers.get(self.key_header)
+            if key:
+                # never store raw API keys in Redis
+                return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+        ip = self.client_ip(headers, peer)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return "ip:" + ip[:100]
+        if isinstance(addr, ipaddress.IPv6Address):
+            if addr.ipv4_mapped is not None:
+                return f"ip:{addr.ipv4_mapped}"
+            net = ipaddress.ip_network(f"{addr}/{self.ipv6_prefix}", strict=False)
+            return f"ip:{net.network_address}/{self.ipv6_prefix}"
+        return f"ip:{addr}"
+
+
+def _strip_port(value: str) -> str:
+    value = value.strip().strip('"')
+    if value.startswith("["):  # [2001:db8::1]:4711
+        return value[1 : value.find("]")] if "]" in value else value
+    if value.count(":") == 1:  # 192.0.2.1:4711
+        return value.split(":", 1)[0]
+    return value
+
+
+def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
+    """Addresses from X-Forwarded-For, else from RFC 7239 Forwarded `for=`, left to right."""
+    xff = headers.get("X-Forwarded-For")
+    if xff:
+        return [_strip_port(h) for h in xff.split(",") if h.strip()]
+    fwd = headers.get("Forwarded")
+    if not fwd:
+        return []
+    out = []
+    for element in fwd.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.partition("=")
+            if name.strip().lower() == "for" and value:
+                out.append(_strip_port(value))
+    return out
+
+
+# ---------------------------------------------------------------- Redis (one script per batch)
+
+# KEYS: one sorted set per (check, window), in order.
+# ARGV[1]: a token unique to this call; then per check: n windows, then per window: limit, window µs.
+# Returns per check: allowed, index of the reported window, remaining, reset µs, retry µs.
+SLIDING_WINDOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local stamp = t[1] .. '.' .. t[2] .. ':' .. ARGV[1] .. ':'
+local out = {}
+local ki, ai, seq = 1, 2, 0
+while ai <= #ARGV do
+  local nwin = tonumber(ARGV[ai])
+  ai = ai + 1
+  local allowed, retry = 1, 0
+  local counts = {}
+  for w = 1, nwin do
+    local key = KEYS[ki + w - 1]
+    local limit = tonumber(ARGV[ai + 2 * (w - 1)])
+    local span = tonumber(ARGV[ai + 2 * (w - 1) + 1])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - span)
+    local count = redis.call('ZCARD', key)
+    counts[w] = count
+    if count >= limit then
+      allowed = 0
+      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      local wait = tonumber(oldest[2]) + span - now
+      if wait > retry then retry = wait end
+    end
+  end
+  if allowed == 1 then
+    seq = seq + 1
+    local member = stamp .. seq
+    for w = 1, nwin do
+      local key = KEYS[ki + w - 1]
+      local span = tonumber(ARGV[ai + 2 * (w - 1) + 1])
+      redis.call('ZADD', key, now, member)
+      redis.call('PEXPIRE', key, math.ceil(span / 1000))
+      counts[w] = counts[w] + 1
+    end
+  end
+  local best, best_left = 1, nil
+  for w = 1, nwin do
+    local left = tonumber(ARGV[ai + 2 * (w - 1)]) - counts[w]
+    if left < 0 then left = 0 end
+    if best_left == nil or left < best_left then best, best_left = w, left end
+  end
+  local reset = 0
+  local oldest = redis.call('ZRANGE', KEYS[ki + best - 1], 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    reset = tonumber(oldest[2]) + tonumber(ARGV[ai + 2 * (best - 1) + 1]) - now
+  end
+  table.insert(out, allowed)
+  table.insert(out, best - 1)
+  table.insert(out, best_left)
+  table.insert(out, reset)
+  table.insert(out, retry)
+  ki = ki + nwin
+  ai = ai + 2 * nwin
+end
+return out
+"""
+
+
+@dataclass(slots=True)
+class _Check:
+    identity: str
+    policy: Policy
+    future: asyncio.Future[Decision]
+
+
+class RedisWindows:
+    """Coalesces the checks of one loop pass into one EVALSHA (see the module docstring)."""
+
+    def __init__(self, client: aioredis.Redis, max_batch: int = 256) -> None:
+        self._script = client.register_script(SLIDING_WINDOW_LUA)
+        self._max_batch = max_batch
+        self._pending: list[_Check] = []
+        self._scheduled: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._token_prefix = os.urandom(6).hex()
+        self._calls = itertools.count()
+        self.batches = 0
+        self.checks = 0
+
+    async def check(self, identity: str, policy: Policy) -> Decision:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
+        self._pending.append(_Check(identity, policy, fut))
+        if len(self._pending) >= self._max_batch:
+            self._dispatch()
+        elif self._scheduled is None:
+            self._scheduled = loop.call_soon(self._dispatch)
+        return await fut
+
+    def _dispatch(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Check]) -> None:
+        keys: list[str] = []
+        args: list[Any] = [f"{self._token_prefix}{next(self._calls):x}"]
+        for c in batch:
+            args.append(len(c.policy.windows))
+            for w in c.policy.windows:
+                keys.append(f"{KEY_PREFIX}:{c.policy.name}:{w.seconds}:{c.identity}")
+                args.append(w.limit)
+                args.append(w.seconds * 1_000_000)
+        try:
+            raw = await self._script(keys=keys, args=args)
+        except BaseException as exc:
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.batches += 1
+        self.checks += len(batch)
+        for i, c in enumerate(batch):
+            allowed, index, remaining, reset_us, retry_us = raw[5 * i : 5 * i + 5]
+            decision = Decision(
+                allowed=bool(allowed),
+                policy=c.policy,
+                window=c.policy.windows[int(index)],
+                remaining=int(remaining),
+                reset_after=max(0, int(reset_us)) / 1e6,
+                retry_after=max(0, int(retry_us)) / 1e6,
+                source="redis",
+            )
+            if not c.future.done():
+                c.future.set_result(decision)
+
+    async def close(self) -> None:
+        if self._pending:
+            self._dispatch()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- in-process fallback
+
+
+class LocalWindows:
+    """The same sliding windows in process memory, each limit divided by `processes`."""
+
+    def __init__(self, processes: int = 1, max_keys: int = 100_000) -> None:
+        self.processes = max(1, processes)
+        self.max_keys = max_keys
+        self._logs: dict[tuple[str, int, str], deque[float]] = {}
+
+    def check(self, identity: str, policy: Policy) -> Decision:
+        now = time.monotonic()
+        if len(self._logs) >= self.max_keys:
+            self._sweep(now)
+        logs = []
+        allowed, retry = True, 0.0
+        for w in policy.windows:
+            entries = self._logs.setdefault((policy.name, w.seconds, identity), deque())
+            while entries and entries[0] <= now - w.seconds:
+                entries.popleft()
+            limit = max(1, w.limit // self.processes)
+            if len(entries) >= limit:
+                allowed = False
+                retry = max(retry, entries[0] + w.seconds - now)
+            logs.append((w, limit, entries))
+        if allowed:
+            for _, _, entries in logs:
+                entries.append(now)
+        w, limit, entries = min(logs, key=lambda item: item[1] - len(item[2]))
+        reset = entries[0] + w.seconds - now if entries else 0.0
+        return Decision(allowed, policy, w, max(0, limit - len(entries)), max(0.0, reset), retry, "local")
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, v in self._logs.items() if not v or v[-1] <= now - k[1]]:
+            del self._logs[key]
+        while len(self._logs) >= self.max_keys:  # still full of live keys: forget the oldest
+            del self._logs[next(iter(self._logs))]
+
+
+# ---------------------------------------------------------------- the service
+
+
+class RateLimiter:
+    """Policies by route name, client identity, and decisions with Redis or the fail mode."""
+
+    def __init__(
+        self,
+        redis_windows: RedisWindows,
+        policies: Mapping[str, Policy],
+        identity: ClientIdentity,
+        *,
+        fail_mode: str = "local",
+        processes: int = 1,
+        retry_interval: float = 1.0,
+    ) -> None:
+        if fail_mode not in FAIL_MODES:
+            raise ValueError(f"fail_mode must be one of {FAIL_MODES}")
+        self.redis = redis_windows
+        self.policies = dict(policies)
+        self.identity = identity
+        self.fail_mode = fail_mode
+        self.local = LocalWindows(processes)
+        self.retry_interval = retry_interval
+        self._redis_down_until = 0.0
+        self.stats = {"redis_errors": 0, "fail_open": 0, "fail_closed": 0, "local": 0}
+
+    def policy_for(self, route_name: str | None) -> Policy | None:
+        return self.policies.get(route_name) if route_name else None
+
+    @property
+    def redis_down(self) -> bool:
+        return time.monotonic() < self._redis_down_until
+
+    async def check(self, identity: str, policy: Policy) -> Decision | None:
+        """The decision, or None when Redis is down and fail_mode is `closed` (caller answers 503)."""
+        if not self.redis_down:
+            try:
+                decision = await self.redis.check(identity, policy)
+            except (redis_exc.RedisError, OSError, TimeoutError) as exc:
+                self.stats["redis_errors"] += 1
+                if self._redis_down_until == 0.0:
+                    log.warning(
+                        "rate limiting: Redis failed (%s: %s); fail_mode=%s until it answers again",
+                        type(exc).__name__,
+                        exc,
+                        self.fail_mode,
+                    )
+                self._redis_down_until = time.monotonic() + self.retry_interval
+            else:
+                if self._redis_down_until:
+                    log.warning("rate limiting: Redis answers again; limits are shared and exact again")
+                    self._redis_down_until = 0.0
+                return decision
+        return self._degraded(identity, policy)
+
+    def _degraded(self, identity: str, policy: Policy) -> Decision | None:
+        if self.fail_mode == "closed":
+            self.stats["fail_closed"] += 1
+            return None
+        if self.fail_mode == "open":
+            self.stats["fail_open"] += 1
+            tight = policy.windows[0]
+            return Decision(True, policy, tight, tight.limit, 0.0, 0.0, "open")
+        self.stats["local"] += 1
+        return self.local.check(identity, policy)
+
+    async def close(self) -> None:
+        await self.redis.close()
+
+
+def build_policies(
+    route_names: Sequence[str], policies: Mapping[str, str], default: str, exempt: Iterable[str]
+) -> dict[str, Policy]:
+    """Policy per route name: its own, else the default (if any), never for exempt routes.
+
+    Raises ValueError for a policy naming a route that does not exist (a typo would
+    otherwise silently leave a route unlimited) or a malformed rate.
+    """
+    unknown = sorted(set(policies) - set(route_names))
+    if unknown:
+        raise ValueError(
+            f"policies for unknown routes: {', '.join(unknown)} (routes: {', '.join(route_names)})"
+        )
+    exempt = set(exempt)
+    parsed = {name: parse_policy(name, text) for name, text in policies.items()}
+    default_policy = parse_policy("default", default) if default.strip() else None
+    out: dict[str, Policy] = {}
+    for name in route_names:
+        if name in exempt:
+            continue
+        policy = parsed.get(name, default_policy)
+        if policy is not None:
+            out[name] = policy
+    return out
