@@ -101,7 +101,7 @@ class RateLimitConfig:
     fail_mode: str = field(default="local", metadata={"choices": ("open", "closed", "local")})
     processes: int = field(default=1, metadata=_range(1, 1024))
     retry_interval: float = field(default=1.0, metadata=_range(0.01))
-    max_batch: int = field(default=256, metadata=_range(1, 10000))
+    max_batch: int = field(default=32, metadata=_range(1, 10000))
 
 
 @dataclass(frozen=True, slots=True)
