@@ -85,6 +85,19 @@ request = function()
 end
 """
 
+API_KEYS = 100_000
+RANDOM_API_KEY_LUA = f"""
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/protected-endpoint", {{["X-API-Key"] = "k" .. math.random(1, {API_KEYS})}})
+end
+"""
+# Allowed path: 10^5 clients (API keys) under a policy none of them exceeds during a run.
+RATELIMIT_ENV = {
+    "HOTPATH_RATELIMIT_KEY_HEADER": "X-API-Key",
+    "HOTPATH_RATELIMIT_POLICIES": '{ protected = "100/minute, 10/second" }',
+}
+
 SCENARIOS = [
     Scenario("floor GET /json", "floor", "/json"),
     Scenario(
@@ -105,6 +118,13 @@ SCENARIOS = [
     ),
     Scenario("hotpath GET /products YAML", "hotpath", "/products", headers=("Accept: application/yaml",)),
     Scenario("hotpath GET /products XML", "hotpath", "/products", headers=("Accept: application/xml",)),
+    Scenario(
+        "hotpath GET /protected-endpoint, allowed (Redis sliding windows, 10^5 API keys)",
+        "hotpath-ratelimit",
+        "/protected-endpoint",
+        RANDOM_API_KEY_LUA,
+        ">= 0.5x (issue 6)",
+    ),
     Scenario(
         "hotpath GET /users/{id}, batch_reads off (one query per request)",
         "hotpath-nobatch",
@@ -239,6 +259,10 @@ def hotpath_env(workdir: Path) -> tuple[dict[str, str], Path]:
     if env.get("DATABASE_URL") and env.get("REDIS_URL"):
         asyncio.run(_recreate_database(env["DATABASE_URL"], "hotpath_bench"))
         env["DATABASE_URL"] = _with_database(env["DATABASE_URL"], "hotpath_bench")
+        if urlsplit(env["REDIS_URL"]).scheme in ("redis", "rediss"):
+            env["REDIS_URL"] = urlunsplit(
+                urlsplit(env["REDIS_URL"])._replace(path="/14")
+            )  # the bench's own db
     else:
         env.pop("DATABASE_URL", None)
         env.pop("REDIS_URL", None)
@@ -311,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = {
             "floor": (floor_cmd, floor_port, "/json", env),
             "hotpath": (hot_cmd, hot_port, "/ready", env),
+            "hotpath-ratelimit": (hot_cmd, hot_port, "/ready", {**env, **RATELIMIT_ENV}),
             "hotpath-nobatch": (
                 hot_cmd,
                 hot_port,
