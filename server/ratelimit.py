@@ -32,8 +32,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
+
+from server.resp import RespConnection
 
 log = logging.getLogger("hotpath.ratelimit")
 
@@ -297,8 +298,9 @@ return out
 class RedisWindows:
     """Coalesces the checks of one loop pass into one EVALSHA (see the module docstring)."""
 
-    def __init__(self, client: aioredis.Redis, max_batch: int = 32) -> None:
-        self._script = client.register_script(SLIDING_WINDOW_LUA)
+    def __init__(self, conn: RespConnection, max_batch: int = 32) -> None:
+        self._conn = conn
+        self._sha = hashlib.sha1(SLIDING_WINDOW_LUA.encode()).hexdigest()
         self._max_batch = max_batch
         self._pending: list[tuple[str, Policy, asyncio.Future[Decision]]] = []
         self._scheduled: asyncio.Handle | None = None
@@ -352,7 +354,7 @@ class RedisWindows:
         args[1] = len(index)
         args.append("\n".join(lines))
         try:
-            raw = await self._script(args=args)
+            raw = await self._conn.evalsha(self._sha, SLIDING_WINDOW_LUA, *args)
         except BaseException as exc:
             for _, _, fut in batch:
                 if not fut.done():
@@ -382,6 +384,7 @@ class RedisWindows:
             self._dispatch()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._conn.close()
 
 
 # ---------------------------------------------------------------- in-process fallback

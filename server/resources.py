@@ -22,6 +22,7 @@ from server.keys import CATALOGUE, CONFIG, DB, RATE_LIMITER, REDIS, USER_BATCHER
 from server.migrations import apply_migrations
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
+from server.resp import RespConnection
 from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")
@@ -181,7 +182,9 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
     except ValueError as exc:
         raise ConfigError("ratelimit.policies", str(exc)) from None
     limiter = RateLimiter(
-        RedisWindows(app[REDIS], cfg.max_batch),
+        RedisWindows(
+            RespConnection(app[CONFIG].redis.url, timeout=app[CONFIG].redis.socket_timeout), cfg.max_batch
+        ),
         policies,
         ClientIdentity(cfg.trusted_proxies, cfg.key_header, cfg.ipv6_prefix),
         fail_mode=cfg.fail_mode,

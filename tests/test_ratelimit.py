@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from middlewares import chain_for
 from middlewares.ratelimit import ratelimit_middleware
@@ -20,6 +19,7 @@ from server.app import create_app
 from server.embedded import EmbeddedRedis
 from server.keys import RATE_LIMITER, REDIS
 from server.ratelimit import ClientIdentity, LocalWindows, RedisWindows, Window, build_policies, parse_policy
+from server.resp import RespConnection
 from tests.conftest import PYTHON, ROOT, free_port, replace
 from tests.test_run import wait_ready
 
@@ -106,13 +106,11 @@ def test_api_key_beats_ip_and_is_not_stored_raw() -> None:
 
 @pytest.fixture
 async def windows(cfg: Any) -> AsyncIterator[RedisWindows]:
-    client = aioredis.from_url(cfg.redis.url)
-    rw = RedisWindows(client)
+    rw = RedisWindows(RespConnection(cfg.redis.url))
     try:
         yield rw
     finally:
         await rw.close()
-        await client.aclose()
 
 
 async def test_exactly_limit_allowed_under_concurrency(windows: RedisWindows) -> None:
