@@ -204,8 +204,8 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 9
 
 
 @contextmanager
-def server(cmd: list[str], ready_url: str, env: dict[str, str]) -> Iterator[None]:
-    proc = subprocess.Popen([*taskset(SERVER_CPU), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+def server(cmd: list[str], ready_url: str, env: dict[str, str], cpu: str = SERVER_CPU) -> Iterator[None]:
+    proc = subprocess.Popen([*taskset(cpu), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         asyncio.run(_wait_http(ready_url, proc))
         yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import health, legacy, meta, products, users
+from handlers import fetch, health, legacy, meta, products, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -20,6 +20,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
     web.get("/products", products.list_products, name="products"),
     web.get("/protected-endpoint", legacy.protected, name="protected"),
+    web.post("/process-urls", fetch.process_urls, name="process_urls"),
 )
 UNMATCHED = "unmatched"
 

@@ -11,7 +11,14 @@ from server.config import Config
 from server.keys import CONFIG, NEGOTIATOR
 from server.negotiation import Negotiator
 from server.render import OFFERS
-from server.resources import catalogue_ctx, pg_pool_ctx, ratelimit_ctx, redis_ctx, user_batcher_ctx
+from server.resources import (
+    catalogue_ctx,
+    http_client_ctx,
+    pg_pool_ctx,
+    ratelimit_ctx,
+    redis_ctx,
+    user_batcher_ctx,
+)
 
 
 def create_app(config: Config) -> web.Application:
@@ -27,5 +34,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(catalogue_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
+    app.cleanup_ctx.append(http_client_ctx)
     setup_routes(app)
     return app

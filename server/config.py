@@ -105,6 +105,22 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchConfig:
+    max_urls: int = field(default=100, metadata=_range(1, 10000))
+    timeout: float = field(default=10.0, metadata=_range(0.01))
+    connect_timeout: float = field(default=3.0, metadata=_range(0.01))
+    deadline: float = field(default=30.0, metadata=_range(0.01))
+    max_bytes: int = field(default=1024 * 1024, metadata=_range(1))
+    max_redirects: int = field(default=5, metadata=_range(0, 50))
+    concurrency: int = field(default=100, metadata=_range(1, 10000))
+    connections: int = field(default=200, metadata=_range(1, 10000))
+    per_host: int = field(default=50, metadata=_range(1, 10000))
+    dns_cache_ttl: int = field(default=10, metadata=_range(0))
+    allow: tuple[str, ...] = ()
+    user_agent: str = "hotpath/0.1 (fan-out fetcher)"
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -122,6 +138,7 @@ class Config:
     users: UsersConfig = UsersConfig()
     products: ProductsConfig = ProductsConfig()
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    fetch: FetchConfig = FetchConfig()
     log: LogConfig = LogConfig()
 
     @property

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.batching import KeyBatcher
 from server.config import Config
 from server.db import Database
+from server.fanout import Guard
 from server.negotiation import Negotiator
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
@@ -24,6 +26,8 @@ REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
 CATALOGUE = web.AppKey("hotpath.catalogue", Catalogue)
 NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 
+HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
+FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)

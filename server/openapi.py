@@ -261,6 +261,26 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            "/process-urls": {
+                "post": {
+                    "operationId": "process_urls",
+                    "summary": "Fetch many URLs at once (SSRF-guarded), results in request order",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            t: {"schema": {"$ref": "#/components/schemas/FetchRequest"}}
+                            for t in _BODY_CONTENT_TYPES
+                        },
+                    },
+                    "responses": {
+                        "200": _json("one result per URL", {"$ref": "#/components/schemas/FetchResponse"}),
+                        "400": _problem("missing or malformed body"),
+                        "413": _problem("body larger than server.client_max_size"),
+                        "415": _problem("body is not JSON, msgpack or YAML"),
+                        "422": _problem("not an array of URLs, too many URLs, or a bad timeout"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -380,6 +400,57 @@ def build_spec() -> dict[str, Any]:
                     "properties": {
                         "message": {"type": "string"},
                         "rate_info": {"anyOf": [{"$ref": "#/components/schemas/RateInfo"}, {"type": "null"}]},
+                    },
+                },
+                "FetchRequest": {
+                    "oneOf": [
+                        {"type": "array", "items": {"type": "string"}},
+                        {
+                            "type": "object",
+                            "required": ["urls"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "urls": {"type": "array", "items": {"type": "string"}},
+                                "timeout": {"type": "number", "exclusiveMinimum": 0},
+                            },
+                        },
+                    ]
+                },
+                "FetchResponse": {
+                    "type": "object",
+                    "required": ["results", "processing_time", "total_urls"],
+                    "properties": {
+                        "results": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["url", "status", "elapsed_ms"],
+                                "properties": {
+                                    "url": {},
+                                    "status": {"type": ["integer", "null"]},
+                                    "elapsed_ms": {"type": "number"},
+                                    "content_type": {"type": "string"},
+                                    "bytes": {"type": "integer"},
+                                    "data": {},
+                                    "error": {
+                                        "enum": [
+                                            "timeout",
+                                            "dns",
+                                            "refused",
+                                            "too_large",
+                                            "blocked",
+                                            "tls",
+                                            "http_error",
+                                            "invalid",
+                                            "connection",
+                                        ]
+                                    },
+                                    "detail": {"type": "string"},
+                                },
+                            },
+                        },
+                        "processing_time": {"type": "number"},
+                        "total_urls": {"type": "integer"},
                     },
                 },
                 "Profile": {

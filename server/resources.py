@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
@@ -18,7 +19,8 @@ from server.batching import KeyBatcher
 from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
-from server.keys import CATALOGUE, CONFIG, DB, RATE_LIMITER, REDIS, USER_BATCHER
+from server.fanout import Guard, GuardedResolver
+from server.keys import CATALOGUE, CONFIG, DB, FETCH_GUARD, HTTP_CLIENT, RATE_LIMITER, REDIS, USER_BATCHER
 from server.migrations import apply_migrations
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
@@ -194,3 +196,25 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RATE_LIMITER] = limiter
     yield
     await limiter.close()
+
+
+async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one shared ClientSession, its connector behind the SSRF-guarding resolver."""
+    cfg = app[CONFIG].fetch
+    guard = Guard(cfg.allow)
+    connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(guard),
+        limit=cfg.connections,
+        limit_per_host=cfg.per_host,
+        ttl_dns_cache=cfg.dns_cache_ttl,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": cfg.user_agent, "Accept-Encoding": "gzip, deflate"},
+        auto_decompress=False,  # fanout decompresses itself, bounded (zip-bomb safe)
+        trust_env=False,  # never route through a proxy named by the environment
+    )
+    app[FETCH_GUARD] = guard
+    app[HTTP_CLIENT] = session
+    yield
+    await session.close()

@@ -1,0 +1,89 @@
+"""Fan-out benchmark: POST /process-urls with 100 URLs against a local upstream.
+
+    python -m bench.fanout [--runs 5]
+
+1. 100 URLs answering after 100 ms: total time of the request (target < 300 ms).
+2. 100 URLs answering 1 MiB each: p99 latency of /health polled meanwhile (target < 20 ms).
+Loopback only: the upstream runs on 127.0.0.1 and is the only address the guard allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.run import free_port, hotpath_env, server
+
+
+async def measure(base: str, upstream: str, runs: int) -> None:
+    async with aiohttp.ClientSession() as session:
+        urls = [f"{upstream}/delay?ms=100&i={i}" for i in range(100)]
+        walls = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            async with session.post(f"{base}/process-urls", json=urls) as resp:
+                doc = await resp.json()
+            walls.append(time.perf_counter() - start)
+            assert resp.status == 200 and all("data" in r for r in doc["results"]), doc["results"][:2]
+        walls = walls[1:]  # the first run opens the connections
+        print(
+            f"100 URLs x 100 ms upstream: median {statistics.median(walls) * 1000:.0f} ms, "
+            f"max {max(walls) * 1000:.0f} ms over {runs} runs (target < 300 ms)"
+        )
+
+        big = [f"{upstream}/mib?i={i}" for i in range(100)]
+        latencies: list[float] = []
+        stop = asyncio.Event()
+
+        async def poll_health() -> None:
+            while not stop.is_set():
+                t = time.perf_counter()
+                async with session.get(f"{base}/health") as r:
+                    await r.read()
+                latencies.append(time.perf_counter() - t)
+                await asyncio.sleep(0.002)
+
+        poller = asyncio.create_task(poll_health())
+        start = time.perf_counter()
+        async with session.post(f"{base}/process-urls", json=big) as resp:
+            body = await resp.read()
+        took = time.perf_counter() - start
+        stop.set()
+        await poller
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+        print(
+            f"100 URLs x 1 MiB: {took * 1000:.0f} ms, {len(body) / 1e6:.0f} MB answer; concurrent /health: "
+            f"{len(latencies)} requests, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+            f"p99 {p99:.1f} ms, max {latencies[-1] * 1000:.1f} ms (target p99 < 20 ms)"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fanout")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    up_port, hot_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="hotpath-fanout-") as tmp:
+        env, config = hotpath_env(Path(tmp))
+        env["HOTPATH_FETCH_ALLOW"] = '["127.0.0.1/32"]'
+        up_cmd = [sys.executable, "bench/upstream.py", "--port", str(up_port)]
+        hot_cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(hot_port)]
+        with (
+            server(up_cmd, f"http://127.0.0.1:{up_port}/delay?ms=0", dict(os.environ), cpu="1"),
+            server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env),
+        ):
+            asyncio.run(measure(f"http://127.0.0.1:{hot_port}", f"http://127.0.0.1:{up_port}", args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
