@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import statistics
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.run import free_port, hotpath_env, server
+from bench.run import LOAD_CPU, free_port, hotpath_env, server, taskset
 
 
 async def measure(base: str, upstream: str, runs: int) -> None:
@@ -42,6 +44,10 @@ async def measure(base: str, upstream: str, runs: int) -> None:
         big = [f"{upstream}/mib?i={i}" for i in range(100)]
         latencies: list[float] = []
         stop = asyncio.Event()
+        # The big request runs in curl, a process of its own: reading a 100 MB answer in this
+        # event loop would stall the /health poller here and be mistaken for a server stall.
+        payload = Path(tempfile.mkstemp(suffix=".json")[1])
+        payload.write_bytes(json.dumps(big).encode())  # noqa: ASYNC240 - a few KB, once
 
         async def poll_health() -> None:
             while not stop.is_set():
@@ -51,17 +57,39 @@ async def measure(base: str, upstream: str, runs: int) -> None:
                 latencies.append(time.perf_counter() - t)
                 await asyncio.sleep(0.002)
 
+        # The poller shares the load core with curl and the upstream moving 100 MB; unless it
+        # runs first whenever it is ready, it measures its own waiting for that core, not the
+        # server. Real-time scheduling (root) does that; otherwise a higher nice priority.
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        except (PermissionError, AttributeError, OSError):
+            with contextlib.suppress(PermissionError):
+                os.setpriority(os.PRIO_PROCESS, 0, -10)
         poller = asyncio.create_task(poll_health())
-        start = time.perf_counter()
-        async with session.post(f"{base}/process-urls", json=big) as resp:
-            body = await resp.read()
-        took = time.perf_counter() - start
+        await asyncio.sleep(0.05)
+        took: list[float] = []
+        size = 0
+        for _ in range(runs):
+            start = time.perf_counter()
+            curl = await asyncio.create_subprocess_exec(
+                *taskset(LOAD_CPU),
+                "nice", "-n", "10",
+                "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
+                "-H", "Content-Type: application/json", "--data-binary", f"@{payload}",
+                f"{base}/process-urls", stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await curl.communicate()
+            took.append(time.perf_counter() - start)
+            size = int(out or 0)
+        await asyncio.sleep(0.05)
         stop.set()
         await poller
+        payload.unlink()  # noqa: ASYNC240
         latencies.sort()
         p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
         print(
-            f"100 URLs x 1 MiB: {took * 1000:.0f} ms, {len(body) / 1e6:.0f} MB answer; concurrent /health: "
+            f"100 URLs x 1 MiB, {runs} runs: median {statistics.median(took) * 1000:.0f} ms, "
+            f"{size / 1e6:.0f} MB answer; concurrent /health: "
             f"{len(latencies)} requests, p50 {statistics.median(latencies) * 1000:.1f} ms, "
             f"p99 {p99:.1f} ms, max {latencies[-1] * 1000:.1f} ms (target p99 < 20 ms)"
         )
@@ -72,13 +100,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     up_port, hot_port = free_port(), free_port()
+    # everything but hotpath on the load core, so the server's core is its own
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {int(LOAD_CPU)})
     with tempfile.TemporaryDirectory(prefix="hotpath-fanout-") as tmp:
         env, config = hotpath_env(Path(tmp))
         env["HOTPATH_FETCH_ALLOW"] = '["127.0.0.1/32"]'
         up_cmd = [sys.executable, "bench/upstream.py", "--port", str(up_port)]
         hot_cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(hot_port)]
         with (
-            server(up_cmd, f"http://127.0.0.1:{up_port}/delay?ms=0", dict(os.environ), cpu="1"),
+            server(up_cmd, f"http://127.0.0.1:{up_port}/delay?ms=0", dict(os.environ), cpu=LOAD_CPU),
             server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env),
         ):
             asyncio.run(measure(f"http://127.0.0.1:{hot_port}", f"http://127.0.0.1:{up_port}", args.runs))
