@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from handlers.common import JSON_TYPE, read_body
-from middlewares.request_context import apply_request_id
+from middlewares.streaming import stream_headers
 from server.errors import ValidationFailed
 from server.fanout import FetchLimits, fetch_all
 from server.keys import CONFIG, FETCH_GUARD, HTTP_CLIENT
@@ -63,7 +63,7 @@ async def process_urls(request: web.Request) -> web.StreamResponse:
         doc = {"results": results, "processing_time": elapsed, "total_urls": len(urls)}
         return web.Response(body=orjson.dumps(doc), content_type=JSON_TYPE)
     resp = web.StreamResponse(headers={"Content-Type": JSON_TYPE})
-    apply_request_id(request, resp)
+    stream_headers(request, resp)
     await resp.prepare(request)
     await resp.write(b'{"results":[')
     for i, result in enumerate(results):

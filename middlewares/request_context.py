@@ -55,10 +55,3 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     if not response.prepared:
         response.headers[HEADER] = rid
     return response
-
-
-def apply_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """For handlers that prepare a StreamResponse themselves: call before prepare()."""
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers[HEADER] = rid

@@ -10,7 +10,8 @@ import pytest
 from aiohttp import web
 
 from middlewares.errors import errors_middleware
-from middlewares.request_context import apply_request_id, request_context_middleware
+from middlewares.request_context import request_context_middleware
+from middlewares.streaming import stream_headers
 from server.errors import Conflict, Unavailable, ValidationFailed
 
 PROBLEM = "application/problem+json"
@@ -43,7 +44,7 @@ def small_app() -> web.Application:
 
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
-        apply_request_id(request, resp)
+        stream_headers(request, resp)
         await resp.prepare(request)
         await resp.write(b"chunk")
         return resp

@@ -12,13 +12,25 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from middlewares import chain_for
+from middlewares.errors import errors_middleware
 from middlewares.ratelimit import ratelimit_middleware
+from middlewares.request_context import request_context_middleware
+from middlewares.streaming import stream_headers
 from server.app import create_app
 from server.embedded import EmbeddedRedis
 from server.keys import RATE_LIMITER, REDIS
-from server.ratelimit import ClientIdentity, LocalWindows, RedisWindows, Window, build_policies, parse_policy
+from server.ratelimit import (
+    ClientIdentity,
+    LocalWindows,
+    RateLimiter,
+    RedisWindows,
+    Window,
+    build_policies,
+    parse_policy,
+)
 from server.resp import RespConnection
 from tests.conftest import PYTHON, ROOT, free_port, replace
 from tests.test_run import wait_ready
@@ -333,3 +345,32 @@ async def test_fail_local_limits_in_process(aiohttp_client: Any, cfg: Any, own_r
     # 4/minute shared by 2 processes: 2 each while Redis is away
     assert await statuses(client, 4, "192.0.2.20") == [200, 200, 429, 429]
     await back_to_exact(client, own_redis)
+
+
+async def test_streaming_handlers_get_the_rate_limit_headers(aiohttp_client: Any, cfg: Any) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        stream_headers(request, resp)
+        await resp.prepare(request)
+        await resp.write(b"streamed")
+        return resp
+
+    limiter = RateLimiter(
+        RedisWindows(RespConnection(cfg.redis.url)),
+        {"stream": parse_policy("stream", "2/minute")},
+        ClientIdentity(["127.0.0.1/32"]),
+    )
+    app = web.Application(middlewares=[request_context_middleware, errors_middleware, ratelimit_middleware])
+    app[RATE_LIMITER] = limiter
+    app.router.add_get("/stream", stream, name="stream")
+    client = await aiohttp_client(app)
+    try:
+        first = await client.get("/stream")
+        assert await first.read() == b"streamed"
+        assert first.headers["RateLimit"].startswith('"stream-60s";r=1;')
+        assert first.headers["X-Request-ID"]
+        await client.get("/stream")
+        refused = await client.get("/stream")
+        assert refused.status == 429 and refused.headers["Retry-After"]
+    finally:
+        await limiter.close()
