@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import fetch, health, legacy, meta, products, users
+from handlers import datasets, fetch, health, legacy, meta, products, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -14,6 +14,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/openapi.json", meta.openapi, name="openapi"),
     web.post("/users", users.create_user, name="users_create"),
     web.get("/users", users.list_users, name="users"),
+    web.get("/users/export", datasets.export_users, name="users_export"),
     web.get(r"/users/{user_id:\d+}", users.get_user, name="user"),
     web.patch(r"/users/{user_id:\d+}", users.update_user, name="user_update"),
     web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
@@ -21,6 +22,8 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/products", products.list_products, name="products"),
     web.get("/protected-endpoint", legacy.protected, name="protected"),
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
+    web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
+    web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
 )
 UNMATCHED = "unmatched"
 

@@ -121,6 +121,15 @@ class FetchConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamingConfig:
+    max_records: int = field(default=1_000_000, metadata=_range(0))
+    batch_records: int = field(default=1000, metadata=_range(1, 1_000_000))
+    fetch_rows: int = field(default=2000, metadata=_range(1, 1_000_000))
+    chunk_size: int = field(default=64 * 1024, metadata=_range(1024))
+    write_timeout: float = field(default=30.0, metadata=_range(0.01))
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -139,6 +148,7 @@ class Config:
     products: ProductsConfig = ProductsConfig()
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     fetch: FetchConfig = FetchConfig()
+    streaming: StreamingConfig = StreamingConfig()
     log: LogConfig = LogConfig()
 
     @property

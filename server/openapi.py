@@ -81,6 +81,20 @@ _RATE_HEADERS = {
     "RateLimit": {"schema": {"type": "string"}, "description": "the tightest window: r=remaining, t=seconds"},
 }
 
+_COUNT = {
+    "name": "record_count",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^\d{1,12}$"},
+    "description": "how many records (at most streaming.max_records)",
+}
+_DOWNLOAD = {
+    "name": "download",
+    "in": "query",
+    "schema": {"type": "string"},
+    "description": "1 for Content-Disposition: attachment",
+}
+
 _USER_ID = {
     "name": "user_id",
     "in": "path",
@@ -281,6 +295,77 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            "/stream-json/{record_count}": {
+                "parameters": [_COUNT],
+                "get": {
+                    "operationId": "stream_json",
+                    "summary": "Synthetic records streamed as a JSON array (or NDJSON with ?format=ndjson)",
+                    "parameters": [
+                        {"name": "format", "in": "query", "schema": {"enum": ["json", "ndjson"]}},
+                        _DOWNLOAD,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "records 1..record_count, streamed",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Record"},
+                                    }
+                                },
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "400": _problem("record_count above streaming.max_records, or an unknown format"),
+                    },
+                },
+            },
+            "/stream-csv/{record_count}": {
+                "parameters": [_COUNT],
+                "get": {
+                    "operationId": "stream_csv",
+                    "summary": "Synthetic records streamed as CSV (header id,name,email,created_at)",
+                    "parameters": [_DOWNLOAD],
+                    "responses": {
+                        "200": {
+                            "description": "CSV, streamed",
+                            "content": {"text/csv": {"schema": {"type": "string"}}},
+                        },
+                        "400": _problem("record_count above streaming.max_records"),
+                    },
+                },
+            },
+            "/users/export": {
+                "get": {
+                    "operationId": "users_export",
+                    "summary": "Every user, streamed from one database snapshot (JSON array, NDJSON or CSV)",
+                    "parameters": [
+                        {"name": "format", "in": "query", "schema": {"enum": ["json", "ndjson", "csv"]}},
+                        {
+                            "name": "since",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "only users created at or after this ISO 8601 date/time",
+                        },
+                        _DOWNLOAD,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "users, streamed",
+                            "content": {
+                                "application/json": {"schema": {"type": "array", "items": _USER}},
+                                "application/x-ndjson": {"schema": {"type": "string"}},
+                                "text/csv": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "400": _problem("unknown format"),
+                        "406": _problem("Accept names none of the export's types"),
+                        "422": _problem("since is not a date"),
+                        **_UNAVAILABLE,
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -359,6 +444,16 @@ def build_spec() -> dict[str, Any]:
                         "items": {"type": "array", "items": _USER},
                         "limit": {"type": "integer"},
                         "next": {"type": ["string", "null"]},
+                    },
+                },
+                "Record": {
+                    "type": "object",
+                    "required": ["id", "name", "email", "created_at"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "email": {"type": "string"},
+                        "created_at": {"type": "string", "format": "date"},
                     },
                 },
                 "Product": {

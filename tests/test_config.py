@@ -22,7 +22,19 @@ def test_shipped_config_equals_the_defaults() -> None:
     assert load_config(DEFAULT_CONFIG_PATH, env={}) == Config()
     text = DEFAULT_CONFIG_PATH.read_text()
     cfg = Config()
-    for section in ("server", "database", "redis", "embedded", "health", "users", "products", "log"):
+    for section in (
+        "server",
+        "database",
+        "redis",
+        "embedded",
+        "health",
+        "users",
+        "products",
+        "ratelimit",
+        "fetch",
+        "streaming",
+        "log",
+    ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:
             assert f"\n{name} = " in text, f"{section}.{name} is not documented in config.toml"

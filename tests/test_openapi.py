@@ -14,7 +14,7 @@ from server.openapi import build_spec
 def routes_as_spec_keys() -> set[tuple[str, str, str]]:
     keys = set()
     for route in ROUTES:
-        path = re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route.path)  # {user_id:\d+} -> {user_id}
+        path = re.sub(r"\{(\w+):(?:[^{}]|\{[^}]*\})+\}", r"{\1}", route.path)  # {user_id:\d+} -> {user_id}
         keys.add((path, route.method.lower(), route.kwargs["name"]))
     return keys
 

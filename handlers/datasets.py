@@ -1,0 +1,157 @@
+"""Streamed datasets: synthetic records (JSON, NDJSON, CSV) and the users export."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+
+from middlewares.streaming import stream_headers
+from server import negotiation, streaming
+from server.errors import ValidationFailed
+from server.keys import CONFIG, DB
+
+log = logging.getLogger("hotpath.streaming")
+
+NDJSON = "application/x-ndjson"
+EXPORT_TYPES = {"json": "application/json", "ndjson": NDJSON, "csv": "text/csv"}
+EXPORT_OFFERS = ("application/json", NDJSON, "text/csv", "application/jsonl")
+
+
+class _Stalled(Exception):
+    """The client stopped reading for longer than streaming.write_timeout."""
+
+
+async def _open(request: web.Request, content_type: str, filename: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+    if request.query.get("download") in ("1", "true", "yes"):
+        resp.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    stream_headers(request, resp)
+    await resp.prepare(request)
+    return resp
+
+
+async def _write(resp: web.StreamResponse, chunk: bytes, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await resp.write(chunk)
+    except TimeoutError:
+        raise _Stalled from None
+
+
+def _gone(request: web.Request, resp: web.StreamResponse, exc: BaseException) -> web.StreamResponse:
+    """End a stream whose client left or stalled: drop the connection, one debug line."""
+    log.debug("stream %s %s ended early: %s", request.method, request.path, type(exc).__name__)
+    if request.transport is not None:
+        request.transport.abort()
+    resp.force_close()
+    return resp
+
+
+async def _send(
+    request: web.Request, content_type: str, filename: str, chunks: Iterable[bytes] | AsyncIterator[bytes]
+) -> web.StreamResponse:
+    timeout = request.app[CONFIG].streaming.write_timeout
+    resp = await _open(request, content_type, filename)
+    try:
+        if isinstance(chunks, AsyncIterator):
+            async for chunk in chunks:
+                await _write(resp, chunk, timeout)
+        else:
+            for chunk in chunks:
+                await _write(resp, chunk, timeout)
+        await resp.write_eof()
+    except (ConnectionError, _Stalled) as exc:
+        return _gone(request, resp, exc)
+    return resp
+
+
+def _count(request: web.Request) -> int:
+    cap = request.app[CONFIG].streaming.max_records
+    count = int(request.match_info["record_count"])
+    if count > cap:
+        raise web.HTTPBadRequest(text=f"record_count may be at most {cap} (streaming.max_records)")
+    return count
+
+
+async def stream_json(request: web.Request) -> web.StreamResponse:
+    count = _count(request)
+    batch = request.app[CONFIG].streaming.batch_records
+    fmt = request.query.get("format", "json")
+    if fmt == "ndjson":
+        return await _send(
+            request, NDJSON, f"records-{count}.ndjson", streaming.synthetic_ndjson(count, batch)
+        )
+    if fmt != "json":
+        raise web.HTTPBadRequest(text=f"format must be json or ndjson, not {fmt!r}")
+    return await _send(
+        request, "application/json", f"records-{count}.json", streaming.synthetic_json(count, batch)
+    )
+
+
+async def stream_csv(request: web.Request) -> web.StreamResponse:
+    count = _count(request)
+    batch = request.app[CONFIG].streaming.batch_records
+    return await _send(
+        request,
+        "text/csv; charset=utf-8; header=present",
+        f"records-{count}.csv",
+        streaming.synthetic_csv(count, batch),
+    )
+
+
+def _export_type(request: web.Request) -> str:
+    fmt = request.query.get("format")
+    if fmt is not None:
+        media = EXPORT_TYPES.get(fmt.lower())
+        if media is None:
+            raise web.HTTPBadRequest(text=f"format must be one of {', '.join(EXPORT_TYPES)}, not {fmt!r}")
+        return media
+    media = negotiation.choose(request.headers.get("Accept"), EXPORT_OFFERS)
+    if media is None:
+        raise web.HTTPNotAcceptable(text=f"the export is available as {', '.join(EXPORT_TYPES.values())}")
+    return NDJSON if media == "application/jsonl" else media
+
+
+def _since(request: web.Request) -> dt.datetime | None:
+    raw = request.query.get("since")
+    if not raw:
+        return None
+    try:
+        since = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationFailed(
+            [{"field": "since", "message": "must be an ISO 8601 date or datetime"}]
+        ) from None
+    return since if since.tzinfo else since.replace(tzinfo=dt.UTC)
+
+
+async def export_users(request: web.Request) -> web.StreamResponse:
+    media = _export_type(request)
+    since = _since(request)
+    cfg = request.app[CONFIG].streaming
+    ext = {"application/json": "json", NDJSON: "ndjson", "text/csv": "csv"}[media]
+    # one snapshot for the whole export: rows inserted meanwhile are not half-included
+    async with (
+        request.app[DB].acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        if media != "text/csv":
+            rows = streaming.export_json_lines(
+                conn, since, cfg.fetch_rows, cfg.chunk_size, array=media == "application/json"
+            )
+            return await _send(request, media, f"users.{ext}", rows)
+        resp = await _open(request, "text/csv; charset=utf-8; header=present", "users.csv")
+
+        async def write(chunk: bytes) -> None:
+            await _write(resp, chunk, cfg.write_timeout)
+
+        try:
+            await streaming.export_csv(conn, since, write)
+            await resp.write_eof()
+        except (ConnectionError, _Stalled) as exc:
+            return _gone(request, resp, exc)
+        return resp
