@@ -144,11 +144,17 @@ def _yaml_enum(dumper: yaml.SafeDumper, value: enum.Enum) -> yaml.Node:
     return dumper.represent_data(value.value)
 
 
+def _yaml_datetime(dumper: yaml.SafeDumper, value: dt.datetime) -> yaml.Node:
+    # ISO 8601 with a "T" (RFC 3339): still a YAML timestamp, and what JSON clients expect
+    return dumper.represent_scalar("tag:yaml.org,2002:timestamp", value.isoformat())
+
+
 _YamlDumper.add_representer(Decimal, _yaml_decimal)
+_YamlDumper.add_representer(dt.datetime, _yaml_datetime)
 _YamlDumper.add_multi_representer(uuid.UUID, _yaml_str)
 _YamlDumper.add_multi_representer(enum.Enum, _yaml_enum)
 _YamlDumper.add_representer(tuple, _YamlDumper.represent_list)
-# datetime and date are YAML timestamps natively (SafeDumper represents both).
+# dates are YAML timestamps natively (SafeDumper represents them as YYYY-MM-DD).
 
 
 def render_yaml(data: Any, shape: Shape, opts: RenderOptions) -> bytes:
