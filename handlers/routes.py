@@ -50,4 +50,7 @@ def setup_routes(app: web.Application) -> None:
     for route in ROUTES:
         handler = compose(route.handler, chain_for(route.kwargs["name"], config))
         web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
-    app.router.add_route("*", "/{tail:.*}", compose(unmatched, chain_for(UNMATCHED, config)), name=UNMATCHED)
+    # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
+    app.router.add_route(
+        "*", r"/{tail:[\s\S]*}", compose(unmatched, chain_for(UNMATCHED, config)), name=UNMATCHED
+    )

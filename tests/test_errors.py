@@ -155,5 +155,12 @@ async def test_request_ids_differ_and_reach_streaming_responses(small: Any) -> N
 
 async def test_whole_app_404_405_are_problems(client: Any) -> None:
     await doc_of(await client.get("/definitely/not/here"), 404)
+    # an encoded newline in the path, sent as is (the test client would re-encode it)
+    for path in ("/users/%F0%AE%9E%8F%5E%C2%8E%0A", "/%0A", "/x%0Ay"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = (await reader.read()).split(b"\r\n\r\n", 1)[0].decode().lower()
+        writer.close()
+        assert head.startswith("http/1.1 404") and "content-type: application/problem+json" in head, head
     await doc_of(await client.delete("/health"), 405)
     assert (await client.get("/health")).headers["X-Request-ID"]
