@@ -62,13 +62,18 @@ async def start_run_py(config: Path, stderr_path: Path) -> Any:
         )  # fmt: skip
 
 
-async def test_embedded_mode_end_to_end(embedded_tmp: Path) -> None:
-    tmp_path = embedded_tmp
+def embedded_setup(tmp_path: Path) -> tuple[Path, Path, int, str]:
+    """(data dir, config file, port, base URL) for a run.py in embedded mode under tmp_path."""
     data_dir = tmp_path / "var"
     port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(f'[server]\nport = {port}\n[embedded]\ndata_dir = "{data_dir}"\n')
-    base = f"http://127.0.0.1:{port}"
+    return data_dir, config, port, f"http://127.0.0.1:{port}"
+
+
+async def test_embedded_mode_end_to_end(embedded_tmp: Path) -> None:
+    tmp_path = embedded_tmp
+    data_dir, config, port, base = embedded_setup(tmp_path)
     log = tmp_path / "run.log"
     async with aiohttp.ClientSession() as session:
         # cold start stopped by SIGTERM, then a warm start on the same data dir stopped by Ctrl-C
@@ -99,11 +104,7 @@ async def test_embedded_mode_end_to_end(embedded_tmp: Path) -> None:
 
 async def test_next_start_works_after_kill_9(embedded_tmp: Path) -> None:
     tmp_path = embedded_tmp
-    data_dir = tmp_path / "var"
-    port = free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(f'[server]\nport = {port}\n[embedded]\ndata_dir = "{data_dir}"\n')
-    base = f"http://127.0.0.1:{port}"
+    data_dir, config, _, base = embedded_setup(tmp_path)
     async with aiohttp.ClientSession() as session:
         proc = await start_run_py(config, tmp_path / "first.log")
         await wait_ready(session, base, proc)
