@@ -55,6 +55,17 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def access_logger() -> logging.Logger:
+    """`hotpath.access`: bare JSON lines on stderr, not mixed into the application log's format."""
+    logger = logging.getLogger("hotpath.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -62,6 +73,7 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
 def serve(config: Config) -> int:
     from aiohttp import web
 
+    from server.accesslog import JsonAccessLogger
     from server.app import create_app
     from server.embedded import EmbeddedError, EmbeddedServices
     from server.errors import StartupError
@@ -103,7 +115,8 @@ def serve(config: Config) -> int:
                 host=srv.host,
                 port=srv.port,
                 shutdown_timeout=srv.shutdown_timeout,
-                access_log=logging.getLogger("hotpath.access") if srv.access_log else None,
+                access_log=access_logger() if srv.access_log else None,
+                access_log_class=JsonAccessLogger,
                 print=lambda *_: log.info("%s", listening),
                 loop=loop,
             )

@@ -106,6 +106,12 @@ SCENARIOS = [
         "hotpath GET /health (whole stack, trivial route)", "hotpath", "/health", target=">= 0.85x (issue 12)"
     ),
     Scenario(
+        "hotpath GET /health, JSON access log on",
+        "hotpath-accesslog",
+        "/health",
+        target="cost of the access log",
+    ),
+    Scenario(
         "hotpath GET /products JSON (in-memory catalogue)",
         "hotpath",
         "/products",
@@ -207,17 +213,26 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 9
 
 @contextmanager
 def server(cmd: list[str], ready_url: str, env: dict[str, str], cpu: str = SERVER_CPU) -> Iterator[None]:
-    proc = subprocess.Popen([*taskset(cpu), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    try:
-        asyncio.run(_wait_http(ready_url, proc))
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    # stderr to a file: servers with the access log on write a line per request there
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [*taskset(cpu), *cmd], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+        )
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            try:
+                asyncio.run(_wait_http(ready_url, proc))
+            except RuntimeError:
+                log.seek(0)
+                sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                raise
+            yield
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 async def seed_users(base: str, count: int) -> None:
@@ -337,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = {
             "floor": (floor_cmd, floor_port, "/json", env),
             "hotpath": (hot_cmd, hot_port, "/ready", env),
+            "hotpath-accesslog": (hot_cmd, hot_port, "/ready", {**env, "HOTPATH_SERVER_ACCESS_LOG": "true"}),
             "hotpath-ratelimit": (hot_cmd, hot_port, "/ready", {**env, **RATELIMIT_ENV}),
             "hotpath-nobatch": (
                 hot_cmd,

@@ -1,0 +1,33 @@
+"""The JSON access log: one parseable line per request with what an operator needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from server.accesslog import JsonAccessLogger
+from server.app import create_app
+
+
+async def test_one_json_line_per_request(
+    aiohttp_client: Any, cfg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("hotpath.access")
+    caplog.set_level(logging.INFO, logger="hotpath.access")  # before the server checks `enabled`
+    server = TestServer(create_app(cfg))
+    await server.start_server(access_log=logger, access_log_class=JsonAccessLogger)
+    client = await aiohttp_client(server)
+    await client.get("/health", headers={"X-Request-ID": "trace-9"})
+    await client.get("/users/12345")
+    await client.get("/no/such/path")
+    await client.close()  # the last line is written once its response is done
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hotpath.access"]
+    assert [(x["route"], x["status"]) for x in lines] == [("health", 200), ("user", 404), ("unmatched", 404)]
+    first = lines[0]
+    assert first["rid"] == "trace-9" and first["method"] == "GET" and first["path"] == "/health"
+    assert first["bytes"] > 0 and first["ms"] >= 0 and first["remote"] == "127.0.0.1"
+    assert all(x["rid"] for x in lines)
