@@ -57,8 +57,10 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 def access_logger() -> logging.Logger:
     """`hotpath.access`: bare JSON lines on stderr, not mixed into the application log's format."""
+    from server.accesslog import BufferedLineHandler
+
     logger = logging.getLogger("hotpath.access")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedLineHandler(sys.stderr.fileno())
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.propagate = False

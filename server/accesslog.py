@@ -7,7 +7,9 @@ for: time, request id, route name, method, path, status, bytes sent, duration, c
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
 import time
 
 import orjson
@@ -19,7 +21,20 @@ from server.keys import REQUEST_ID
 
 
 class JsonAccessLogger(AbstractAccessLogger):
-    """aiohttp access logger writing JSON lines to the `hotpath.access` logger."""
+    """aiohttp access logger writing JSON lines to the `hotpath.access` logger.
+
+    When that logger's handler is a BufferedLineHandler (run.py sets it up so), lines go
+    straight into its buffer: building a LogRecord costs more than the line itself (the
+    logging module walks the stack to find the caller, reads the clock, the pid and the
+    thread name), about 13 µs a request here. Other handlers (tests' log capture, say)
+    get ordinary records.
+    """
+
+    __slots__ = ("_sink",)
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._sink = next((h for h in logger.handlers if isinstance(h, BufferedLineHandler)), None)
 
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
         match_info = getattr(request, "match_info", None)  # a web.Request has one, a bare BaseRequest not
@@ -32,13 +47,57 @@ class JsonAccessLogger(AbstractAccessLogger):
                 "method": request.method,
                 "path": request.path,
                 "status": response.status,
-                "bytes": response.body_length,
+                "bytes": response.content_length
+                if response.content_length is not None
+                else response.body_length,
                 "ms": round(time_taken * 1000, 3),
                 "remote": request.remote,
             }
         )
-        self.logger.info(line.decode())
+        sink = self._sink
+        if sink is not None:
+            sink.write_line(line)
+        else:
+            self.logger.info(line.decode())
 
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+class BufferedLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that does not flush per line.
+
+    logging.StreamHandler flushes after every record: one write() system call per request,
+    which measured about half of a trivial route's throughput here. This one writes through
+    a 64 KiB buffer that a daemon thread flushes every `interval` seconds (and close() at
+    exit), so a line reaches the file at most that much later.
+    """
+
+    def __init__(self, fd: int = 2, interval: float = 0.5) -> None:
+        self._raw = io.BufferedWriter(io.FileIO(fd, "w", closefd=False), 64 * 1024)
+        super().__init__(io.TextIOWrapper(self._raw, write_through=True))
+        self._interval = interval
+        self._stop = threading.Event()
+        threading.Thread(target=self._flusher, name="hotpath-access-log", daemon=True).start()
+
+    def flush(self) -> None:  # called by emit() for every record: the periodic flush does it
+        pass
+
+    def write_line(self, line: bytes) -> None:
+        """Append one already formatted line, without a LogRecord."""
+        with self.lock:  # type: ignore[union-attr]
+            self._raw.write(line + b"\n")
+
+    def flush_now(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.flush()
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush_now()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush_now()
+        super().close()

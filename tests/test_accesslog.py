@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.accesslog import JsonAccessLogger
+from server.accesslog import BufferedLineHandler, JsonAccessLogger
 from server.app import create_app
 
 
@@ -31,3 +33,20 @@ async def test_one_json_line_per_request(
     assert first["rid"] == "trace-9" and first["method"] == "GET" and first["path"] == "/health"
     assert first["bytes"] > 0 and first["ms"] >= 0 and first["remote"] == "127.0.0.1"
     assert all(x["rid"] for x in lines)
+
+
+def test_buffered_handler_writes_every_line_by_close(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        handler = BufferedLineHandler(fd, interval=60)  # no periodic flush during the test
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        for i in range(1000):
+            handler.write_line(b'{"n":%d}' % i)
+        handler.emit(logging.makeLogRecord({"msg": "a record", "levelno": logging.INFO}))
+        handler.close()
+    finally:
+        os.close(fd)
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["n"] for x in lines[:1000]] == list(range(1000))
+    assert lines[1000] == "a record"
