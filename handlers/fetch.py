@@ -68,7 +68,7 @@ async def process_urls(request: web.Request) -> web.StreamResponse:
     await resp.write(b'{"results":[')
     for i, result in enumerate(results):
         await resp.write((b"," if i else b"") + orjson.dumps(result))
-        results[i] = result = {}  # free each body as soon as it is sent, not all at the end
+        results[i] = {}  # free each body as soon as it is sent, not all at the end
         # write() yields only when the socket pushes back; a fast reader never does, and the
         # loop would copy all 100 MiB in one step. Let other requests in after each result.
         await asyncio.sleep(0)

@@ -26,6 +26,9 @@ class RequestIds:
     __slots__ = ("_counter", "_prefix")
 
     def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
         self._prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
 
@@ -33,13 +36,11 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):012x}"
 
 
-# One generator per process: after a fork (workers) each child makes a new one at import.
+# One generator per process; a forked worker gets a prefix of its own, or two workers
+# would hand out the same ids.
 _new_id = RequestIds()
+os.register_at_fork(after_in_child=_new_id.reseed)
 _sane = _SANE.fullmatch
-
-
-def new_request_id() -> str:
-    return _new_id()
 
 
 @web.middleware

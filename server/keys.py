@@ -31,5 +31,4 @@ FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
-REQUEST_START = web.RequestKey("hotpath.request_start", float)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

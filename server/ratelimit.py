@@ -96,7 +96,6 @@ class Decision:
     remaining: int
     reset_after: float  # seconds until that window frees a slot (0 when it is empty)
     retry_after: float  # seconds until a refused request could succeed (0 when allowed)
-    source: str  # "redis", "local" or "open"
 
     def headers(self) -> dict[str, str]:
         """IETF RateLimit-Policy / RateLimit headers, plus Retry-After and the legacy
@@ -375,7 +374,6 @@ class RedisWindows:
                         remaining,
                         reset_us / 1e6 if reset_us > 0 else 0.0,
                         retry_us / 1e6 if retry_us > 0 else 0.0,
-                        "redis",
                     )
                 )
 
@@ -418,7 +416,7 @@ class LocalWindows:
                 entries.append(now)
         w, limit, entries = min(logs, key=lambda item: item[1] - len(item[2]))
         reset = entries[0] + w.seconds - now if entries else 0.0
-        return Decision(allowed, policy, w, max(0, limit - len(entries)), max(0.0, reset), retry, "local")
+        return Decision(allowed, policy, w, max(0, limit - len(entries)), max(0.0, reset), retry)
 
     def _sweep(self, now: float) -> None:
         for key in [k for k, v in self._logs.items() if not v or v[-1] <= now - k[1]]:
@@ -490,7 +488,7 @@ class RateLimiter:
         if self.fail_mode == "open":
             self.stats["fail_open"] += 1
             tight = policy.windows[0]
-            return Decision(True, policy, tight, tight.limit, 0.0, 0.0, "open")
+            return Decision(True, policy, tight, tight.limit, 0.0, 0.0)
         self.stats["local"] += 1
         return self.local.check(identity, policy)
 

@@ -230,6 +230,16 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def wait_for_products(client: Any, check: Any, accept: str = "application/json") -> None:
+    """Poll the catalogue (decoded from `accept`) until `check(items)` holds."""
+
+    async def holds() -> bool:
+        resp = await client.get("/products?limit=200", headers={"Accept": accept})
+        return bool(check(DECODERS[accept](await resp.read())["items"]))
+
+    await wait_for(holds)
+
+
 async def test_products_refresh_on_change_through_notify(client: Any, cfg: Any) -> None:
     conn = await asyncpg.connect(cfg.database.url)
     new_id = None
@@ -237,31 +247,20 @@ async def test_products_refresh_on_change_through_notify(client: Any, cfg: Any) 
         new_id = await conn.fetchval(
             "INSERT INTO products (name, price, category) VALUES ('Test gadget', 9.99, 'test') RETURNING id"
         )
-
-        async def has_gadget() -> bool:
-            items = (await (await client.get("/products?limit=200")).json())["items"]
-            return any(p["id"] == new_id and p["price"] == 9.99 for p in items)
-
-        await wait_for(has_gadget)
+        await wait_for_products(
+            client, lambda items: any(p["id"] == new_id and p["price"] == 9.99 for p in items)
+        )
         await conn.execute("UPDATE products SET price = 19.99 WHERE id = $1", new_id)
-
-        async def repriced() -> bool:
-            items = await (
-                await client.get("/products?limit=200", headers={"Accept": "application/yaml"})
-            ).read()
-            return any(p["id"] == new_id and p["price"] == 19.99 for p in yaml.safe_load(items)["items"])
-
-        await wait_for(repriced)
+        await wait_for_products(
+            client,
+            lambda items: any(p["id"] == new_id and p["price"] == 19.99 for p in items),
+            "application/yaml",
+        )
     finally:
         if new_id is not None:
             await conn.execute("DELETE FROM products WHERE id = $1", new_id)
         await conn.close()
-
-    async def gone() -> bool:
-        items = (await (await client.get("/products?limit=200")).json())["items"]
-        return all(p["id"] != new_id for p in items)
-
-    await wait_for(gone)
+    await wait_for_products(client, lambda items: all(p["id"] != new_id for p in items))
 
 
 async def test_catalogue_recovers_after_losing_its_listen_connection(client: Any, cfg: Any) -> None:
@@ -276,12 +275,7 @@ async def test_catalogue_recovers_after_losing_its_listen_connection(client: Any
         new_id = await conn.fetchval(
             "INSERT INTO products (name, price, category) VALUES ('Reconnected', 1.00, 'test') RETURNING id"
         )
-
-        async def seen() -> bool:
-            items = (await (await client.get("/products?limit=200")).json())["items"]
-            return any(p["id"] == new_id for p in items)
-
-        await wait_for(seen)
+        await wait_for_products(client, lambda items: any(p["id"] == new_id for p in items))
     finally:
         if new_id is not None:
             await conn.execute("DELETE FROM products WHERE id = $1", new_id)
