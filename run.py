@@ -1,7 +1,10 @@
 """hotpath command line: serve (default) or migrate.
 
-python run.py [serve] [--host H] [--port P] [--config PATH]
+python run.py [serve] [--host H] [--port P] [--workers N|auto] [--config PATH]
 python run.py migrate [--config PATH]
+
+With more than one worker this process supervises N `run.py serve --listen-fd` children
+that share its listening socket (server/supervisor.py).
 """
 
 from __future__ import annotations
@@ -10,10 +13,15 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,6 +39,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="path to a config.toml (default: the project's)")
     parser.add_argument("--host", default=None, help="listen address (overrides server.host)")
     parser.add_argument("--port", default=None, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--workers", default=None, help="worker processes: a number, or auto = one per core (server.workers)"
+    )
+    # Set by the supervisor for its workers: the inherited listening socket, and a pipe to
+    # write one byte into once this worker listens.
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -43,6 +58,13 @@ def build_config(args: argparse.Namespace) -> Config:
             server["port"] = int(args.port)
         except ValueError:
             raise ConfigError("--port", f"expected an integer, got {args.port!r}") from None
+    if args.workers is not None:
+        if args.workers == "auto":
+            server["workers"] = 0
+        elif args.workers.isdigit() and int(args.workers) > 0:
+            server["workers"] = int(args.workers)
+        else:
+            raise ConfigError("--workers", f"expected a positive integer or auto, got {args.workers!r}")
     return load_config(args.config, overrides={"server": server} if server else None)
 
 
@@ -72,13 +94,126 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def serve(config: Config) -> int:
+def with_embedded(config: Config, embedded: Any) -> Config | None:
+    """Start embedded PostgreSQL and Redis; the config pointing at them, or None on failure."""
+    from server.embedded import EmbeddedError
+
+    started = time.perf_counter()
+    try:
+        db_url, redis_url = embedded.start()
+    except EmbeddedError as exc:
+        log.error("%s", exc)
+        return None
+    log.info(
+        "embedded PostgreSQL and Redis ready in %.2f s (data in %s)",
+        time.perf_counter() - started,
+        config.embedded_data_dir,
+    )
+    return dataclasses.replace(
+        config,
+        database=dataclasses.replace(config.database, url=db_url),
+        redis=dataclasses.replace(config.redis, url=redis_url),
+    )
+
+
+def run_server(
+    config: Config, listening: str, sock: socket.socket | None = None, ready_fd: int | None = None
+) -> int:
+    """One server process: on config's host and port, or on an inherited socket."""
     from aiohttp import web
 
     from server.accesslog import JsonAccessLogger
     from server.app import create_app
-    from server.embedded import EmbeddedError, EmbeddedServices
     from server.errors import StartupError
+
+    def started(*_: Any) -> None:
+        log.info("%s", listening)
+        if ready_fd is not None:  # tell the supervisor we accept connections now
+            os.write(ready_fd, b"R")
+            os.close(ready_fd)
+
+    srv = config.server
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        web.run_app(
+            create_app(config),
+            host=srv.host if sock is None else None,
+            port=srv.port if sock is None else None,
+            sock=sock,
+            backlog=srv.backlog,
+            keepalive_timeout=srv.keepalive_timeout,
+            shutdown_timeout=srv.shutdown_timeout,
+            access_log=access_logger() if srv.access_log else None,
+            access_log_class=JsonAccessLogger,
+            print=started,
+            loop=loop,
+        )
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP
+    except ConfigError as exc:  # found while assembling (e.g. a policy naming no route)
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
+        return EXIT_STARTUP
+    return 0
+
+
+def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
+    """Bind once, then keep `count` worker processes serving on that socket."""
+    from server.supervisor import Supervisor, listening_socket
+
+    srv = config.server
+    try:
+        sock = listening_socket(srv.host, srv.port, srv.backlog)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
+        return EXIT_STARTUP
+    env = dict(os.environ)
+    # Workers use the servers this process resolved (embedded ones included), and the
+    # in-process rate-limit fallback splits each limit between them unless told otherwise.
+    env["DATABASE_URL"], env["REDIS_URL"] = config.database.url, config.redis.url
+    env.setdefault("HOTPATH_RATELIMIT_PROCESSES", str(count))
+    # Workers share metric snapshots through a directory: the configured one (emptied of
+    # an earlier run's snapshots), or a private temporary one removed at exit.
+    metrics_dir = Path(config.metrics.shared_dir) if config.metrics.shared_dir else None
+    temporary = metrics_dir is None
+    if metrics_dir is None:
+        metrics_dir = Path(tempfile.mkdtemp(prefix="hotpath-metrics-"))
+    else:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for old in metrics_dir.glob("worker-*.json"):
+            old.unlink(missing_ok=True)
+    env["HOTPATH_METRICS_SHARED_DIR"] = str(metrics_dir)
+    argv = [sys.executable, str(Path(__file__).resolve()), "serve", "--workers", "1"]
+    if args.config is not None:
+        argv += ["--config", str(Path(args.config).resolve())]
+    supervisor = Supervisor(
+        argv, count, sock, env=env, shutdown_timeout=srv.shutdown_timeout, start_timeout=srv.start_timeout
+    )
+    log.info(
+        "hotpath supervisor (pid %d) on http://%s:%s, %d workers", os.getpid(), srv.host, srv.port, count
+    )
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        sock.close()
+        if temporary:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve(config: Config, args: argparse.Namespace) -> int:
+    from server.embedded import EmbeddedServices
+    from server.supervisor import resolve_workers
+
+    if args.listen_fd is not None:  # a worker of a supervisor: URLs come resolved, socket inherited
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP means "roll" to the supervisor, not to us
+        sock = socket.socket(fileno=args.listen_fd)
+        host, port = sock.getsockname()[:2]
+        name = f"hotpath worker (pid {os.getpid()}) listening on http://{host}:{port}"
+        return run_server(config, name, sock=sock, ready_fd=args.ready_fd)
 
     # Until run_app installs its own handlers, SIGTERM unwinds through `finally` like
     # Ctrl-C does, so embedded servers that were started are stopped.
@@ -86,52 +221,21 @@ def serve(config: Config) -> int:
     embedded: EmbeddedServices | None = None
     try:
         if config.embedded_mode:
-            started = time.perf_counter()
             embedded = EmbeddedServices(config.embedded_data_dir)
-            try:
-                db_url, redis_url = embedded.start()
-            except EmbeddedError as exc:
-                log.error("%s", exc)
+            resolved = with_embedded(config, embedded)
+            if resolved is None:
                 return EXIT_STARTUP
-            config = dataclasses.replace(
-                config,
-                database=dataclasses.replace(config.database, url=db_url),
-                redis=dataclasses.replace(config.redis, url=redis_url),
-            )
-            log.info(
-                "embedded PostgreSQL and Redis ready in %.2f s (data in %s)",
-                time.perf_counter() - started,
-                config.embedded_data_dir,
-            )
+            config = resolved
+        count = resolve_workers(config.server.workers)
+        if count > 1:
+            return supervise(config, args, count)
         srv = config.server
         listening = (
             f"hotpath listening on http://{srv.host}:{srv.port} "
             f"(database {mask_url(config.database.url)}, redis {mask_url(config.redis.url)}"
             f"{', embedded' if embedded else ''})"
         )
-        loop = new_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            web.run_app(
-                create_app(config),
-                host=srv.host,
-                port=srv.port,
-                shutdown_timeout=srv.shutdown_timeout,
-                access_log=access_logger() if srv.access_log else None,
-                access_log_class=JsonAccessLogger,
-                print=lambda *_: log.info("%s", listening),
-                loop=loop,
-            )
-        except StartupError as exc:
-            log.error("%s", exc)
-            return EXIT_STARTUP
-        except ConfigError as exc:  # found while assembling (e.g. a policy naming no route)
-            log.error("configuration error: %s", exc)
-            return EXIT_CONFIG
-        except OSError as exc:
-            log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
-            return EXIT_STARTUP
-        return 0
+        return run_server(config, listening)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -194,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return migrate(config)
-        return serve(config)
+        return serve(config, args)
     except KeyboardInterrupt:
         return 130
 

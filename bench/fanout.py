@@ -107,7 +107,16 @@ def main() -> int:
         env, config = hotpath_env(Path(tmp))
         env["HOTPATH_FETCH_ALLOW"] = '["127.0.0.1/32"]'
         up_cmd = [sys.executable, "bench/upstream.py", "--port", str(up_port)]
-        hot_cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(hot_port)]
+        hot_cmd = [
+            sys.executable,
+            "run.py",
+            "--config",
+            str(config),
+            "--port",
+            str(hot_port),
+            "--workers",
+            "1",
+        ]
         with (
             server(up_cmd, f"http://127.0.0.1:{up_port}/delay?ms=0", dict(os.environ), cpu=LOAD_CPU),
             server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env),

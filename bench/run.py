@@ -345,7 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
         env, config = hotpath_env(Path(tmp))
         floor_cmd = [sys.executable, "bench/floor.py", "--port", str(floor_port)]
-        hot_cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(hot_port)]
+        hot_cmd = [
+            sys.executable,
+            "run.py",
+            "--config",
+            str(config),
+            "--port",
+            str(hot_port),
+            "--workers",
+            "1",
+        ]
         # seed once, in a hotpath of its own, so measured rounds only read
         with server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env):
             asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS))

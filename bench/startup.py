@@ -34,7 +34,7 @@ def time_to_ready(config: Path, port: int, timeout: float = 120.0) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "run.py", "--config", str(config)],
+        [sys.executable, "run.py", "--config", str(config), "--workers", "1"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -101,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hotpath-stream-") as tmp:
         env, config = hotpath_env(Path(tmp))
         env["HOTPATH_STREAMING_MAX_RECORDS"] = str(max(n, 1_000_000))
-        cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(port)]
+        cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(port), "--workers", "1"]
         with server(cmd, f"http://127.0.0.1:{port}/ready", env):
             pid = server_pid(port)
             base = f"http://127.0.0.1:{port}"

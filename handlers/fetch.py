@@ -13,7 +13,7 @@ from handlers.common import JSON_TYPE, read_body
 from middlewares.streaming import stream_headers
 from server.errors import ValidationFailed
 from server.fanout import FetchLimits, fetch_all
-from server.keys import CONFIG, FETCH_GUARD, HTTP_CLIENT
+from server.keys import CONFIG, FETCH_GUARD, HTTP_CLIENT, METRICS
 
 # Above this many bytes of fetched data the answer is streamed one result at a time: encoding
 # 100 MiB in one orjson call would hold the event loop (and the GIL) for ~50 ms.
@@ -59,6 +59,10 @@ async def process_urls(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     results = await fetch_all(request.app[HTTP_CLIENT], request.app[FETCH_GUARD], urls, limits)
     elapsed = round(time.perf_counter() - started, 4)
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        for result in results:
+            metrics.inc("hotpath_fetch_results", result.get("error") or "ok")
     if sum(r.get("bytes", 0) for r in results) <= _STREAM_ABOVE:
         doc = {"results": results, "processing_time": elapsed, "total_urls": len(urls)}
         return web.Response(body=orjson.dumps(doc), content_type=JSON_TYPE)

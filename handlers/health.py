@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 
 from handlers.common import json_response
@@ -22,4 +24,4 @@ async def ready(request: web.Request) -> web.Response:
     down = [name for name, result in checks.items() if not result["ok"]]
     if down:
         raise Unavailable(f"not ready: {', '.join(down)} down", extra={"checks": checks})
-    return json_response({"status": "ready", "checks": checks})
+    return json_response({"status": "ready", "pid": os.getpid(), "checks": checks})

@@ -12,6 +12,8 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
     web.get("/ready", health.ready, name="ready", allow_head=True),
     web.get("/openapi.json", meta.openapi, name="openapi"),
+    web.get("/docs", meta.docs, name="docs"),
+    web.get("/metrics", meta.metrics, name="metrics"),
     web.post("/users", users.create_user, name="users_create"),
     web.get("/users", users.list_users, name="users"),
     web.get("/users/export", datasets.export_users, name="users_export"),

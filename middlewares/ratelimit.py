@@ -7,7 +7,7 @@ from aiohttp.typedefs import Handler
 
 from server.config import Config
 from server.errors import DomainError, RateLimited, Unavailable
-from server.keys import RATE_LIMIT, RATE_LIMITER
+from server.keys import METRICS, RATE_LIMIT, RATE_LIMITER
 
 
 def applies(route_name: str, config: Config) -> bool:
@@ -29,6 +29,13 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     if decision is None:
         raise Unavailable("rate limiting is unavailable (fail_mode = closed), retry shortly")
     headers = decision.headers()
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.inc(
+            "hotpath_ratelimit_decisions",
+            request.match_info.route.name or "",
+            "allowed" if decision.allowed else "limited",
+        )
     if not decision.allowed:
         raise RateLimited(decision.window.label, decision.retry_after, decision.info(), headers)
     request[RATE_LIMIT] = decision

@@ -1,15 +1,18 @@
-"""Request id: taken from a sane X-Request-ID header or generated; echoed on every response."""
+"""Request id and request metrics: the id taken from a sane X-Request-ID header or generated,
+echoed on every response; each request counted by route, method and status, and timed."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
+from time import perf_counter
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from server.keys import REQUEST_ID
+from server.keys import METRICS, REQUEST_ID
 
 HEADER = "X-Request-ID"
 # Printable token characters only, bounded: the id ends up in logs and in other services' headers.
@@ -48,6 +51,28 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     incoming = request.headers.get(HEADER)
     rid = incoming if incoming is not None and _sane(incoming) else _new_id()
     request[REQUEST_ID] = rid
+    metrics = request.app.get(METRICS)
+    if metrics is None:
+        return await _answer(request, handler, rid)
+    started = perf_counter()
+    metrics.in_flight += 1
+    status = 500
+    try:
+        response = await _answer(request, handler, rid)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away before the answer was complete
+        raise
+    finally:
+        metrics.in_flight -= 1
+        metrics.observe(request.match_info.route.name or "", request.method, status, perf_counter() - started)
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
     try:
         response = await handler(request)
     except web.HTTPException as exc:  # only redirects get here: errors become responses below us

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
 from server.config import Config
-from server.keys import CONFIG, NEGOTIATOR
+from server.keys import CONFIG, METRICS, NEGOTIATOR
+from server.metrics import Metrics
 from server.negotiation import Negotiator
 from server.render import OFFERS
 from server.resources import (
     catalogue_ctx,
     http_client_ctx,
+    metrics_ctx,
     pg_pool_ctx,
     ratelimit_ctx,
     redis_ctx,
@@ -28,6 +32,8 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.client_max_size)
     app[CONFIG] = config
     app[NEGOTIATOR] = Negotiator(OFFERS)
+    mcfg = config.metrics
+    app[METRICS] = Metrics(Path(mcfg.shared_dir) if mcfg.shared_dir else None) if mcfg.enabled else None
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
     app.cleanup_ctx.append(pg_pool_ctx)
     app.cleanup_ctx.append(user_batcher_ctx)
@@ -35,5 +41,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(metrics_ctx)
     setup_routes(app)
     return app

@@ -40,6 +40,10 @@ class ServerConfig:
     access_log: bool = False
     client_max_size: int = field(default=1024 * 1024, metadata=_range(1024))
     shutdown_timeout: float = field(default=10.0, metadata=_range(0))
+    workers: int = field(default=0, metadata=_range(0, 1024))
+    backlog: int = field(default=1024, metadata=_range(1, 65535))
+    keepalive_timeout: float = field(default=75.0, metadata=_range(0))
+    start_timeout: float = field(default=60.0, metadata=_range(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,14 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    token: str = ""
+    flush_interval: float = field(default=1.0, metadata=_range(0.05))
+    shared_dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -150,6 +162,7 @@ class Config:
     fetch: FetchConfig = FetchConfig()
     streaming: StreamingConfig = StreamingConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def embedded_mode(self) -> bool:

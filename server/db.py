@@ -24,24 +24,37 @@ class Database:
       most `acquire_timeout` (TimeoutError, answered with 503 + Retry-After).
     """
 
-    __slots__ = ("_gate", "acquire_timeout", "pool")
+    __slots__ = ("_gate", "acquire_timeout", "pool", "timeouts", "waiting")
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, max_size: int) -> None:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
         self._gate = asyncio.Semaphore(max_size)
+        self.waiting = 0  # checkouts queued at the gate now (a metric)
+        self.timeouts = 0  # checkouts that gave up after acquire_timeout (a metric)
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
         """`async with db.acquire() as conn:` for several statements or a transaction."""
         gate = self._gate
-        async with asyncio.timeout(self.acquire_timeout):
-            await gate.acquire()
-            try:
-                conn = await self.pool.acquire()
-            except BaseException:
-                gate.release()
-                raise
+        try:
+            async with asyncio.timeout(self.acquire_timeout):
+                if gate.locked():
+                    self.waiting += 1
+                    try:
+                        await gate.acquire()
+                    finally:
+                        self.waiting -= 1
+                else:
+                    await gate.acquire()
+                try:
+                    conn = await self.pool.acquire()
+                except BaseException:
+                    gate.release()
+                    raise
+        except TimeoutError:
+            self.timeouts += 1
+            raise
         try:
             yield conn
         finally:

@@ -12,6 +12,7 @@ from server.batching import KeyBatcher
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
+from server.metrics import Metrics
 from server.negotiation import Negotiator
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
@@ -29,6 +30,9 @@ NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+
+# None when metrics.enabled is off: the request middleware then counts nothing.
+METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

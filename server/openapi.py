@@ -373,6 +373,35 @@ def build_spec() -> dict[str, Any]:
                     "responses": {"200": _json("OpenAPI 3.1 document", {"type": "object"})},
                 }
             },
+            "/docs": {
+                "get": {
+                    "operationId": "docs",
+                    "summary": "This document as a self-contained HTML page",
+                    "responses": {
+                        "200": {
+                            "description": "HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics of every worker (text exposition format 0.0.4)",
+                    "description": "With metrics.token set, needs `Authorization: Bearer <token>`; without, "
+                    "only direct loopback clients (no proxy headers) may read it.",
+                    "responses": {
+                        "200": {
+                            "description": "metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _problem("metrics.token is set and the request does not carry it"),
+                        "403": _problem("no token configured and the client is not a direct loopback peer"),
+                        "404": _problem("metrics.enabled is false"),
+                    },
+                }
+            },
         },
         "components": {
             "schemas": {
@@ -406,7 +435,11 @@ def build_spec() -> dict[str, Any]:
                 "Ready": {
                     "type": "object",
                     "required": ["status", "checks"],
-                    "properties": {"status": {"const": "ready"}, "checks": {"type": "object"}},
+                    "properties": {
+                        "status": {"const": "ready"},
+                        "pid": {"type": "integer", "description": "the answering worker process"},
+                        "checks": {"type": "object"},
+                    },
                 },
                 "UserCreate": {
                     "type": "object",

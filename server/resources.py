@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,18 @@ from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
 from server.fanout import Guard, GuardedResolver
-from server.keys import CATALOGUE, CONFIG, DB, FETCH_GUARD, HTTP_CLIENT, RATE_LIMITER, REDIS, USER_BATCHER
+from server.keys import (
+    CATALOGUE,
+    CONFIG,
+    DB,
+    FETCH_GUARD,
+    HTTP_CLIENT,
+    METRICS,
+    RATE_LIMITER,
+    REDIS,
+    USER_BATCHER,
+)
+from server.metrics import Family
 from server.migrations import apply_migrations
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
@@ -218,3 +230,57 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP_CLIENT] = session
     yield
     await session.close()
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Feature gauges for /metrics, and the periodic snapshot other workers' /metrics read."""
+    metrics = app[METRICS]
+    if metrics is None:
+        yield
+        return
+    metrics.sources.append(partial(_pool_families, app[DB]))
+    metrics.sources.append(partial(_ratelimit_families, app[RATE_LIMITER]))
+    interval = app[CONFIG].metrics.flush_interval
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                metrics.write_snapshot()
+            except OSError as exc:  # a full or vanished directory must not stop serving
+                log.warning("metrics snapshot not written: %s", exc)
+
+    flusher = asyncio.create_task(flush_forever(), name="hotpath-metrics-flush")
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    with contextlib.suppress(OSError):
+        metrics.write_snapshot()  # the final totals stay in the sum after this worker exits
+
+
+def _pool_families(db: Database) -> list[Family]:
+    pool = db.pool
+    return [
+        Family(
+            "hotpath_db_pool_connections",
+            "gauge",
+            "PostgreSQL pool connections, by state",
+            ("state",),
+            {("open",): pool.get_size(), ("idle",): pool.get_idle_size(), ("max",): pool.get_max_size()},
+        ),
+        Family("hotpath_db_pool_waiting", "gauge", "Requests waiting for a connection", (), {(): db.waiting}),
+        Family("hotpath_db_pool_timeouts", "counter", "Checkouts that gave up (503)", (), {(): db.timeouts}),
+    ]
+
+
+def _ratelimit_families(limiter: RateLimiter) -> list[Family]:
+    return [
+        Family(
+            "hotpath_ratelimit_degraded",
+            "counter",
+            "Rate-limit checks answered without Redis, by what happened",
+            ("mode",),
+            {(name,): float(n) for name, n in limiter.stats.items()},
+        )
+    ]

@@ -249,6 +249,8 @@ async def test_two_processes_share_one_exact_limit(cfg: Any, tmp_path: Path) -> 
                 await asyncio.create_subprocess_exec(
                     PYTHON,
                     "run.py",
+                    "--workers",
+                    "1",
                     "--port",
                     str(port),
                     cwd=ROOT,

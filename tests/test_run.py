@@ -67,7 +67,8 @@ def embedded_setup(tmp_path: Path) -> tuple[Path, Path, int, str]:
     data_dir = tmp_path / "var"
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(f'[server]\nport = {port}\n[embedded]\ndata_dir = "{data_dir}"\n')
+    # Two workers: the embedded servers are started once, by the supervisor, for both.
+    config.write_text(f'[server]\nport = {port}\nworkers = 2\n[embedded]\ndata_dir = "{data_dir}"\n')
     return data_dir, config, port, f"http://127.0.0.1:{port}"
 
 
@@ -97,7 +98,9 @@ async def test_embedded_mode_end_to_end(embedded_tmp: Path) -> None:
             text = log.read_text()
             assert rc == 0, text
             assert "Traceback" not in text
-            assert text.count(f"listening on http://127.0.0.1:{port}") == round_ + 1
+            assert text.count(f"hotpath supervisor (pid {proc.pid}) on http://127.0.0.1:{port}") == 1
+            assert text.count(f"listening on http://127.0.0.1:{port}") == 2 * (round_ + 1)
+            assert text.count("embedded PostgreSQL and Redis ready") == round_ + 1
             assert text.count("embedded PostgreSQL and Redis stopped") == round_ + 1
             assert processes_mentioning(str(data_dir)) == []
 

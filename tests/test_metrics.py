@@ -1,0 +1,87 @@
+"""GET /metrics: Prometheus text that parses, counts what happened, and is not for everyone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.config import Config
+from tests.conftest import replace
+
+
+def samples(text: str) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append(sample)
+    return out
+
+
+def value(found: dict[str, list[Any]], name: str, **labels: str) -> float:
+    return sum(s.value for s in found.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_requests_latency_and_gauges_are_counted(client: Any) -> None:
+    for _ in range(7):
+        assert (await client.get("/health")).status == 200
+    assert (await client.get("/users/424242")).status == 404
+    assert (await client.get("/no/such/thing")).status == 404
+    assert (await client.request("PROPFIND", "/health")).status == 405
+    for _ in range(3):
+        await client.get("/protected-endpoint")
+
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    found = samples(await resp.text())
+
+    assert value(found, "hotpath_http_requests_total", route="health", method="GET", status="200") == 7
+    assert value(found, "hotpath_http_requests_total", route="user", status="404") == 1
+    assert value(found, "hotpath_http_requests_total", route="unmatched", status="404") == 1
+    # methods outside the usual few share one label, so a client cannot invent label values
+    assert value(found, "hotpath_http_requests_total", route="unmatched", method="OTHER", status="405") == 1
+    assert value(found, "hotpath_http_request_duration_seconds_count", route="health") == 7
+    assert value(found, "hotpath_http_request_duration_seconds_bucket", route="health", le="+Inf") == 7
+    assert value(found, "hotpath_http_request_duration_seconds_sum", route="health") > 0
+    assert value(found, "hotpath_ratelimit_decisions_total", route="protected", decision="allowed") == 3
+    # the scrape itself is in flight while it renders
+    assert value(found, "hotpath_http_requests_in_flight") == 1
+    assert value(found, "hotpath_db_pool_connections", state="max") == 10
+    assert value(found, "hotpath_db_pool_connections", state="open") >= 1
+    assert "hotpath_db_pool_waiting" in found
+
+
+async def test_token_protects_metrics(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(replace(cfg, metrics={"token": "s3cret"})))
+    resp = await client.get("/metrics")
+    assert resp.status == 401
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status == 401
+    assert (await client.get("/metrics", headers={"Authorization": "Bearer s3cret"})).status == 200
+
+
+async def test_without_token_only_direct_loopback_clients(client: Any) -> None:
+    resp = await client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert resp.status == 403
+    assert (await resp.json())["status"] == 403
+    assert (await client.get("/metrics")).status == 200
+
+
+async def test_disabled_metrics_are_not_served(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(replace(cfg, metrics={"enabled": False})))
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/metrics")).status == 404
+
+
+async def test_docs_page_lists_every_operation(client: Any) -> None:
+    resp = await client.get("/docs")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    spec = await (await client.get("/openapi.json")).json()
+    for path, item in spec["paths"].items():
+        for method in item.keys() - {"parameters", "summary", "description", "servers"}:
+            assert f"{method.upper()} {path}" in page
+    assert "<script" not in page  # self-contained and static
