@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
-from server.config import Config
+from server.config import Config, load_config
 from server.keys import CONFIG, METRICS, NEGOTIATOR
 from server.metrics import Metrics
 from server.negotiation import Negotiator
@@ -44,3 +44,9 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(metrics_ctx)
     setup_routes(app)
     return app
+
+
+def create_app_from_env() -> web.Application:
+    """The app from config.toml and the environment, for process managers that import an app
+    factory (gunicorn 'server.app:create_app_from_env()' with aiohttp's worker class)."""
+    return create_app(load_config())

@@ -148,3 +148,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def require_program(path: str, package: str) -> str:
+    """`path` if installed; otherwise skip (a developer's machine) or fail (CI, where .ci/run
+    installs `package`, so a missing program means the test would silently not run)."""
+    if os.access(path, os.X_OK):
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{path} is missing: .ci/run installs the Debian package {package}")
+    pytest.skip(f"{path} not installed (apt-get install -y {package})")
