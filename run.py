@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from server.config import Config, ConfigError, load_config, mask_url
+from server.logs import setup_logging
 
 log = logging.getLogger("hotpath")
 
@@ -187,7 +188,9 @@ def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
         for old in metrics_dir.glob("worker-*.json"):
             old.unlink(missing_ok=True)
     env["HOTPATH_METRICS_SHARED_DIR"] = str(metrics_dir)
+    # Workers load the same config (file, environment) and get this process's CLI overrides.
     argv = [sys.executable, str(Path(__file__).resolve()), "serve", "--workers", "1"]
+    argv += ["--host", srv.host, "--port", str(srv.port)]
     if args.config is not None:
         argv += ["--config", str(Path(args.config).resolve())]
     supervisor = Supervisor(
@@ -285,16 +288,14 @@ def migrate(config: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging()
     args = parse_args(argv)
     try:
         config = build_config(args)
     except ConfigError as exc:
-        print(f"hotpath: configuration error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"hotpath: configuration error: {exc}\n")
         return EXIT_CONFIG
-    logging.getLogger().setLevel(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     try:
         if args.command == "migrate":
             return migrate(config)

@@ -147,6 +147,7 @@ class LogConfig:
         default="INFO",
         metadata={"choices": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")},
     )
+    format: str = field(default="text", metadata={"choices": ("text", "json")})
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,3 +50,26 @@ def test_buffered_handler_writes_every_line_by_close(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert [json.loads(x)["n"] for x in lines[:1000]] == list(range(1000))
     assert lines[1000] == "a record"
+
+
+def test_json_application_log_lines_parse(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT
+
+    env = {**os.environ, "HOTPATH_LOG_FORMAT": "json"}
+    proc = subprocess.run(
+        [PYTHON, "run.py", "--port", "70000"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    # a config error is reported before logging is configured: one plain line, exit 2
+    assert proc.returncode == 2
+    assert proc.stderr.decode().startswith("hotpath: configuration error: server.port")
+    env = {**os.environ, "HOTPATH_LOG_FORMAT": "json", "DATABASE_URL": "postgresql://127.0.0.1:1/x"}
+    env["REDIS_URL"], env["HOTPATH_DATABASE_START_TIMEOUT"] = "redis://127.0.0.1:1/0", "0.2"
+    proc = subprocess.run(
+        [PYTHON, "run.py", "--workers", "1"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in proc.stderr.decode().splitlines()]
+    assert lines and all({"ts", "level", "logger", "pid", "msg"} <= line.keys() for line in lines)
+    assert any(line["level"] == "ERROR" and "127.0.0.1:1" in line["msg"] for line in lines)
