@@ -9,6 +9,8 @@ from typing import Any
 
 import asyncpg
 
+from server.errors import Unavailable
+
 
 class Database:
     """Thin handle over an asyncpg pool.
@@ -49,6 +51,11 @@ class Database:
                     await gate.acquire()
                 try:
                     conn = await self.pool.acquire()
+                except OSError as exc:
+                    # A new connection failed below asyncpg's own errors (the server's Unix
+                    # socket is gone while it restarts, say): the database is unavailable.
+                    gate.release()
+                    raise Unavailable("the database is unavailable, retry shortly") from exc
                 except BaseException:
                     gate.release()
                     raise

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from server.app import create_app
+from server.db import Database
+from server.errors import Unavailable
 from server.keys import DB
 from tests.conftest import replace
 
@@ -231,3 +235,17 @@ async def test_starved_pool_answers_503_with_retry_after(aiohttp_client: Any, cf
     assert resp.headers["Retry-After"].isdigit()
     assert doc["type"] == "/problems/unavailable"
     assert (await client.get("/users/1")).status == 404  # pool free again: back to normal
+
+
+async def test_database_socket_gone_is_503_not_500(tmp_path: Path) -> None:
+    """While PostgreSQL restarts its Unix socket does not exist: a new connection fails with a
+    plain OSError (FileNotFoundError), which must read as "unavailable", not as a bug."""
+    pool = await asyncpg.create_pool(f"postgresql://postgres@/x?host={tmp_path}", min_size=0, max_size=1)
+    try:
+        db = Database(pool, acquire_timeout=2.0, max_size=1)
+        with pytest.raises(Unavailable):
+            await db.fetchval("SELECT 1")
+        with pytest.raises(Unavailable):  # and the gate was released: a second try gets as far
+            await db.fetchval("SELECT 1")
+    finally:
+        await pool.close()
