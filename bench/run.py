@@ -35,6 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SERVER_CPU, LOAD_CPU = "0", "1"
+ALL_CPUS = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 SEED_USERS = 1000
 
 
@@ -139,6 +140,20 @@ SCENARIOS = [
         "/users/1",
         RANDOM_USER_LUA,
         "for comparison",
+    ),
+    Scenario(
+        "hotpath GET /products JSON, all cores (workers unpinned, wrk shares a core)",
+        "hotpath-allcores",
+        "/products",
+        target="scaling across workers",
+        headers=("Accept: application/json",),
+    ),
+    Scenario(
+        "hotpath GET /users/{id}, all cores (workers unpinned, wrk shares a core)",
+        "hotpath-allcores",
+        "/users/1",
+        RANDOM_USER_LUA,
+        "scaling across workers",
     ),
 ]
 
@@ -358,21 +373,31 @@ def main(argv: list[str] | None = None) -> int:
         # seed once, in a hotpath of its own, so measured rounds only read
         with server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env):
             asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS))
+        all_cores = [*hot_cmd[:-1], "auto"]  # one worker per core, the default deployment
         servers = {
-            "floor": (floor_cmd, floor_port, "/json", env),
-            "hotpath": (hot_cmd, hot_port, "/ready", env),
-            "hotpath-accesslog": (hot_cmd, hot_port, "/ready", {**env, "HOTPATH_SERVER_ACCESS_LOG": "true"}),
-            "hotpath-ratelimit": (hot_cmd, hot_port, "/ready", {**env, **RATELIMIT_ENV}),
+            "floor": (floor_cmd, floor_port, "/json", env, SERVER_CPU),
+            "hotpath": (hot_cmd, hot_port, "/ready", env, SERVER_CPU),
+            "hotpath-accesslog": (
+                hot_cmd,
+                hot_port,
+                "/ready",
+                {**env, "HOTPATH_SERVER_ACCESS_LOG": "true"},
+                SERVER_CPU,
+            ),
+            "hotpath-ratelimit": (hot_cmd, hot_port, "/ready", {**env, **RATELIMIT_ENV}, SERVER_CPU),
             "hotpath-nobatch": (
                 hot_cmd,
                 hot_port,
                 "/ready",
                 {**env, "HOTPATH_DATABASE_BATCH_READS": "false"},
+                SERVER_CPU,
             ),
+            # every core: the workers are not pinned, and share CPU 1 with wrk
+            "hotpath-allcores": (all_cores, hot_port, "/ready", env, ALL_CPUS),
         }
         for round_ in range(args.rounds):
-            for kind, (cmd, port, ready, server_env) in servers.items():
-                with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env):
+            for kind, (cmd, port, ready, server_env, cpus) in servers.items():
+                with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env, cpus):
                     for s in SCENARIOS:
                         if s.server != kind:
                             continue
