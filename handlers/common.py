@@ -8,12 +8,13 @@ from typing import Any
 import aiohttp_jinja2
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
-from server import render
-from server.errors import NotAcceptable, NotFound, ValidationFailed
-from server.keys import NEGOTIATOR
+from server import compression, conditional, render
+from server.errors import DomainError, NotAcceptable, NotFound, ValidationFailed
+from server.keys import CONFIG, NEGOTIATOR
 from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
 
 JSON_TYPE = "application/json"
@@ -70,13 +71,35 @@ def represent(
     status: int = 200,
     headers: Mapping[str, str] | None = None,
     media: str | None = None,
+    etag: bool = False,
 ) -> web.Response:
     """`data` in the representation the client prefers, with Vary: Accept. Handlers that
-    change state pass `media` from negotiate() called first, so a 406 never follows a write."""
+    change state pass `media` from negotiate() called first, so a 406 never follows a write.
+    With `etag`, a strong ETag over the bytes is sent and If-None-Match honoured (304)."""
     if media is None:
         media = negotiate(request)
     body = render.render(media, data, shape, render_options(request, media))
+    if etag:
+        tag = conditional.etag_of(body)
+        unchanged = not_modified(request, media, tag)
+        if unchanged is not None:
+            return unchanged
+        headers = {**headers, "ETag": tag} if headers else {"ETag": tag}
     return negotiated_response(media, body, status, headers)
+
+
+def not_modified(
+    request: web.Request, media: str, etag: str, headers: Mapping[str, str] | None = None
+) -> web.Response | None:
+    """A 304 (no body; the validator, Vary and any `headers` the 200 would carry) when the
+    request's If-None-Match matches `etag`, else None. GET and HEAD only (RFC 9110 13.1.2)."""
+    inm = request.headers.get("If-None-Match")
+    if inm is None or request.method not in ("GET", "HEAD") or not conditional.none_match(inm, etag):
+        return None
+    out = CIMultiDict({"ETag": etag, "Vary": _NEGOTIATED_HEADERS[media]["Vary"]})
+    if headers:
+        out.update(headers)
+    return web.Response(status=304, headers=out)
 
 
 def page_link(request: web.Request, route: str, **query: str) -> str:
@@ -127,10 +150,67 @@ async def read_body(request: web.Request) -> Any:
         raise web.HTTPUnsupportedMediaType(
             text=f"send the body as one of {_BODY_TYPES}, not {media}", headers={accept_header: _BODY_TYPES}
         )
-    body = await request.read()
+    body = await _read_decoded(request)
     if not body.strip():
         raise web.HTTPBadRequest(text="a request body is required")
     try:
         return render.parse_body(media, body)
     except render.BodyError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+# Content codings aiohttp's parser decodes as the body arrives (br and zstd only when their
+# libraries are installed); read_body() counts the decoded bytes and stops at the cap.
+_DECODED = frozenset({"gzip", "x-gzip", "deflate", *compression.available()})
+_ACCEPT_ENCODING = ", ".join(sorted(_DECODED - {"x-gzip"}))
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    title = "Content Too Large"
+    type_slug = "too-large"
+
+
+class UnsupportedEncoding(DomainError):
+    status = 415
+    title = "Unsupported Media Type"
+    type_slug = "unsupported-encoding"
+
+    def __init__(self, detail: str) -> None:
+        # RFC 9110 15.5.16: a 415 caused by a content coding names the codings accepted
+        super().__init__(detail, headers={"Accept-Encoding": _ACCEPT_ENCODING})
+
+
+async def _read_decoded(request: web.Request) -> bytes:
+    """The request body, decoded when it came with a Content-Encoding we support.
+
+    The decoded size is capped (compression.request_max_size, 413 beyond): aiohttp inflates
+    a bounded amount per read, and reading stops at the cap, so a zip bomb costs at most the
+    cap in memory. A coding we cannot decode (or a stack of codings) is 415.
+    """
+    header = request.headers.get("Content-Encoding")
+    if header is None:
+        return await request.read()
+    codings = [c for c in (p.strip().lower() for p in header.split(",")) if c and c != "identity"]
+    if not codings:
+        return await request.read()
+    if len(codings) > 1 or codings[0] not in _DECODED:
+        raise UnsupportedEncoding(f"cannot decode a body with Content-Encoding {header!r}")
+    cap = request.app[CONFIG].compression.request_max_size
+    wire_cap = request.app[CONFIG].server.client_max_size
+    if (request.content_length or 0) > wire_cap:
+        raise web.HTTPRequestEntityTooLarge(max_size=wire_cap, actual_size=request.content_length or 0)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(
+                    f"the decoded body exceeds {cap} bytes (compression.request_max_size)",
+                    extra={"max_size": cap},
+                )
+            parts.append(chunk)
+    except RequestPayloadError:
+        raise web.HTTPBadRequest(text=f"the body is not valid {codings[0]} data") from None
+    return b"".join(parts)

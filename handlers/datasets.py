@@ -6,13 +6,19 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Iterable
+from functools import partial
+from typing import Any
 
 from aiohttp import web
 
-from middlewares.streaming import stream_headers
-from server import negotiation, streaming
+from handlers.common import negotiate, negotiated_response, not_modified, render_options
+from middlewares.compression import EncodingNotAcceptable
+from middlewares.streaming import EncodedStream, stream_headers
+from server import negotiation, render, streaming
+from server.compression import no_transform
 from server.errors import ValidationFailed
-from server.keys import CONFIG, DB
+from server.keys import COMPRESSION, CONFIG, DB, LARGE_DATASET
+from server.render import Shape
 
 log = logging.getLogger("hotpath.streaming")
 
@@ -26,7 +32,7 @@ class _Stalled(Exception):
 
 
 async def _open(request: web.Request, content_type: str, filename: str) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+    resp = EncodedStream(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
     if request.query.get("download") in ("1", "true", "yes"):
         resp.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     stream_headers(request, resp)
@@ -155,3 +161,42 @@ async def export_users(request: web.Request) -> web.StreamResponse:
         except (ConnectionError, _Stalled) as exc:
             return _gone(request, resp, exc)
         return resp
+
+
+# ---------------------------------------------------------------- GET /large-dataset
+
+LARGE_DATASET_SHAPE = Shape("large_dataset", rows="records")
+
+
+async def large_dataset(request: web.Request) -> web.Response:
+    """The 1000-record document, negotiated like every resource, served from encoded bytes
+    cached per (representation, coding) with a strong ETag; 304 for a matching If-None-Match."""
+    media = negotiate(request)
+    state = request.app[COMPRESSION]
+    coding: str | None = None
+    if state.enabled and not no_transform(request.headers.get("Cache-Control")):
+        choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
+        if choice.coding is None and not choice.identity_ok:
+            raise EncodingNotAcceptable(
+                f"identity is refused and none of {', '.join(state.negotiator.order)} is acceptable",
+                extra={"available": [*state.negotiator.order]},
+            )
+        coding = choice.coding
+    options = render_options(request, media)
+    key = (media, options.pretty, coding)
+    dataset = request.app[LARGE_DATASET]
+    encoded = dataset.cached(key)
+    if encoded is None:
+        encoded = await dataset.get(key, partial(_render_dataset, media, options))
+    cfg = request.app[CONFIG].compression
+    headers = {"ETag": encoded.etag, "Cache-Control": f"public, max-age={cfg.dataset_max_age}"}
+    unchanged = not_modified(request, media, encoded.etag, headers)
+    if unchanged is not None:
+        return unchanged
+    if encoded.coding is not None:
+        headers["Content-Encoding"] = encoded.coding
+    return negotiated_response(media, encoded.body, headers=headers)
+
+
+def _render_dataset(media: str, options: render.RenderOptions, doc: dict[str, Any]) -> bytes:
+    return render.render(media, doc, LARGE_DATASET_SHAPE, options)

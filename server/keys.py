@@ -9,9 +9,12 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.batching import KeyBatcher
+from server.compression import Compression
+from server.conditional import ETagMemo
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
+from server.large_dataset import LargeDataset
 from server.negotiation import Negotiator
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
@@ -32,3 +35,9 @@ RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
+
+# Compression (issue 4): negotiator, filters and compressed-body cache; ETags of repeated
+# bodies; the cached /large-dataset document.
+COMPRESSION = web.AppKey("hotpath.compression", Compression)
+ETAGS = web.AppKey("hotpath.etags", ETagMemo)
+LARGE_DATASET = web.AppKey("hotpath.large_dataset", LargeDataset)
