@@ -7,14 +7,14 @@ from typing import Any
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
 from server import compression, conditional, render
-from server.errors import DomainError, NotAcceptable, NotFound, ValidationFailed
-from server.keys import CONFIG, NEGOTIATOR
+from server.errors import DomainError, EncodingNotAcceptable, NotAcceptable, NotFound, ValidationFailed
+from server.keys import COMPRESSION, CONFIG, NEGOTIATOR
 from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
 
 JSON_TYPE = "application/json"
@@ -96,6 +96,8 @@ def not_modified(
     inm = request.headers.get("If-None-Match")
     if inm is None or request.method not in ("GET", "HEAD") or not conditional.none_match(inm, etag):
         return None
+    if not etag.startswith("W/") and "W/" + etag in inm:
+        etag = "W/" + etag  # the client holds the compressed variant, sent with the weak form
     out = CIMultiDict({"ETag": etag, "Vary": _NEGOTIATED_HEADERS[media]["Vary"]})
     if headers:
         out.update(headers)
@@ -214,3 +216,95 @@ async def _read_decoded(request: web.Request) -> bytes:
     except RequestPayloadError:
         raise web.HTTPBadRequest(text=f"the body is not valid {codings[0]} data") from None
     return b"".join(parts)
+
+
+# ------------------------------------------------------------------ kept bodies, encoded once
+
+# Headers of a kept body per (media type, coding): built once, copied per response.
+_KEPT_HEADERS: dict[tuple[str, str | None], CIMultiDict[str]] = {
+    (media, coding): CIMultiDict(
+        {
+            "Content-Type": fmt.content_type,
+            "Vary": "Accept, Accept-Encoding",
+            **({"Content-Encoding": coding} if coding else {}),
+        }
+    )
+    for media, fmt in BY_MEDIA.items()
+    for coding in (None, *compression.available())
+}
+
+
+def choose_coding(request: web.Request, media: str, size: int) -> str | None:
+    """The content coding for a body of `size` bytes of type `media` (None: identity), by the
+    rules of middlewares/compression.py; 406 when identity is refused and nothing fits."""
+    state = request.app[COMPRESSION]
+    if not state.enabled or not state.compressible(media):
+        return None
+    choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
+    if choice.coding is None:
+        if not choice.identity_ok:
+            raise EncodingNotAcceptable([*state.negotiator.order])
+        return None
+    if (size < state.min_size and choice.identity_ok) or request.method == "HEAD":
+        return None
+    if compression.no_transform(request.headers.get("Cache-Control")):
+        return None
+    return choice.coding
+
+
+def kept_response(
+    media: str,
+    body: bytes,
+    etag: str,
+    coding: str | None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    compressible: bool = True,
+) -> web.Response:
+    """A response for already-encoded bytes: Vary: Accept, Accept-Encoding when the type could
+    be compressed, Content-Encoding when `coding`, the ETag as given."""
+    table = _KEPT_HEADERS if compressible or coding else None
+    out = (table[(media, coding)] if table is not None else _NEGOTIATED_HEADERS[media]).copy()
+    out["ETag"] = etag
+    if headers:
+        out.update(headers)
+    return web.Response(body=body, headers=out)
+
+
+def send_kept_now(request: web.Request, media: str, body: bytes) -> web.Response | None:
+    """A body the handler keeps between requests (a rendered page), with a strong ETag hashed
+    once per body: 304 when If-None-Match matches it; else the body as is, or compressed
+    from the app's compressed-body cache, with the ETag weakened when compressed. None when
+    the body has yet to be compressed for this coding: then await send_kept(). Routes using
+    it leave the compression middleware out (middlewares/compression.py SELF_ENCODED). No
+    await here: the hot path of a cached page stays one plain call."""
+    headers = request.headers
+    state = request.app[COMPRESSION]
+    etag = state.etags.of(body)
+    compressible = state.enabled and state.compressible(media)
+    if hdrs.IF_NONE_MATCH in headers:
+        vary = {"Vary": "Accept, Accept-Encoding"} if compressible else None
+        unchanged = not_modified(request, media, etag, vary)
+        if unchanged is not None:
+            return unchanged
+    if not compressible or hdrs.ACCEPT_ENCODING not in headers:
+        return kept_response(media, body, etag, None, compressible=compressible)
+    coding = choose_coding(request, media, len(body))
+    if coding is None:
+        return kept_response(media, body, etag, None)
+    encoded = state.cached(body, coding)
+    if encoded is None:
+        return None
+    return kept_response(media, encoded, conditional.weak(etag), coding)
+
+
+async def send_kept(request: web.Request, media: str, body: bytes) -> web.Response:
+    """send_kept_now(), compressing the body first (once per coding) when it has to."""
+    resp = send_kept_now(request, media, body)
+    if resp is not None:
+        return resp
+    coding = choose_coding(request, media, len(body))
+    assert coding is not None  # send_kept_now() answers every case without one
+    state = request.app[COMPRESSION]
+    encoded = await state.encode(coding, body, cache=True)
+    return kept_response(media, encoded, conditional.weak(state.etags.of(body)), coding)

@@ -11,12 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from handlers.common import negotiate, negotiated_response, not_modified, render_options
-from middlewares.compression import EncodingNotAcceptable
+from handlers.common import kept_response, negotiate, not_modified, render_options
 from middlewares.streaming import EncodedStream, stream_headers
 from server import negotiation, render, streaming
 from server.compression import no_transform
-from server.errors import ValidationFailed
+from server.errors import EncodingNotAcceptable, ValidationFailed
 from server.keys import COMPRESSION, CONFIG, DB, LARGE_DATASET
 from server.render import Shape
 
@@ -170,18 +169,18 @@ LARGE_DATASET_SHAPE = Shape("large_dataset", rows="records")
 
 async def large_dataset(request: web.Request) -> web.Response:
     """The 1000-record document, negotiated like every resource, served from encoded bytes
-    cached per (representation, coding) with a strong ETag; 304 for a matching If-None-Match."""
+    cached per (representation, coding) with a strong ETag each; 304 for a matching
+    If-None-Match. The route leaves the compression middleware out: it encodes itself."""
     media = negotiate(request)
+    # HEAD is answered from the kept variant too: exactly the headers GET would get
     state = request.app[COMPRESSION]
-    coding: str | None = None
-    if state.enabled and not no_transform(request.headers.get("Cache-Control")):
+    coding = None
+    if state.enabled and state.compressible(media):
         choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
         if choice.coding is None and not choice.identity_ok:
-            raise EncodingNotAcceptable(
-                f"identity is refused and none of {', '.join(state.negotiator.order)} is acceptable",
-                extra={"available": [*state.negotiator.order]},
-            )
-        coding = choice.coding
+            raise EncodingNotAcceptable([*state.negotiator.order])
+        if not no_transform(request.headers.get("Cache-Control")):
+            coding = choice.coding
     options = render_options(request, media)
     key = (media, options.pretty, coding)
     dataset = request.app[LARGE_DATASET]
@@ -189,13 +188,16 @@ async def large_dataset(request: web.Request) -> web.Response:
     if encoded is None:
         encoded = await dataset.get(key, partial(_render_dataset, media, options))
     cfg = request.app[CONFIG].compression
-    headers = {"ETag": encoded.etag, "Cache-Control": f"public, max-age={cfg.dataset_max_age}"}
-    unchanged = not_modified(request, media, encoded.etag, headers)
-    if unchanged is not None:
-        return unchanged
-    if encoded.coding is not None:
-        headers["Content-Encoding"] = encoded.coding
-    return negotiated_response(media, encoded.body, headers=headers)
+    headers = {"Cache-Control": f"public, max-age={cfg.dataset_max_age}"}
+    if "If-None-Match" in request.headers:
+        if state.compressible(media):
+            headers["Vary"] = "Accept, Accept-Encoding"
+        unchanged = not_modified(request, media, encoded.etag, headers)
+        if unchanged is not None:
+            return unchanged
+    return kept_response(
+        media, encoded.body, encoded.etag, encoded.coding, headers, compressible=state.compressible(media)
+    )
 
 
 def _render_dataset(media: str, options: render.RenderOptions, doc: dict[str, Any]) -> bytes:

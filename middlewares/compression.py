@@ -15,74 +15,68 @@ the same decision through stream_headers().
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from server.compression import no_transform, weaken
 from server.config import Config
-from server.errors import DomainError
+from server.errors import EncodingNotAcceptable
 from server.keys import COMPRESSION
 
-# Routes whose answers are always tiny: they do not carry the middleware at all.
+# Routes that do not carry the middleware at all: answers that are always tiny, and
+# handlers that serve kept bytes and encode them once themselves (handlers.common.send_kept).
 TINY_ROUTES = frozenset({"health", "ready"})
-
-
-class EncodingNotAcceptable(DomainError):
-    """The client refuses identity and every coding we have (RFC 9110 section 12.5.3)."""
-
-    status = 406
-    title = "Not Acceptable"
-    type_slug = "not-acceptable"
+SELF_ENCODED = frozenset({"products", "large_dataset"})
 
 
 def applies(route_name: str, config: Config) -> bool:
-    return config.compression.enabled and route_name not in TINY_ROUTES
+    return config.compression.enabled and route_name not in TINY_ROUTES | SELF_ENCODED
 
 
 @web.middleware
 async def compression_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     resp = await handler(request)
-    if resp.prepared or not isinstance(resp, web.Response):
+    if not isinstance(resp, web.Response) or resp.prepared:
         return resp  # a stream that prepared itself (stream_headers decided) or a file
     state = request.app[COMPRESSION]
     headers = resp.headers
     status = resp.status
     if status == 304:
-        # the 304 stands for the 200 the client holds: same Vary, same (weakened) validator
+        # the 304 stands for the 200 the client holds: same Vary, same validator
         state.vary(headers)
-        etag = headers.get("ETag")
-        if etag is not None and not etag.startswith("W/"):
-            inm = request.headers.get("If-None-Match", "")
-            if "W/" + etag in inm:  # the client holds the compressed (weakened) variant
-                headers["ETag"] = weaken(etag)
+        etag = headers.get(hdrs.ETAG)
+        inm = request.headers.get(hdrs.IF_NONE_MATCH, "")
+        if etag is not None and not etag.startswith("W/") and "W/" + etag in inm:
+            headers[hdrs.ETAG] = weaken(etag)  # the client holds the compressed variant
+        return resp
+    if not state.compressible(headers.get(hdrs.CONTENT_TYPE)):
         return resp
     if status < 200 or status >= 300 or status in (204, 206):
         # errors are small problem documents; 206 ranges refer to identity bytes
-        if status >= 400 and state.compressible(headers.get("Content-Type")):
+        if status >= 400:
             state.vary(headers)
         return resp
-    if not state.compressible(headers.get("Content-Type")):
-        return resp
     state.vary(headers)
-    if "Content-Encoding" in headers or no_transform(headers.get("Cache-Control")):
-        return resp
-    body = resp.body
-    if not isinstance(body, bytes):
-        return resp  # a payload object (file, stream) is sent as is
-    choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
+    choice = state.negotiator.choose(request.headers.get(hdrs.ACCEPT_ENCODING))
     coding = choice.coding
     if coding is None:
-        if not choice.identity_ok:
-            raise EncodingNotAcceptable(
-                f"identity is refused and none of {', '.join(state.negotiator.order)} is acceptable",
-                extra={"available": [*state.negotiator.order]},
-            )
+        if choice.identity_ok:
+            return resp  # the common case: identity wanted
+        if hdrs.CONTENT_ENCODING in headers:
+            return resp
+        raise EncodingNotAcceptable([*state.negotiator.order])
+    if (
+        request.method == "HEAD"
+        or hdrs.CONTENT_ENCODING in headers
+        or no_transform(headers.get(hdrs.CACHE_CONTROL))
+    ):
         return resp
-    if (len(body) < state.min_size and choice.identity_ok) or request.method == "HEAD":
-        return resp
-    etag = headers.get("ETag")
+    body = resp.body
+    if not isinstance(body, bytes) or (len(body) < state.min_size and choice.identity_ok):
+        return resp  # a payload object (file, stream) is sent as is; small bodies too
+    etag = headers.get(hdrs.ETAG)
     resp.body = await state.encode(coding, body, cache=etag is not None)
-    headers["Content-Encoding"] = coding
+    headers[hdrs.CONTENT_ENCODING] = coding
     if etag is not None and not etag.startswith("W/"):
-        headers["ETag"] = weaken(etag)
+        headers[hdrs.ETAG] = weaken(etag)
     return resp

@@ -8,9 +8,8 @@ from aiohttp import web
 
 from handlers.routes import setup_routes
 from server import compression
-from server.conditional import ETagMemo
 from server.config import Config
-from server.keys import COMPRESSION, CONFIG, ETAGS, LARGE_DATASET, NEGOTIATOR
+from server.keys import COMPRESSION, CONFIG, LARGE_DATASET, NEGOTIATOR
 from server.large_dataset import LargeDataset
 from server.negotiation import Negotiator
 from server.render import OFFERS
@@ -32,7 +31,6 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[NEGOTIATOR] = Negotiator(OFFERS)
     app[COMPRESSION] = compression.from_config(config.compression)
-    app[ETAGS] = ETagMemo()
     app[LARGE_DATASET] = LargeDataset(app[COMPRESSION], config.compression.dataset_ttl)
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
     app.cleanup_ctx.append(pg_pool_ctx)

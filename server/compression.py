@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
+from multidict import istr
+
+from server.conditional import ETagMemo
 from server.config import CompressionConfig
 
 GZIP, BR, ZSTD, IDENTITY = "gzip", "br", "zstd", "identity"
@@ -245,6 +248,7 @@ class EncodingNegotiator:
 
 # ------------------------------------------------------------------ media types
 
+VARY = istr("Vary")
 NEVER = frozenset({"text/event-stream"})  # must reach the client event by event, never buffered
 
 
@@ -340,23 +344,26 @@ class Compression:
         self.stream_flush_bytes = stream_flush_bytes
         self.stream_flush_interval = stream_flush_interval
         self._cache: dict[tuple[bytes, str], bytes] = {}
+        # ETags of kept bodies (rendered pages), hashed once per body
+        self.etags = ETagMemo(max(cache_entries, 1))
         # Vary values seen -> the same with Accept-Encoding added (bounded like the other memos)
         self._vary: dict[str, str] = {}
 
     def vary(self, headers: Any) -> None:
         """Add Accept-Encoding to Vary, one dict lookup for a Vary value seen before."""
-        current = headers.get("Vary")
+        current = headers.get(VARY)
         if current is None:
-            headers["Vary"] = "Accept-Encoding"
+            headers[VARY] = "Accept-Encoding"
             return
         try:
-            headers["Vary"] = self._vary[current]
-            return
+            new = self._vary[current]
         except KeyError:
-            pass
-        add_vary(headers, "Accept-Encoding")
-        if len(self._vary) < 64:
-            self._vary[current] = headers["Vary"]
+            add_vary(headers, "Accept-Encoding")
+            if len(self._vary) < 64:
+                self._vary[current] = headers[VARY]
+            return
+        if new is not current:
+            headers[VARY] = new
 
     def cached(self, body: bytes, coding: str) -> bytes | None:
         return self._cache.get((body, coding))

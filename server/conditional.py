@@ -56,3 +56,8 @@ class ETagMemo:
             del self._memo[next(iter(self._memo))]
         self._memo[body] = tag
         return tag
+
+
+def weak(etag: str) -> str:
+    """The weak form of `etag` (for a compressed body: same representation, other bytes)."""
+    return etag if etag.startswith("W/") else "W/" + etag

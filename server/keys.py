@@ -10,7 +10,6 @@ from aiohttp import web
 
 from server.batching import KeyBatcher
 from server.compression import Compression
-from server.conditional import ETagMemo
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
@@ -36,8 +35,7 @@ RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
 
-# Compression (issue 4): negotiator, filters and compressed-body cache; ETags of repeated
+# Compression (issue 4): negotiator, filters, compressed-body cache and ETags of kept
 # bodies; the cached /large-dataset document.
 COMPRESSION = web.AppKey("hotpath.compression", Compression)
-ETAGS = web.AppKey("hotpath.etags", ETagMemo)
 LARGE_DATASET = web.AppKey("hotpath.large_dataset", LargeDataset)

@@ -16,6 +16,7 @@ from server.app import create_app
 from server.compression import Compression
 from server.conditional import ETagMemo, etag_of, none_match
 from server.config import Config
+from server.keys import COMPRESSION
 from server.large_dataset import LargeDataset, generate
 from tests.conftest import replace
 from tests.test_compression import decode, zstd
@@ -127,7 +128,8 @@ async def test_large_dataset_each_coding(client: Any, coding: str) -> None:
 async def test_large_dataset_negotiated_and_head(client: Any) -> None:
     resp, raw = await get_raw(client, "/large-dataset", "gzip", Accept="application/vnd.msgpack")
     assert resp.content_type == "application/vnd.msgpack"
-    assert len(msgpack.unpackb(gzip.decompress(raw))["records"]) == 1000
+    assert "Content-Encoding" not in resp.headers and resp.headers["Vary"] == "Accept"  # not compressible
+    assert len(msgpack.unpackb(raw)["records"]) == 1000
     resp, raw = await get_raw(client, "/large-dataset?format=csv", None)
     assert raw.decode().splitlines()[0].startswith("id,name,description")
     get, _ = await get_raw(client, "/large-dataset", "br")
@@ -163,6 +165,9 @@ async def test_products_etag_weakened_when_compressed_and_304(client: Any) -> No
     gz, raw = await get_raw(client, "/products", "gzip")
     assert gz.headers["Content-Encoding"] == "gzip" and gzip.decompress(raw) == identity
     assert gz.headers["ETag"] == "W/" + strong
+    assert client.server.app[COMPRESSION].cached(identity, "gzip") == raw  # compressed once, kept
+    packed, _ = await get_raw(client, "/products", "gzip", Accept="application/vnd.msgpack")
+    assert "Content-Encoding" not in packed.headers and packed.headers["Vary"] == "Accept"
     nm, body = await get_raw(client, "/products", "gzip", **{"If-None-Match": gz.headers["ETag"]})
     assert nm.status == 304 and body == b"" and nm.headers["ETag"] == "W/" + strong
     assert set(v.strip() for v in nm.headers["Vary"].split(",")) == {"Accept", "Accept-Encoding"}
