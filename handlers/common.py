@@ -280,15 +280,15 @@ def send_kept_now(request: web.Request, media: str, body: bytes) -> web.Response
     await here: the hot path of a cached page stays one plain call."""
     headers = request.headers
     state = request.app[COMPRESSION]
-    etag = state.etags.of(body)
-    compressible = state.enabled and state.compressible(media)
+    kept = state.kept(body, media, _identity_headers)
+    etag, compressible = kept.etag, kept.compressible
     if hdrs.IF_NONE_MATCH in headers:
         vary = {"Vary": "Accept, Accept-Encoding"} if compressible else None
         unchanged = not_modified(request, media, etag, vary)
         if unchanged is not None:
             return unchanged
     if not compressible or hdrs.ACCEPT_ENCODING not in headers:
-        return kept_response(media, body, etag, None, compressible=compressible)
+        return web.Response(body=body, headers=kept.identity.copy())
     coding = choose_coding(request, media, len(body))
     if coding is None:
         return kept_response(media, body, etag, None)
@@ -307,4 +307,9 @@ async def send_kept(request: web.Request, media: str, body: bytes) -> web.Respon
     assert coding is not None  # send_kept_now() answers every case without one
     state = request.app[COMPRESSION]
     encoded = await state.encode(coding, body, cache=True)
-    return kept_response(media, encoded, conditional.weak(state.etags.of(body)), coding)
+    etag = state.kept(body, media, _identity_headers).etag
+    return kept_response(media, encoded, conditional.weak(etag), coding)
+
+
+def _identity_headers(media: str, compressible: bool) -> CIMultiDict[str]:
+    return (_KEPT_HEADERS[(media, None)] if compressible else _NEGOTIATED_HEADERS[media]).copy()

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
-from multidict import istr
+from multidict import CIMultiDict, istr
 
-from server.conditional import ETagMemo
+from server.conditional import etag_of
 from server.config import CompressionConfig
 
 GZIP, BR, ZSTD, IDENTITY = "gzip", "br", "zstd", "identity"
@@ -315,6 +315,14 @@ def add_vary(headers: Any, token: str) -> None:
 # ------------------------------------------------------------------ per-app state
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    media: str
+    etag: str
+    compressible: bool
+    identity: CIMultiDict[str]  # copy before use: a Response keeps the mapping it gets
+
+
 class Compression:
     """What the compression middleware and the streams share, held on the app: the negotiator,
     the media filter, levels, and a bounded cache of compressed bodies of cacheable responses
@@ -344,8 +352,8 @@ class Compression:
         self.stream_flush_bytes = stream_flush_bytes
         self.stream_flush_interval = stream_flush_interval
         self._cache: dict[tuple[bytes, str], bytes] = {}
-        # ETags of kept bodies (rendered pages), hashed once per body
-        self.etags = ETagMemo(max(cache_entries, 1))
+        # kept bodies (rendered pages) -> their ETag and ready-made identity headers
+        self._kept: dict[bytes, Kept] = {}
         # Vary values seen -> the same with Accept-Encoding added (bounded like the other memos)
         self._vary: dict[str, str] = {}
 
@@ -364,6 +372,27 @@ class Compression:
             return
         if new is not current:
             headers[VARY] = new
+
+    def kept(self, body: bytes, media: str, headers: Callable[[str, bool], CIMultiDict[str]]) -> Kept:
+        """What is known of a body served again and again: its strong ETag (hashed once) and
+        whether its type is compressible; `headers(media, compressible)` builds the identity
+        headers (without the ETag) the first time."""
+        try:
+            kept = self._kept[body]
+        except KeyError:
+            pass
+        else:
+            if kept.media == media:
+                return kept
+        compressible = self.enabled and self.compressible(media)
+        etag = etag_of(body)
+        identity = headers(media, compressible)
+        identity["ETag"] = etag
+        kept = Kept(media, etag, compressible, identity)
+        if len(self._kept) >= max(self.cache_entries, 1):
+            del self._kept[next(iter(self._kept))]
+        self._kept[body] = kept
+        return kept
 
     def cached(self, body: bytes, coding: str) -> bytes | None:
         return self._cache.get((body, coding))

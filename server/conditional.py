@@ -1,6 +1,6 @@
 """Validators and conditional GETs (RFC 9110 sections 8.8.3 and 13.1.2): strong ETags over a
-representation's bytes, If-None-Match matching, and a bounded memo of ETags of bodies that
-are served again and again (a cached page hashes once, not per request)."""
+representation's bytes and If-None-Match matching. Bodies served again and again hash once
+(server.compression.Compression.kept)."""
 
 from __future__ import annotations
 
@@ -34,28 +34,6 @@ def none_match(header: str, etag: str) -> bool:
             return True
         pos = m.end()
     return False
-
-
-class ETagMemo:
-    """ETags of bodies that repeat (rendered catalogue pages), keyed by the bytes object: a
-    repeated object hashes once and compares by identity, so a hit is one dict lookup."""
-
-    __slots__ = ("_max", "_memo")
-
-    def __init__(self, max_entries: int = 256) -> None:
-        self._memo: dict[bytes, str] = {}
-        self._max = max_entries
-
-    def of(self, body: bytes) -> str:
-        try:
-            return self._memo[body]
-        except KeyError:
-            pass
-        tag = etag_of(body)
-        if len(self._memo) >= self._max:
-            del self._memo[next(iter(self._memo))]
-        self._memo[body] = tag
-        return tag
 
 
 def weak(etag: str) -> str:

@@ -11,10 +11,11 @@ import brotli
 import msgpack
 import orjson
 import pytest
+from multidict import CIMultiDict
 
 from server.app import create_app
 from server.compression import Compression
-from server.conditional import ETagMemo, etag_of, none_match
+from server.conditional import etag_of, none_match
 from server.config import Config
 from server.keys import COMPRESSION
 from server.large_dataset import LargeDataset, generate
@@ -46,12 +47,14 @@ def test_etags_are_strong_stable_and_memoised() -> None:
     assert etag_of(b"x") == etag_of(b"x") != etag_of(b"y")
     assert etag_of(b"x").startswith('"') and not etag_of(b"x").startswith("W/")
     assert etag_of(b"x", "gzip").endswith('-gzip"')
-    memo = ETagMemo(max_entries=2)
+    state = Compression(cache_entries=2)
     body = b"page" * 100
-    assert memo.of(body) == etag_of(body)
+    kept = state.kept(body, "application/json", lambda media, compressible: CIMultiDict())
+    assert kept.etag == etag_of(body) and kept.identity["ETag"] == kept.etag and kept.compressible
+    assert state.kept(body, "application/json", lambda m, c: CIMultiDict()) is kept  # hashed once
     for i in range(5):
-        memo.of(b"%d" % i)
-    assert len(memo._memo) == 2
+        state.kept(b"%d" % i, "application/json", lambda m, c: CIMultiDict())
+    assert len(state._kept) == 2
 
 
 async def test_large_dataset_regenerated_only_when_its_ttl_ends() -> None:
