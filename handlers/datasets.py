@@ -175,7 +175,8 @@ async def large_dataset(request: web.Request) -> web.Response:
     # HEAD is answered from the kept variant too: exactly the headers GET would get
     state = request.app[COMPRESSION]
     coding = None
-    if state.enabled and state.compressible(media):
+    compressible = state.enabled and state.compressible(media)
+    if compressible:
         choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
         if choice.coding is None and not choice.identity_ok:
             raise EncodingNotAcceptable([*state.negotiator.order])
@@ -190,13 +191,13 @@ async def large_dataset(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG].compression
     headers = {"Cache-Control": f"public, max-age={cfg.dataset_max_age}"}
     if "If-None-Match" in request.headers:
-        if state.compressible(media):
+        if compressible:
             headers["Vary"] = "Accept, Accept-Encoding"
         unchanged = not_modified(request, media, encoded.etag, headers)
         if unchanged is not None:
             return unchanged
     return kept_response(
-        media, encoded.body, encoded.etag, encoded.coding, headers, compressible=state.compressible(media)
+        media, encoded.body, encoded.etag, encoded.coding, headers, compressible=compressible
     )
 
 

@@ -261,3 +261,19 @@ async def test_unknown_or_stacked_codings_are_415_bad_data_400(client: Any) -> N
         "/users", data=USER, headers={"Content-Encoding": "identity", "Content-Type": "application/json"}
     )
     assert resp.status == 201
+
+
+async def test_compression_disabled_sends_identity_everywhere(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(replace(cfg, compression={"enabled": False})))
+    for path in ("/products", "/large-dataset", "/stream-json/3000", "/openapi.json"):
+        resp, _ = await get_raw(client, path, "gzip, br, zstd")
+        assert resp.status == 200 and "Content-Encoding" not in resp.headers, path
+        assert "Accept-Encoding" not in resp.headers.get("Vary", ""), path
+    resp, _ = await get_raw(client, "/large-dataset", "identity;q=0")
+    assert resp.status == 200  # nothing to refuse: identity is all there is
+    ok = await client.post(
+        "/users",
+        data=gzip.compress(USER),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert ok.status == 201  # compressed request bodies are still accepted
