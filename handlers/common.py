@@ -234,9 +234,10 @@ _KEPT_HEADERS: dict[tuple[str, str | None], CIMultiDict[str]] = {
 }
 
 
-def choose_coding(request: web.Request, media: str, size: int) -> str | None:
+def choose_coding(request: web.Request, media: str, size: int, *, kept: bool = False) -> str | None:
     """The content coding for a body of `size` bytes of type `media` (None: identity), by the
-    rules of middlewares/compression.py; 406 when identity is refused and nothing fits."""
+    rules of middlewares/compression.py; 406 when identity is refused and nothing fits. A
+    `kept` body is compressed once and kept, so HEAD gets it too (exactly GET's headers)."""
     state = request.app[COMPRESSION]
     if not state.enabled or not state.compressible(media):
         return None
@@ -245,7 +246,7 @@ def choose_coding(request: web.Request, media: str, size: int) -> str | None:
         if not choice.identity_ok:
             raise EncodingNotAcceptable([*state.negotiator.order])
         return None
-    if (size < state.min_size and choice.identity_ok) or request.method == "HEAD":
+    if (size < state.min_size and choice.identity_ok) or (request.method == "HEAD" and not kept):
         return None
     if compression.no_transform(request.headers.get("Cache-Control")):
         return None
@@ -289,7 +290,7 @@ def send_kept_now(request: web.Request, media: str, body: bytes) -> web.Response
             return unchanged
     if not compressible or hdrs.ACCEPT_ENCODING not in headers:
         return web.Response(body=body, headers=kept.identity.copy())
-    coding = choose_coding(request, media, len(body))
+    coding = choose_coding(request, media, len(body), kept=True)
     if coding is None:
         return kept_response(media, body, etag, None)
     encoded = state.cached(body, coding)
@@ -303,7 +304,7 @@ async def send_kept(request: web.Request, media: str, body: bytes) -> web.Respon
     resp = send_kept_now(request, media, body)
     if resp is not None:
         return resp
-    coding = choose_coding(request, media, len(body))
+    coding = choose_coding(request, media, len(body), kept=True)
     assert coding is not None  # send_kept_now() answers every case without one
     state = request.app[COMPRESSION]
     encoded = await state.encode(coding, body, cache=True)

@@ -277,3 +277,11 @@ async def test_compression_disabled_sends_identity_everywhere(aiohttp_client: An
         headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
     )
     assert ok.status == 201  # compressed request bodies are still accepted
+
+
+async def test_products_head_has_exactly_the_headers_of_get(client: Any) -> None:
+    get, _ = await get_raw(client, "/products", "gzip")
+    head = await client.head("/products", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert head.status == 200 and await head.read() == b""
+    for name in ("ETag", "Content-Encoding", "Vary", "Content-Type", "Content-Length"):
+        assert head.headers[name] == get.headers[name], name
