@@ -285,3 +285,32 @@ async def test_products_head_has_exactly_the_headers_of_get(client: Any) -> None
     assert head.status == 200 and await head.read() == b""
     for name in ("ETag", "Content-Encoding", "Vary", "Content-Type", "Content-Length"):
         assert head.headers[name] == get.headers[name], name
+
+
+async def test_concurrent_first_requests_render_once() -> None:
+    ds = LargeDataset(Compression(), ttl=60)
+    calls = []
+
+    def render(doc: dict[str, Any]) -> bytes:
+        calls.append(1)
+        return orjson.dumps(doc)
+
+    key = ("application/json", False, "gzip")
+    results = await asyncio.gather(*(ds.get(key, render) for _ in range(20)))
+    assert len(calls) == 1 and all(r is results[0] for r in results)
+    assert ds.cached(key) is results[0]
+    assert (await ds.get(("application/json", False, None), render)).body == orjson.dumps(ds.document())
+    assert len(calls) == 1  # identity was kept by the same call
+
+
+async def test_a_failing_render_fails_its_waiters_and_the_next_request_retries() -> None:
+    ds = LargeDataset(Compression(), ttl=60)
+    key = ("application/json", False, None)
+
+    def broken(doc: dict[str, Any]) -> bytes:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        await ds.get(key, broken)
+    assert ds.cached(key) is None
+    assert (await ds.get(key, orjson.dumps)).body == orjson.dumps(ds.document())
