@@ -7,13 +7,14 @@ from typing import Any
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
-from server import render
-from server.errors import NotAcceptable, NotFound, ValidationFailed
-from server.keys import NEGOTIATOR
+from server import compression, conditional, render
+from server.errors import DomainError, EncodingNotAcceptable, NotAcceptable, NotFound, ValidationFailed
+from server.keys import COMPRESSION, CONFIG, NEGOTIATOR
 from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
 
 JSON_TYPE = "application/json"
@@ -70,13 +71,37 @@ def represent(
     status: int = 200,
     headers: Mapping[str, str] | None = None,
     media: str | None = None,
+    etag: bool = False,
 ) -> web.Response:
     """`data` in the representation the client prefers, with Vary: Accept. Handlers that
-    change state pass `media` from negotiate() called first, so a 406 never follows a write."""
+    change state pass `media` from negotiate() called first, so a 406 never follows a write.
+    With `etag`, a strong ETag over the bytes is sent and If-None-Match honoured (304)."""
     if media is None:
         media = negotiate(request)
     body = render.render(media, data, shape, render_options(request, media))
+    if etag:
+        tag = conditional.etag_of(body)
+        unchanged = not_modified(request, media, tag)
+        if unchanged is not None:
+            return unchanged
+        headers = {**headers, "ETag": tag} if headers else {"ETag": tag}
     return negotiated_response(media, body, status, headers)
+
+
+def not_modified(
+    request: web.Request, media: str, etag: str, headers: Mapping[str, str] | None = None
+) -> web.Response | None:
+    """A 304 (no body; the validator, Vary and any `headers` the 200 would carry) when the
+    request's If-None-Match matches `etag`, else None. GET and HEAD only (RFC 9110 13.1.2)."""
+    inm = request.headers.get("If-None-Match")
+    if inm is None or request.method not in ("GET", "HEAD") or not conditional.none_match(inm, etag):
+        return None
+    if not etag.startswith("W/") and "W/" + etag in inm:
+        etag = "W/" + etag  # the client holds the compressed variant, sent with the weak form
+    out = CIMultiDict({"ETag": etag, "Vary": _NEGOTIATED_HEADERS[media]["Vary"]})
+    if headers:
+        out.update(headers)
+    return web.Response(status=304, headers=out)
 
 
 def page_link(request: web.Request, route: str, **query: str) -> str:
@@ -127,10 +152,165 @@ async def read_body(request: web.Request) -> Any:
         raise web.HTTPUnsupportedMediaType(
             text=f"send the body as one of {_BODY_TYPES}, not {media}", headers={accept_header: _BODY_TYPES}
         )
-    body = await request.read()
+    body = await _read_decoded(request)
     if not body.strip():
         raise web.HTTPBadRequest(text="a request body is required")
     try:
         return render.parse_body(media, body)
     except render.BodyError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+
+
+# Content codings aiohttp's parser decodes as the body arrives (br and zstd only when their
+# libraries are installed); read_body() counts the decoded bytes and stops at the cap.
+_DECODED = frozenset({"gzip", "x-gzip", "deflate", *compression.available()})
+_ACCEPT_ENCODING = ", ".join(sorted(_DECODED - {"x-gzip"}))
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    title = "Content Too Large"
+    type_slug = "too-large"
+
+
+class UnsupportedEncoding(DomainError):
+    status = 415
+    title = "Unsupported Media Type"
+    type_slug = "unsupported-encoding"
+
+    def __init__(self, detail: str) -> None:
+        # RFC 9110 15.5.16: a 415 caused by a content coding names the codings accepted
+        super().__init__(detail, headers={"Accept-Encoding": _ACCEPT_ENCODING})
+
+
+async def _read_decoded(request: web.Request) -> bytes:
+    """The request body, decoded when it came with a Content-Encoding we support.
+
+    The decoded size is capped (compression.request_max_size, 413 beyond): aiohttp inflates
+    a bounded amount per read, and reading stops at the cap, so a zip bomb costs at most the
+    cap in memory. A coding we cannot decode (or a stack of codings) is 415.
+    """
+    header = request.headers.get("Content-Encoding")
+    if header is None:
+        return await request.read()
+    codings = [c for c in (p.strip().lower() for p in header.split(",")) if c and c != "identity"]
+    if not codings:
+        return await request.read()
+    if len(codings) > 1 or codings[0] not in _DECODED:
+        raise UnsupportedEncoding(f"cannot decode a body with Content-Encoding {header!r}")
+    cap = request.app[CONFIG].compression.request_max_size
+    wire_cap = request.app[CONFIG].server.client_max_size
+    if (request.content_length or 0) > wire_cap:
+        raise web.HTTPRequestEntityTooLarge(max_size=wire_cap, actual_size=request.content_length or 0)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > cap:
+                raise PayloadTooLarge(
+                    f"the decoded body exceeds {cap} bytes (compression.request_max_size)",
+                    extra={"max_size": cap},
+                )
+            parts.append(chunk)
+    except RequestPayloadError:
+        raise web.HTTPBadRequest(text=f"the body is not valid {codings[0]} data") from None
+    return b"".join(parts)
+
+
+# ------------------------------------------------------------------ kept bodies, encoded once
+
+# Headers of a kept body per (media type, coding): built once, copied per response.
+_KEPT_HEADERS: dict[tuple[str, str | None], CIMultiDict[str]] = {
+    (media, coding): CIMultiDict(
+        {
+            "Content-Type": fmt.content_type,
+            "Vary": "Accept, Accept-Encoding",
+            **({"Content-Encoding": coding} if coding else {}),
+        }
+    )
+    for media, fmt in BY_MEDIA.items()
+    for coding in (None, *compression.available())
+}
+
+
+def choose_coding(request: web.Request, media: str, size: int, *, kept: bool = False) -> str | None:
+    """The content coding for a body of `size` bytes of type `media` (None: identity), by the
+    rules of middlewares/compression.py; 406 when identity is refused and nothing fits. A
+    `kept` body is compressed once and kept, so HEAD gets it too (exactly GET's headers)."""
+    state = request.app[COMPRESSION]
+    if not state.enabled or not state.compressible(media):
+        return None
+    choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
+    if choice.coding is None:
+        if not choice.identity_ok:
+            raise EncodingNotAcceptable([*state.negotiator.order])
+        return None
+    if (size < state.min_size and choice.identity_ok) or (request.method == "HEAD" and not kept):
+        return None
+    if compression.no_transform(request.headers.get("Cache-Control")):
+        return None
+    return choice.coding
+
+
+def kept_response(
+    media: str,
+    body: bytes,
+    etag: str,
+    coding: str | None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    compressible: bool = True,
+) -> web.Response:
+    """A response for already-encoded bytes: Vary: Accept, Accept-Encoding when the type could
+    be compressed, Content-Encoding when `coding`, the ETag as given."""
+    table = _KEPT_HEADERS if compressible or coding else None
+    out = (table[(media, coding)] if table is not None else _NEGOTIATED_HEADERS[media]).copy()
+    out["ETag"] = etag
+    if headers:
+        out.update(headers)
+    return web.Response(body=body, headers=out)
+
+
+def send_kept_now(request: web.Request, media: str, body: bytes) -> web.Response | None:
+    """A body the handler keeps between requests (a rendered page), with a strong ETag hashed
+    once per body: 304 when If-None-Match matches it; else the body as is, or compressed
+    from the app's compressed-body cache, with the ETag weakened when compressed. None when
+    the body has yet to be compressed for this coding: then await send_kept(). Routes using
+    it leave the compression middleware out (middlewares/compression.py SELF_ENCODED). No
+    await here: the hot path of a cached page stays one plain call."""
+    headers = request.headers
+    state = request.app[COMPRESSION]
+    kept = state.kept(body, media, _identity_headers)
+    etag, compressible = kept.etag, kept.compressible
+    if hdrs.IF_NONE_MATCH in headers:
+        vary = {"Vary": "Accept, Accept-Encoding"} if compressible else None
+        unchanged = not_modified(request, media, etag, vary)
+        if unchanged is not None:
+            return unchanged
+    if not compressible or hdrs.ACCEPT_ENCODING not in headers:
+        return web.Response(body=body, headers=kept.identity.copy())
+    coding = choose_coding(request, media, len(body), kept=True)
+    if coding is None:
+        return kept_response(media, body, etag, None)
+    encoded = state.cached(body, coding)
+    if encoded is None:
+        return None
+    return kept_response(media, encoded, conditional.weak(etag), coding)
+
+
+async def send_kept(request: web.Request, media: str, body: bytes) -> web.Response:
+    """send_kept_now(), compressing the body first (once per coding) when it has to."""
+    resp = send_kept_now(request, media, body)
+    if resp is not None:
+        return resp
+    coding = choose_coding(request, media, len(body), kept=True)
+    assert coding is not None  # send_kept_now() answers every case without one
+    state = request.app[COMPRESSION]
+    encoded = await state.encode(coding, body, cache=True)
+    etag = state.kept(body, media, _identity_headers).etag
+    return kept_response(media, encoded, conditional.weak(etag), coding)
+
+
+def _identity_headers(media: str, compressible: bool) -> CIMultiDict[str]:
+    return (_KEPT_HEADERS[(media, None)] if compressible else _NEGOTIATED_HEADERS[media]).copy()

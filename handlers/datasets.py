@@ -6,13 +6,18 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Iterable
+from functools import partial
+from typing import Any
 
 from aiohttp import web
 
-from middlewares.streaming import stream_headers
-from server import negotiation, streaming
-from server.errors import ValidationFailed
-from server.keys import CONFIG, DB
+from handlers.common import kept_response, negotiate, not_modified, render_options
+from middlewares.streaming import EncodedStream, stream_headers
+from server import negotiation, render, streaming
+from server.compression import no_transform
+from server.errors import EncodingNotAcceptable, ValidationFailed
+from server.keys import COMPRESSION, CONFIG, DB, LARGE_DATASET
+from server.render import Shape
 
 log = logging.getLogger("hotpath.streaming")
 
@@ -26,7 +31,7 @@ class _Stalled(Exception):
 
 
 async def _open(request: web.Request, content_type: str, filename: str) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+    resp = EncodedStream(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
     if request.query.get("download") in ("1", "true", "yes"):
         resp.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     stream_headers(request, resp)
@@ -155,3 +160,46 @@ async def export_users(request: web.Request) -> web.StreamResponse:
         except (ConnectionError, _Stalled) as exc:
             return _gone(request, resp, exc)
         return resp
+
+
+# ---------------------------------------------------------------- GET /large-dataset
+
+LARGE_DATASET_SHAPE = Shape("large_dataset", rows="records")
+
+
+async def large_dataset(request: web.Request) -> web.Response:
+    """The 1000-record document, negotiated like every resource, served from encoded bytes
+    cached per (representation, coding) with a strong ETag each; 304 for a matching
+    If-None-Match. The route leaves the compression middleware out: it encodes itself."""
+    media = negotiate(request)
+    # HEAD is answered from the kept variant too: exactly the headers GET would get
+    state = request.app[COMPRESSION]
+    coding = None
+    compressible = state.enabled and state.compressible(media)
+    if compressible:
+        choice = state.negotiator.choose(request.headers.get("Accept-Encoding"))
+        if choice.coding is None and not choice.identity_ok:
+            raise EncodingNotAcceptable([*state.negotiator.order])
+        if not no_transform(request.headers.get("Cache-Control")):
+            coding = choice.coding
+    options = render_options(request, media)
+    key = (media, options.pretty, coding)
+    dataset = request.app[LARGE_DATASET]
+    encoded = dataset.cached(key)
+    if encoded is None:
+        encoded = await dataset.get(key, partial(_render_dataset, media, options))
+    cfg = request.app[CONFIG].compression
+    headers = {"Cache-Control": f"public, max-age={cfg.dataset_max_age}"}
+    if "If-None-Match" in request.headers:
+        if compressible:
+            headers["Vary"] = "Accept, Accept-Encoding"
+        unchanged = not_modified(request, media, encoded.etag, headers)
+        if unchanged is not None:
+            return unchanged
+    return kept_response(
+        media, encoded.body, encoded.etag, encoded.coding, headers, compressible=compressible
+    )
+
+
+def _render_dataset(media: str, options: render.RenderOptions, doc: dict[str, Any]) -> bytes:
+    return render.render(media, doc, LARGE_DATASET_SHAPE, options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import negotiate, negotiated_response, page_link, query_int, render_options
+from handlers.common import negotiate, page_link, query_int, render_options, send_kept, send_kept_now
 from server import render
 from server.keys import CATALOGUE, CONFIG
 from server.products import Catalogue
@@ -23,7 +23,7 @@ async def list_products(request: web.Request) -> web.Response:
         if body is None:
             limit = request.app[CONFIG].products.default_limit
             body = catalogue.cache_page(key, _render_page(request, catalogue, media, 1, limit))
-        return negotiated_response(media, body)
+        return send_kept_now(request, media, body) or await send_kept(request, media, body)
     cfg = request.app[CONFIG].products
     page = query_int(request, "page", 1, minimum=1, maximum=10**9)
     limit = query_int(request, "limit", cfg.default_limit, minimum=1, maximum=cfg.max_limit)
@@ -31,7 +31,7 @@ async def list_products(request: web.Request) -> web.Response:
     body = catalogue.cached_page(key)
     if body is None:
         body = catalogue.cache_page(key, _render_page(request, catalogue, media, page, limit))
-    return negotiated_response(media, body)
+    return send_kept_now(request, media, body) or await send_kept(request, media, body)
 
 
 def _render_page(request: web.Request, catalogue: Catalogue, media: str, page: int, limit: int) -> bytes:

@@ -26,6 +26,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
+    web.get("/large-dataset", datasets.large_dataset, name="large_dataset"),
 )
 UNMATCHED = "unmatched"
 

@@ -25,7 +25,7 @@ async def create_user(request: web.Request) -> web.Response:
 async def get_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     app = request.app
-    return represent(request, await users.get_user(app[DB], user_id, app[USER_BATCHER]), USER)
+    return represent(request, await users.get_user(app[DB], user_id, app[USER_BATCHER]), USER, etag=True)
 
 
 async def update_user(request: web.Request) -> web.Response:
@@ -56,4 +56,4 @@ async def list_users(request: web.Request) -> web.Response:
 
 async def get_profile(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
-    return represent(request, await users.get_profile(request.app[DB], user_id), PROFILE)
+    return represent(request, await users.get_profile(request.app[DB], user_id), PROFILE, etag=True)

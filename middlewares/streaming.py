@@ -2,15 +2,63 @@
 
 A middleware can only change headers before they are sent; a streaming handler sends them
 at prepare(), inside the handler. Such handlers call stream_headers() just before prepare()
-and get what the middlewares would have added: the request id and the rate-limit headers.
+and get what the middlewares would have added: the request id, the rate-limit headers and,
+for an EncodedStream of a compressible type, the content coding the client accepts (the
+body is then compressed as it is written). text/event-stream is never compressed.
 """
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from middlewares.request_context import HEADER as REQUEST_ID_HEADER
-from server.keys import RATE_LIMIT, REQUEST_ID
+from server.compression import Compression, StreamEncoder, no_transform, stream_encoder
+from server.keys import COMPRESSION, RATE_LIMIT, REQUEST_ID
+
+
+class EncodedStream(web.StreamResponse):
+    """A StreamResponse whose writes go through a content encoder once stream_headers() has
+    chosen one. Flush policy: everything written so far is made decodable by the client once
+    `stream_flush_bytes` input bytes are pending or the last flush is `stream_flush_interval`
+    seconds old, so a slow producer's records do not sit in the encoder."""
+
+    _encoder: StreamEncoder | None = None
+    _codec_state: Compression | None = None
+    _pending = 0
+    _flushed_at = 0.0
+
+    def start_encoding(self, state: Compression, coding: str) -> None:
+        """Compress the body with `coding` (call before prepare())."""
+        self._encoder = stream_encoder(coding, state.levels)
+        self._codec_state = state
+        self._flushed_at = time.monotonic()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        encoder, state = self._encoder, self._codec_state
+        if encoder is None or state is None:
+            await super().write(data)
+            return
+        self._pending += len(data)
+        now = time.monotonic()
+        flush = (
+            self._pending >= state.stream_flush_bytes or now - self._flushed_at >= state.stream_flush_interval
+        )
+        out = await state.encode_chunk(encoder, bytes(data), flush)
+        if flush:
+            self._pending, self._flushed_at = 0, now
+        if out:
+            await super().write(out)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        encoder = self._encoder
+        if encoder is None or self._eof_sent:
+            await super().write_eof(data)
+            return
+        self._encoder = None
+        tail = encoder.compress(bytes(data)) if data else b""
+        await super().write_eof(tail + encoder.finish())
 
 
 def stream_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -21,3 +69,21 @@ def stream_headers(request: web.Request, response: web.StreamResponse) -> None:
     decision = request.get(RATE_LIMIT)
     if decision is not None:
         response.headers.update(decision.headers())
+    state = request.app.get(COMPRESSION)
+    if state is None or not state.enabled or not isinstance(response, EncodedStream):
+        return
+    headers = response.headers
+    if not state.compressible(headers.get("Content-Type")):
+        return  # text/event-stream is refused here whatever compression.types says
+    state.vary(headers)
+    if (
+        request.method == "HEAD"
+        or "Content-Encoding" in headers
+        or "Content-Length" in headers
+        or no_transform(headers.get("Cache-Control"))
+    ):
+        return
+    coding = state.negotiator.choose(request.headers.get("Accept-Encoding")).coding
+    if coding is not None:
+        headers["Content-Encoding"] = coding
+        response.start_encoding(state, coding)

@@ -9,8 +9,10 @@ import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
+from server import compression
 from server.config import Config, load_config
-from server.keys import CONFIG, METRICS, NEGOTIATOR
+from server.keys import COMPRESSION, CONFIG, LARGE_DATASET, METRICS, NEGOTIATOR
+from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
 from server.render import OFFERS
@@ -34,6 +36,8 @@ def create_app(config: Config) -> web.Application:
     app[NEGOTIATOR] = Negotiator(OFFERS)
     mcfg = config.metrics
     app[METRICS] = Metrics(Path(mcfg.shared_dir) if mcfg.shared_dir else None) if mcfg.enabled else None
+    app[COMPRESSION] = compression.from_config(config.compression)
+    app[LARGE_DATASET] = LargeDataset(app[COMPRESSION], config.compression.dataset_ttl)
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
     app.cleanup_ctx.append(pg_pool_ctx)
     app.cleanup_ctx.append(user_batcher_ctx)

@@ -142,6 +142,35 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressionConfig:
+    enabled: bool = True
+    min_size: int = field(default=1024, metadata=_range(0))
+    order: tuple[str, ...] = ("zstd", "br", "gzip")
+    gzip_level: int = field(default=5, metadata=_range(0, 9))
+    br_level: int = field(default=4, metadata=_range(0, 11))
+    zstd_level: int = field(default=3, metadata=_range(1, 22))
+    types: tuple[str, ...] = (
+        "application/json",
+        "application/*+json",
+        "application/x-ndjson",
+        "text/*",
+        "application/xml",
+        "application/*+xml",
+        "application/yaml",
+        "application/x-yaml",
+        "application/javascript",
+        "image/svg+xml",
+    )
+    executor_threshold: int = field(default=128 * 1024, metadata=_range(0))
+    request_max_size: int = field(default=8 * 1024 * 1024, metadata=_range(1024))
+    stream_flush_bytes: int = field(default=64 * 1024, metadata=_range(0))
+    stream_flush_interval: float = field(default=0.25, metadata=_range(0))
+    cache_entries: int = field(default=256, metadata=_range(0))
+    dataset_ttl: float = field(default=300.0, metadata=_range(0.001))
+    dataset_max_age: int = field(default=60, metadata=_range(0))
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -164,6 +193,7 @@ class Config:
     streaming: StreamingConfig = StreamingConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     @property
     def embedded_mode(self) -> bool:
@@ -309,6 +339,9 @@ def _validate_whole(config: Config) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError("ratelimit.trusted_proxies", f"{cidr!r} is not an IP network") from None
+    for coding in config.compression.order:
+        if coding not in ("gzip", "br", "zstd"):
+            raise ConfigError("compression.order", f"{coding!r} is not one of gzip, br, zstd")
     if bool(db.url) != bool(config.redis.url):
         missing = "redis.url (REDIS_URL)" if db.url else "database.url (DATABASE_URL)"
         raise ConfigError(

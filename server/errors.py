@@ -120,3 +120,17 @@ def as_unavailable(exc: BaseException) -> Unavailable | None:
     if isinstance(exc, TimeoutError | ConnectionError):
         return Unavailable("a backing service did not answer in time, retry shortly")
     return None
+
+
+class EncodingNotAcceptable(DomainError):
+    """The client refuses identity and every content coding we have (RFC 9110 12.5.3)."""
+
+    status = 406
+    title = "Not Acceptable"
+    type_slug = "not-acceptable"
+
+    def __init__(self, available: list[str]) -> None:
+        super().__init__(
+            f"identity is refused and none of {', '.join(available)} is acceptable (Accept-Encoding)",
+            extra={"available": available},
+        )

@@ -9,9 +9,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.batching import KeyBatcher
+from server.compression import Compression
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
+from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
 from server.products import Catalogue
@@ -36,3 +38,8 @@ METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
+
+# Compression (issue 4): negotiator, filters, compressed-body cache and ETags of kept
+# bodies; the cached /large-dataset document.
+COMPRESSION = web.AppKey("hotpath.compression", Compression)
+LARGE_DATASET = web.AppKey("hotpath.large_dataset", LargeDataset)

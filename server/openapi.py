@@ -114,6 +114,31 @@ _UNAVAILABLE = {"503": _problem("database or Redis unavailable; see Retry-After"
 _NOT_FOUND = {"404": _problem("no such user")}
 
 
+_LARGE_DATASET: dict[str, Any] = {
+    "type": "object",
+    "required": ["records", "metadata"],
+    "properties": {
+        "records": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "name", "description"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                },
+            },
+        },
+        "metadata": {
+            "type": "object",
+            "required": ["total", "generated_at"],
+            "properties": {"total": {"type": "integer"}, "generated_at": {"type": "string"}},
+        },
+    },
+}
+
+
 def build_spec() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {
@@ -399,6 +424,19 @@ def build_spec() -> dict[str, Any]:
                         "401": _problem("metrics.token is set and the request does not carry it"),
                         "403": _problem("no token configured and the client is not a direct loopback peer"),
                         "404": _problem("metrics.enabled is false"),
+                    },
+                }
+            },
+            "/large-dataset": {
+                "get": {
+                    "operationId": "large_dataset",
+                    "summary": "1000 records from cached encoded bytes (strong ETag, Cache-Control; "
+                    "compressed per Accept-Encoding; If-None-Match gives 304)",
+                    "parameters": _NEGOTIATION_PARAMS,
+                    "responses": {
+                        "200": _negotiated("the dataset", _LARGE_DATASET),
+                        "304": {"description": "the client's copy (If-None-Match) is current"},
+                        **_NEGOTIATION_ERRORS,
                     },
                 }
             },

@@ -35,6 +35,7 @@ def test_shipped_config_equals_the_defaults() -> None:
         "streaming",
         "log",
         "metrics",
+        "compression",
     ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:

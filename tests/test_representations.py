@@ -34,7 +34,7 @@ async def test_user_in_structured_formats_decodes_to_the_same_data(client: Any, 
     resp = await client.get(f"/users/{user['id']}", headers={"Accept": accept})
     assert resp.status == 200
     assert resp.content_type == accept
-    assert resp.headers["Vary"] == "Accept"
+    assert "Accept" in [v.strip() for v in resp.headers["Vary"].split(",")]
     got = DECODERS[accept](await resp.read())
     assert got["id"] == user["id"] and got["name"] == user["name"] and got["email"] == user["email"]
     created = got["created_at"]
@@ -191,7 +191,7 @@ async def test_problem_in_xml_or_yaml_for_clients_that_accept_only_that(client: 
 async def test_products_catalogue_shape_and_pages(client: Any) -> None:
     resp = await client.get("/products")
     assert resp.status == 200
-    assert resp.headers["Vary"] == "Accept"
+    assert "Accept" in [v.strip() for v in resp.headers["Vary"].split(",")]
     body = await resp.json()
     assert body["page"] == 1 and body["total"] == len(body["items"]) >= 8
     assert body["next"] is None
