@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, fetch, health, legacy, meta, products, users
+from handlers import datasets, feed, fetch, health, legacy, meta, products, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -24,6 +24,10 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
+    web.get("/stream-real-time", feed.stream, name="stream_real_time"),
+    web.get("/events", feed.stream, name="events"),
+    web.post("/events", feed.publish, name="events_publish"),
+    web.get("/feed", feed.page, name="feed"),
 )
 UNMATCHED = "unmatched"
 

@@ -20,7 +20,18 @@ from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
 from server.fanout import Guard, GuardedResolver
-from server.keys import CATALOGUE, CONFIG, DB, FETCH_GUARD, HTTP_CLIENT, RATE_LIMITER, REDIS, USER_BATCHER
+from server.feed import Feed
+from server.keys import (
+    CATALOGUE,
+    CONFIG,
+    DB,
+    FEED,
+    FETCH_GUARD,
+    HTTP_CLIENT,
+    RATE_LIMITER,
+    REDIS,
+    USER_BATCHER,
+)
 from server.migrations import apply_migrations
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
@@ -218,3 +229,33 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP_CLIENT] = session
     yield
     await session.close()
+
+
+async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The real-time feed under FEED: its stream reader holds a Redis connection of its own
+    (a blocking XREAD would tie up one of the shared pool's), opened after the shared client."""
+    cfg = app[CONFIG]
+    reader = aioredis.Redis.from_url(
+        cfg.redis.url,
+        single_connection_client=True,
+        # the reader blocks up to 5 s per XREAD: its timeout must outlast that
+        socket_timeout=5.0 + cfg.redis.socket_timeout,
+        socket_connect_timeout=cfg.redis.connect_timeout,
+    )
+    feed = Feed(app[REDIS], reader, cfg.feed)
+    try:
+        await feed.start()
+    except BaseException:
+        await feed.close()
+        raise
+    app[FEED] = feed
+    yield
+    await feed.close()
+
+
+async def feed_shutdown(app: web.Application) -> None:
+    """on_shutdown: every open event stream gets its farewell and ends, so the server's
+    graceful wait is not spent on streams that would never finish by themselves."""
+    feed = app.get(FEED)
+    if feed is not None:
+        feed.shutdown()
