@@ -72,6 +72,17 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def raise_open_files_limit() -> None:
+    """Every open event stream holds a socket: let the process use all it is allowed."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(config: Config) -> int:
     from aiohttp import web
 
@@ -83,6 +94,7 @@ def serve(config: Config) -> int:
     # Until run_app installs its own handlers, SIGTERM unwinds through `finally` like
     # Ctrl-C does, so embedded servers that were started are stopped.
     signal.signal(signal.SIGTERM, _raise_exit)
+    raise_open_files_limit()
     embedded: EmbeddedServices | None = None
     try:
         if config.embedded_mode:

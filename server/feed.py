@@ -183,6 +183,7 @@ class Feed:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_id = "0-0"
         self.closing = False
+        self._stopping = False
         self.leader = False
         self.overflows = 0  # subscribers dropped for falling queue_size events behind
         self._lease = redis.register_script(_LEASE_SCRIPT)
@@ -230,17 +231,33 @@ class Feed:
     async def close(self) -> None:
         """Stop the tasks, give up the ticker lease, close the reader's connection."""
         self.shutdown()
-        for task in self._tasks:
+        self._stopping = True
+        reader = next((t for t in self._tasks if t.get_name() == "feed-reader"), None)
+        others = [t for t in self._tasks if t is not reader]
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # The reader sits in a blocking XREAD: closing its connection ends that call at once.
+        # (Cancelling redis-py mid-read was seen to hang now and then in its own cleanup.)
+        try:
+            await self._reader.connection_pool.disconnect(inuse_connections=True)
+        except Exception as exc:
+            log.warning("feed: closing the reader connection: %s", exc)
+        if reader is not None:
+            done, _ = await asyncio.wait([reader], timeout=2.0)
+            if not done:
+                reader.cancel()
+                done, _ = await asyncio.wait([reader], timeout=2.0)
+                if not done:
+                    log.warning("feed: the stream reader did not stop")
+        await asyncio.gather(*others, return_exceptions=True)
         self._tasks.clear()
+        await self._reader.aclose()
         if self.leader:
             self.leader = False
             try:
                 await self._release(keys=[self._lock_key], args=[self.node])
             except _REDIS_ERRORS as exc:
                 log.warning("could not release the ticker lease: %s", exc)
-        await self._reader.aclose()
 
     # -- subscribers ----------------------------------------------------------------------
 
@@ -373,10 +390,14 @@ class Feed:
                     {self.stream_key: self._last_id}, count=_READ_COUNT, block=_READ_BLOCK_MS
                 )
             except _REDIS_ERRORS as exc:
+                if self._stopping:
+                    return
                 log.warning("feed reader: %s: %s (retrying in %.1f s)", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if self._stopping:
+                return
             delay = 0.1
             for _key, entries in reply or ():
                 self._dispatch(entries)

@@ -126,7 +126,21 @@ _EVENT_STREAM = {
         "Cache-Control": {"schema": {"const": "no-cache"}},
         "X-Accel-Buffering": {"schema": {"const": "no"}},
     },
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # each event, as a client's parser sees it
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": r"^\d{1,19}-\d{1,19}$"},
+                    "event": {"type": "string"},
+                    "data": {"type": "string", "description": "JSON (ticker: timestamp, value, status)"},
+                    "retry": {"type": "integer", "minimum": 0},
+                },
+            }
+        }
+    },
 }
 _STREAM_PARAMS = [
     {

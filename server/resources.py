@@ -235,13 +235,14 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
     """The real-time feed under FEED: its stream reader holds a Redis connection of its own
     (a blocking XREAD would tie up one of the shared pool's), opened after the shared client."""
     cfg = app[CONFIG]
-    reader = aioredis.Redis.from_url(
+    pool = aioredis.ConnectionPool.from_url(
         cfg.redis.url,
-        single_connection_client=True,
+        max_connections=1,
         # the reader blocks up to 5 s per XREAD: its timeout must outlast that
         socket_timeout=5.0 + cfg.redis.socket_timeout,
         socket_connect_timeout=cfg.redis.connect_timeout,
     )
+    reader = aioredis.Redis.from_pool(pool)
     feed = Feed(app[REDIS], reader, cfg.feed)
     try:
         await feed.start()
