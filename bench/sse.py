@@ -224,6 +224,7 @@ def main() -> int:
                     f"{f', {lost} connections lost' if lost else ''}"
                 )
             latencies.sort()
+            print(f"fastest delivery {latencies[0] * 1000:.0f} ms (publish over HTTP + XADD + XREAD wake-up)")
             print(
                 f"all rounds: p50 {statistics.median(latencies) * 1000:.0f} ms, "
                 f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.0f} ms, "
@@ -244,6 +245,9 @@ def main() -> int:
             tail = log.read()[-2000:].decode(errors="replace")
             if proc.returncode not in (0, -15):
                 sys.stderr.write(tail)
+            for line in tail.splitlines():
+                if "handed out" in line:
+                    print("server:", line.split("hotpath.feed: ", 1)[-1])
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp_jinja2
@@ -21,6 +22,8 @@ log = logging.getLogger("hotpath.feed")
 # The old service's /stream-real-time sent only ticker events (data: timestamp, value, status):
 # its clients keep getting just those unless they ask for more. /events carries every channel.
 LEGACY_CHANNELS = ("ticker",)
+# Bytes a stream's socket may have waiting before events stop taking the direct path.
+_DIRECT_LIMIT = 64 * 1024
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -29,10 +32,6 @@ SSE_HEADERS = {
     # compressor would hold events back until its buffer fills.
     "Content-Encoding": "identity",
 }
-
-
-class _Stalled(Exception):
-    """The client did not take a write within feed.write_timeout."""
 
 
 def _channels(request: web.Request, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -62,12 +61,14 @@ def _last_event_id(request: web.Request) -> str | None:
     return value
 
 
-async def _write(resp: web.StreamResponse, data: bytes, timeout: float) -> None:
+async def _write(sub: Subscriber, resp: web.StreamResponse, data: bytes) -> None:
+    """Most writes return at once (the transport buffers); one that has to wait for the client
+    is timed by the feed's heartbeat loop (no timer per write: 10,000 streams x every event)."""
+    sub.writing_since = asyncio.get_running_loop().time()
     try:
-        async with asyncio.timeout(timeout):
-            await resp.write(data)
-    except TimeoutError:
-        raise _Stalled from None
+        await resp.write(data)
+    finally:
+        sub.writing_since = 0.0
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -89,10 +90,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
         stream_headers(request, resp)
         await resp.prepare(request)
         opening = b"retry: %d\n: hotpath feed\n\n" % cfg.retry
+        transport = request.transport
+        if transport is not None:
+            sub.on_stall = transport.abort  # the pending write then fails with ConnectionError
+        sub.sent = sent
         try:
-            await _write(resp, opening + b"".join(f.body for f in replayed), cfg.write_timeout)
-            await _pump(sub, resp, sent, cfg.write_timeout)
-        except (ConnectionError, _Stalled) as exc:
+            await _write(sub, resp, opening + b"".join(f.body for f in replayed))
+            if transport is not None and resp.chunked:
+                sub.direct = _direct_writer(sub, transport)
+            await _pump(sub, resp, cfg.write_timeout)
+        except (ConnectionError, TimeoutError) as exc:
             log.debug("feed stream ended: %s", type(exc).__name__)
             if request.transport is not None:
                 request.transport.abort()
@@ -102,7 +109,31 @@ async def stream(request: web.Request) -> web.StreamResponse:
         feed.unsubscribe(sub)
 
 
-async def _pump(sub: Subscriber, resp: web.StreamResponse, sent: tuple[int, int], timeout: float) -> None:
+def _direct_writer(sub: Subscriber, transport: asyncio.BaseTransport) -> Callable[[Frame], bool]:
+    """Subscriber.direct for a chunked HTTP/1.1 response: one transport.write of the frame as
+    a chunk, done by the feed's reader itself, as long as the socket keeps up (else False, and
+    the frame goes through the mailbox and an awaited write that waits for the client)."""
+    assert isinstance(transport, asyncio.WriteTransport)
+
+    def direct(frame: Frame) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() > _DIRECT_LIMIT:
+            return False
+        key = frame.key
+        if key is not None:
+            if key <= sub.sent:
+                return True  # already replayed
+            sub.sent = key
+        wire = frame.wire
+        if wire is None:
+            body = frame.body
+            wire = frame.wire = b"%x\r\n%b\r\n" % (len(body), body)
+        transport.write(wire)
+        return True
+
+    return direct
+
+
+async def _pump(sub: Subscriber, resp: web.StreamResponse, timeout: float) -> None:
     """Mailbox -> socket, everything waiting in one write, until a final frame (shutdown or
     overflow) has gone out."""
     while True:
@@ -111,16 +142,17 @@ async def _pump(sub: Subscriber, resp: web.StreamResponse, sent: tuple[int, int]
         for frame in batch:
             key = frame.key
             if key is not None:
-                if key <= sent:
+                if key <= sub.sent:
                     continue  # already replayed
-                sent = key
+                sub.sent = key
             out.append(frame.body)
         final = sub.final
         if final is not None:
             out.append(final.body)
         if out:
-            await _write(resp, b"".join(out), timeout)
+            await _write(sub, resp, b"".join(out))
         if final is not None:
+            sub.direct = None
             resp.force_close()  # the client reconnects (to this or another process) with its last id
             async with asyncio.timeout(timeout):
                 await resp.write_eof()

@@ -329,6 +329,31 @@ async def test_slow_consumer_gets_a_final_event_then_is_dropped(aiohttp_client: 
     assert "too slow" in after
 
 
+async def test_a_stalled_write_ends_the_stream(aiohttp_client: Any, cfg: Config) -> None:
+    # a mailbox big enough never to overflow: what ends this stream is the write timeout
+    config = feed_cfg(cfg, queue_size=100_000, write_timeout=0.2, heartbeat=60.0)
+    client = await aiohttp_client(create_app(config))
+    feed: Feed = client.app[FEED]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    _reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(b"GET /events?channels=tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    await subscribed(client)
+    blob = "x" * 16384
+    deadline = time.monotonic() + 30
+    n = 0
+    while feed.subscriber_count:
+        assert time.monotonic() < deadline, "the stalled stream was never ended"
+        await feed.publish("tasks", "task.progress", {"n": n, "blob": blob})
+        n += 1
+        await asyncio.sleep(0.001)
+    assert feed.overflows == 0
+    writer.close()
+
+
 async def test_subscriber_cap_answers_503_with_retry_after(aiohttp_client: Any, cfg: Config) -> None:
     client = await aiohttp_client(create_app(feed_cfg(cfg, max_subscribers=1)))
     resp, _ = await open_stream(client)
