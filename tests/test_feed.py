@@ -5,11 +5,14 @@ users events. Everything against the real Redis; nothing waits by sleeping."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -19,7 +22,7 @@ from server.config import Config
 from server.errors import Unavailable
 from server.feed import Feed, encode_event, parse_event_id
 from server.keys import FEED
-from tests.conftest import replace
+from tests.conftest import PYTHON, ROOT, free_port, replace
 
 TOKEN = "test-admin-token"
 
@@ -420,6 +423,52 @@ async def test_ticker_has_one_leader_and_another_takes_over(aiohttp_client: Any,
     ev = await sse.until(lambda ev: orjson.loads(ev["data"])["leader"] == follower.app[FEED].node)
     assert orjson.loads(ev["data"])["value"] > values[-1]
     resp.close()
+
+
+@pytest.mark.slow
+async def test_ticker_survives_its_leader_being_killed(aiohttp_client: Any, cfg: Config) -> None:
+    # The leader is a real run.py process; SIGKILL gives it no chance to release its lease.
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": cfg.database.url,
+        "REDIS_URL": cfg.redis.url,
+        "HOTPATH_FEED_TICKER_INTERVAL": "0.1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "run.py", "--port", str(port), cwd=ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 60
+            while True:  # ready, and so already leading: nobody else holds the lease
+                assert proc.returncode is None, "run.py exited"
+                assert time.monotonic() < deadline, "run.py did not become ready"
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ready") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        follower = await aiohttp_client(create_app(replace(cfg, feed={"ticker_interval": 0.1})))
+        resp, sse = await open_stream(follower, "/stream-real-time")
+        # wait for the other process's ticks (it started first, so it leads)
+        ev = await sse.until(lambda ev: orjson.loads(ev["data"])["leader"] != follower.app[FEED].node, 60)
+        last = orjson.loads(ev["data"])["value"]
+        assert not follower.app[FEED].leader
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        killed_at = time.monotonic()
+        ev = await sse.until(lambda ev: orjson.loads(ev["data"])["leader"] == follower.app[FEED].node, 10)
+        # the lease (3 intervals, at least 0.5 s) ran out, then the follower took it
+        assert time.monotonic() - killed_at < 5
+        assert orjson.loads(ev["data"])["value"] > last
+        resp.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_users_writes_publish_events(aiohttp_client: Any, cfg: Config) -> None:
