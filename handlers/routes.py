@@ -24,8 +24,8 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
-    web.get("/stream-real-time", feed.stream, name="stream_real_time"),
-    web.get("/events", feed.stream, name="events"),
+    web.get("/stream-real-time", feed.stream, name="stream_real_time", allow_head=False),
+    web.get("/events", feed.stream, name="events", allow_head=False),
     web.post("/events", feed.publish, name="events_publish"),
     web.get("/feed", feed.page, name="feed"),
 )

@@ -197,11 +197,13 @@ class Feed:
     """The feed of one process: publish, subscribe, replay; owns the reader, heartbeat and
     ticker tasks (start() / close())."""
 
-    def __init__(self, redis: aioredis.Redis, reader: aioredis.Redis, config: FeedConfig) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, reader: aioredis.Redis, config: FeedConfig, node: str | None = None
+    ) -> None:
         self._redis = redis
         self._reader = reader
         self._cfg = config
-        self.node = secrets.token_hex(6)  # this process's (this app's) name in ticker events
+        self.node = node or secrets.token_hex(6)  # this process's (this app's) name in ticker events
         self.stream_key = f"{config.key_prefix}events"
         self._lock_key = f"{config.key_prefix}ticker:leader"
         self._seq_key = f"{config.key_prefix}ticker:seq"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -235,15 +236,17 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
     """The real-time feed under FEED: its stream reader holds a Redis connection of its own
     (a blocking XREAD would tie up one of the shared pool's), opened after the shared client."""
     cfg = app[CONFIG]
+    node = secrets.token_hex(6)  # this feed's name: in ticker events and in CLIENT LIST
     pool = aioredis.ConnectionPool.from_url(
         cfg.redis.url,
         max_connections=1,
+        client_name=f"hotpath-feed-reader-{node}",
         # the reader blocks up to 5 s per XREAD: its timeout must outlast that
         socket_timeout=5.0 + cfg.redis.socket_timeout,
         socket_connect_timeout=cfg.redis.connect_timeout,
     )
     reader = aioredis.Redis.from_pool(pool)
-    feed = Feed(app[REDIS], reader, cfg.feed)
+    feed = Feed(app[REDIS], reader, cfg.feed, node=node)
     try:
         await feed.start()
     except BaseException:

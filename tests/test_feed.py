@@ -197,6 +197,8 @@ async def test_channel_filter_and_unknown_channel(aiohttp_client: Any, cfg: Conf
     assert "bogus" in (await resp.json())["detail"]
     resp = await client.get("/events", headers={"Last-Event-ID": "yesterday"})
     assert resp.status == 400
+    resp = await client.head("/events")  # a stream never ends: no HEAD that would hang
+    assert resp.status == 405
 
     users_resp, users = await open_stream(client, "/events?channels=users")
     legacy_resp, legacy = await open_stream(client, "/stream-real-time")  # default: ticker only
@@ -264,6 +266,29 @@ async def test_last_event_id_replay_has_no_gaps_or_duplicates(aiohttp_client: An
     assert received == expected[: len(received)]
     assert len(received) == len(expected)
     assert len(set(received)) == len(received)
+
+
+async def test_reader_resumes_after_losing_redis(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(feed_cfg(cfg)))
+    feed: Feed = client.app[FEED]
+    resp, sse = await open_stream(client, "/events?channels=users")
+    await subscribed(client)
+    before = await feed.publish("users", "user.created", {"n": 1})
+    assert (await sse.next() or {}).get("id") == before
+    # Kill exactly this feed's reader connection (by its client name), then publish at once:
+    # the reader reconnects and resumes from the last id it saw, so nothing is lost.
+    r = aioredis.from_url(cfg.redis.url)
+    try:
+        clients = await r.client_list()
+        mine = [c["id"] for c in clients if c.get("name") == f"hotpath-feed-reader-{feed.node}"]
+        assert len(mine) == 1
+        await r.client_kill_filter(_id=mine[0])
+    finally:
+        await r.aclose()
+    during = [await feed.publish("users", "user.updated", {"n": n}) for n in range(3)]
+    got = [(await sse.next(timeout=10) or {}).get("id") for _ in range(3)]
+    assert got == during
+    resp.close()
 
 
 async def test_resync_when_the_id_is_older_than_history(aiohttp_client: Any, cfg: Config) -> None:
