@@ -60,11 +60,7 @@ def live_server(base_config: Any, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def api_schema(live_server: str) -> Any:
-    # The event streams never end by themselves: a blocking client would wait forever for the
-    # body. tests/test_feed.py covers them (and their 400/503 problems) through a real client.
-    return schemathesis.openapi.from_url(f"{live_server}/openapi.json").exclude(
-        operation_id=["stream_real_time", "events"]
-    )
+    return schemathesis.openapi.from_url(f"{live_server}/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
