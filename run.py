@@ -95,6 +95,17 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def raise_open_files_limit() -> None:
+    """Every open event stream holds a socket: let the process use all it is allowed."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def with_embedded(config: Config, embedded: Any) -> Config | None:
     """Start embedded PostgreSQL and Redis; the config pointing at them, or None on failure."""
     from server.embedded import EmbeddedError
@@ -134,6 +145,7 @@ def run_server(
             os.close(ready_fd)
 
     srv = config.server
+    raise_open_files_limit()
     loop = new_loop()
     asyncio.set_event_loop(loop)
     try:

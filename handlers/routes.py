@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, fetch, health, legacy, meta, products, users
+from handlers import datasets, feed, fetch, health, legacy, meta, products, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -27,6 +27,10 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
     web.get("/large-dataset", datasets.large_dataset, name="large_dataset"),
+    web.get("/stream-real-time", feed.stream, name="stream_real_time", allow_head=False),
+    web.get("/events", feed.stream, name="events", allow_head=False),
+    web.post("/events", feed.publish, name="events_publish"),
+    web.get("/feed", feed.page, name="feed"),
 )
 UNMATCHED = "unmatched"
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
 from server import users
-from server.keys import CONFIG, DB, USER_BATCHER
+from server.keys import CONFIG, DB, FEED, USER_BATCHER
 from server.render import Shape
 
 USER = Shape("user")
@@ -18,6 +18,7 @@ async def create_user(request: web.Request) -> web.Response:
     media = negotiate(request)
     fields = users.validate_user_fields(await read_body(request), partial=False)
     user = await users.create_user(request.app[DB], fields["name"], fields["email"])
+    await request.app[FEED].publish_quietly("users", "user.created", user)
     location = request.app.router["user"].url_for(user_id=str(user["id"]))
     return represent(request, user, USER, status=201, headers={"Location": str(location)}, media=media)
 
@@ -32,12 +33,15 @@ async def update_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     media = negotiate(request)
     changes = users.validate_user_fields(await read_body(request), partial=True)
-    return represent(request, await users.update_user(request.app[DB], user_id, changes), USER, media=media)
+    user = await users.update_user(request.app[DB], user_id, changes)
+    await request.app[FEED].publish_quietly("users", "user.updated", user)
+    return represent(request, user, USER, media=media)
 
 
 async def delete_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     await users.delete_user(request.app[DB], user_id)
+    await request.app[FEED].publish_quietly("users", "user.deleted", {"id": user_id})
     return web.Response(status=204)
 
 

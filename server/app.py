@@ -18,6 +18,8 @@ from server.negotiation import Negotiator
 from server.render import OFFERS
 from server.resources import (
     catalogue_ctx,
+    feed_ctx,
+    feed_shutdown,
     http_client_ctx,
     metrics_ctx,
     pg_pool_ctx,
@@ -46,6 +48,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(metrics_ctx)
+    app.cleanup_ctx.append(feed_ctx)
+    app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it
     setup_routes(app)
     return app
 

@@ -171,6 +171,20 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedConfig:
+    admin_token: str = ""
+    history: int = field(default=1000, metadata=_range(1, 10_000_000))
+    heartbeat: float = field(default=15.0, metadata=_range(0.001))
+    retry: int = field(default=3000, metadata=_range(0))
+    queue_size: int = field(default=256, metadata=_range(1, 1_000_000))
+    max_subscribers: int = field(default=10_000, metadata=_range(0))
+    write_timeout: float = field(default=10.0, metadata=_range(0.001))
+    ticker: bool = True
+    ticker_interval: float = field(default=1.0, metadata=_range(0.01))
+    key_prefix: str = "hotpath:feed:"
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = field(
         default="INFO",
@@ -194,6 +208,7 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    feed: FeedConfig = FeedConfig()
 
     @property
     def embedded_mode(self) -> bool:

@@ -13,6 +13,7 @@ from server.compression import Compression
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
+from server.feed import Feed
 from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
@@ -32,6 +33,7 @@ NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+FEED = web.AppKey("hotpath.feed", Feed)
 
 # None when metrics.enabled is off: the request middleware then counts nothing.
 METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")

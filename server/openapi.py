@@ -113,6 +113,129 @@ _BODY_ERRORS = {
 _UNAVAILABLE = {"503": _problem("database or Redis unavailable; see Retry-After")}
 _NOT_FOUND = {"404": _problem("no such user")}
 
+# The real-time feed (handlers/feed.py): two GETs of the same event stream, publishing, the page.
+_EVENT_STREAM = {
+    "description": (
+        "text/event-stream (WHATWG server-sent events): `retry:` first, then events with `id:` "
+        "(a Redis stream id), `event:` (absent for ticker events, i.e. `message`) and `data:` "
+        "lines (JSON, or text as published), heartbeat comments every feed.heartbeat seconds; "
+        "`resync` when Last-Event-ID is older than the history, `overflow` before a too-slow "
+        "client is dropped, `shutdown` when the server stops"
+    ),
+    "headers": {
+        "Cache-Control": {"schema": {"const": "no-cache"}},
+        "X-Accel-Buffering": {"schema": {"const": "no"}},
+    },
+    # each event, as a client's parser sees it
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": r"^\d{1,19}-\d{1,19}$"},
+                    "event": {"type": "string"},
+                    "data": {"type": "string", "description": "JSON (ticker: timestamp, value, status)"},
+                    "retry": {"type": "integer", "minimum": 0},
+                },
+            }
+        }
+    },
+}
+_STREAM_PARAMS = [
+    {
+        "name": "channels",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "comma-separated: ticker, users, tasks",
+    },
+    {
+        "name": "last_event_id",
+        "in": "query",
+        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"},
+        "description": "resume after this id (the Last-Event-ID header wins when both are sent)",
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"},
+        "description": "resume after this id (sent by EventSource when it reconnects)",
+    },
+]
+_STREAM_ERRORS = {
+    "400": _problem("unknown channel or malformed last event id"),
+    "503": _problem(
+        "feed.max_subscribers streams are open on this process, or it is shutting down; Retry-After"
+    ),
+}
+
+
+def _stream_op(operation_id: str, summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": _STREAM_PARAMS,
+            "responses": {"200": _EVENT_STREAM, **_STREAM_ERRORS},
+        }
+    }
+
+
+_FEED_PATHS: dict[str, Any] = {
+    "/stream-real-time": _stream_op(
+        "stream_real_time", "The live event stream (default channel: ticker, as the old clients expect)"
+    ),
+    "/events": {
+        **_stream_op("events", "The live event stream (default: every channel)"),
+        "post": {
+            "operationId": "events_publish",
+            "summary": "Publish an event to a channel's subscribers (Authorization: Bearer feed.admin_token)",
+            "security": [{"feedToken": []}],
+            "requestBody": _body("FeedEvent"),
+            "responses": {
+                "201": _json("published", {"$ref": "#/components/schemas/FeedPublished"}),
+                "400": _problem("missing or malformed body"),
+                "401": _problem("no bearer token"),
+                "403": _problem("wrong token, or publishing over HTTP is disabled"),
+                "413": _problem("body larger than server.client_max_size"),
+                "415": _problem("body is not JSON, msgpack or YAML"),
+                "422": _problem("unknown channel, bad event name, missing data"),
+                **_UNAVAILABLE,
+            },
+        },
+    },
+    "/feed": {
+        "get": {
+            "operationId": "feed",
+            "summary": "The live feed page (HTML; opens an EventSource on /events)",
+            "responses": {
+                "200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}
+            },
+        }
+    },
+}
+_FEED_SCHEMAS: dict[str, Any] = {
+    "FeedEvent": {
+        "type": "object",
+        "required": ["channel", "data"],
+        "additionalProperties": False,
+        "properties": {
+            "channel": {"enum": ["ticker", "users", "tasks"]},
+            "event": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
+                "default": "message",
+            },
+            "data": {"description": "a string is sent as is (newlines allowed), anything else as JSON"},
+        },
+    },
+    "FeedPublished": {
+        "type": "object",
+        "required": ["id", "channel", "event"],
+        "properties": {"id": {"type": "string"}, "channel": {"type": "string"}, "event": {"type": "string"}},
+    },
+}
+
 
 _LARGE_DATASET: dict[str, Any] = {
     "type": "object",
@@ -440,6 +563,7 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            **_FEED_PATHS,
         },
         "components": {
             "schemas": {
@@ -639,6 +763,8 @@ def build_spec() -> dict[str, Any]:
                         },
                     ]
                 },
-            }
+                **_FEED_SCHEMAS,
+            },
+            "securitySchemes": {"feedToken": {"type": "http", "scheme": "bearer"}},
         },
     }

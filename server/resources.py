@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -21,10 +22,12 @@ from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
 from server.fanout import Guard, GuardedResolver
+from server.feed import Feed
 from server.keys import (
     CATALOGUE,
     CONFIG,
     DB,
+    FEED,
     FETCH_GUARD,
     HTTP_CLIENT,
     METRICS,
@@ -284,3 +287,36 @@ def _ratelimit_families(limiter: RateLimiter) -> list[Family]:
             {(name,): float(n) for name, n in limiter.stats.items()},
         )
     ]
+
+
+async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The real-time feed under FEED: its stream reader holds a Redis connection of its own
+    (a blocking XREAD would tie up one of the shared pool's), opened after the shared client."""
+    cfg = app[CONFIG]
+    node = secrets.token_hex(6)  # this feed's name: in ticker events and in CLIENT LIST
+    pool = aioredis.ConnectionPool.from_url(
+        cfg.redis.url,
+        max_connections=1,
+        client_name=f"hotpath-feed-reader-{node}",
+        # the reader blocks up to 5 s per XREAD: its timeout must outlast that
+        socket_timeout=5.0 + cfg.redis.socket_timeout,
+        socket_connect_timeout=cfg.redis.connect_timeout,
+    )
+    reader = aioredis.Redis.from_pool(pool)
+    feed = Feed(app[REDIS], reader, cfg.feed, node=node)
+    try:
+        await feed.start()
+    except BaseException:
+        await feed.close()
+        raise
+    app[FEED] = feed
+    yield
+    await feed.close()
+
+
+async def feed_shutdown(app: web.Application) -> None:
+    """on_shutdown: every open event stream gets its farewell and ends, so the server's
+    graceful wait is not spent on streams that would never finish by themselves."""
+    feed = app.get(FEED)
+    if feed is not None:
+        feed.shutdown()

@@ -36,6 +36,7 @@ def test_shipped_config_equals_the_defaults() -> None:
         "log",
         "metrics",
         "compression",
+        "feed",
     ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:

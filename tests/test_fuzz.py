@@ -34,6 +34,8 @@ def live_server(base_config: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         "REDIS_URL": base_config.redis.url,
         # the fuzzer sends hundreds of requests: keep the limiter out of the way of the checks
         "HOTPATH_RATELIMIT_POLICIES": '{ protected = "1000000/minute" }',
+        # schemathesis reads an event stream until 20 events or 10 s: ticks every 50 ms keep it short
+        "HOTPATH_FEED_TICKER_INTERVAL": "0.05",
     }
     log = (tmp_path_factory.mktemp("fuzz") / "server.log").open("wb")
     proc = subprocess.Popen([PYTHON, "run.py", "--port", str(port)], cwd=ROOT, env=env, stderr=log)

@@ -1,0 +1,219 @@
+"""The real-time feed over server-sent events: the stream, publishing, and the live page."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from handlers.common import json_response, read_body
+from middlewares.streaming import stream_headers
+from server.errors import ValidationFailed
+from server.feed import CHANNELS, EVENT_NAME, Frame, Subscriber, parse_event_id
+from server.keys import CONFIG, FEED
+
+log = logging.getLogger("hotpath.feed")
+
+# The old service's /stream-real-time sent only ticker events (data: timestamp, value, status):
+# its clients keep getting just those unless they ask for more. /events carries every channel.
+LEGACY_CHANNELS = ("ticker",)
+# Bytes a stream's socket may have waiting before events stop taking the direct path.
+_DIRECT_LIMIT = 64 * 1024
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event through at once, do not buffer
+    # Marks the body as final: compression layers (ours, nginx's gzip) leave it alone; a
+    # compressor would hold events back until its buffer fills.
+    "Content-Encoding": "identity",
+}
+
+
+def _channels(request: web.Request, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = request.query.get("channels")
+    if raw is None or not raw.strip():
+        return default
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    unknown = [n for n in names if n not in CHANNELS]
+    if unknown:
+        raise web.HTTPBadRequest(
+            text=f"unknown channel(s) {', '.join(map(repr, unknown))}; channels: {', '.join(CHANNELS)}"
+        )
+    return names
+
+
+def _last_event_id(request: web.Request) -> str | None:
+    """Last-Event-ID (what EventSource sends on reconnect) wins over ?last_event_id= (what a
+    page or a command-line client puts in the URL the first time)."""
+    value = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if not value:
+        return None
+    value = value.strip()
+    if parse_event_id(value) is None:
+        raise web.HTTPBadRequest(
+            text="Last-Event-ID / last_event_id must be an event id such as 1732540000000-0"
+        )
+    return value
+
+
+async def _write(sub: Subscriber, resp: web.StreamResponse, data: bytes) -> None:
+    """Most writes return at once (the transport buffers); one that has to wait for the client
+    is timed by the feed's heartbeat loop (no timer per write: 10,000 streams x every event)."""
+    sub.writing_since = asyncio.get_running_loop().time()
+    try:
+        await resp.write(data)
+    finally:
+        sub.writing_since = 0.0
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """GET /events and /stream-real-time: replay after Last-Event-ID, then live events."""
+    default = LEGACY_CHANNELS if request.match_info.route.name == "stream_real_time" else CHANNELS
+    channels = _channels(request, default)
+    after = _last_event_id(request)
+    feed = request.app[FEED]
+    cfg = request.app[CONFIG].feed
+    # Subscribe first, then read the history: an event published in between is in both, and
+    # the key comparison below drops the second copy. Nothing falls in the gap.
+    sub = feed.subscribe(channels)
+    try:
+        replayed: list[Frame] = []
+        sent = (0, 0)
+        if after is not None:
+            replayed, sent = await feed.replay(after, channels)
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        stream_headers(request, resp)
+        await resp.prepare(request)
+        opening = b"retry: %d\n: hotpath feed\n\n" % cfg.retry
+        transport = request.transport
+        if transport is not None:
+            sub.on_stall = transport.abort  # the pending write then fails with ConnectionError
+        sub.sent = sent
+        try:
+            await _write(sub, resp, opening + b"".join(f.body for f in replayed))
+            if transport is not None and resp.chunked:
+                sub.direct = _direct_writer(sub, transport)
+            await _pump(sub, resp, cfg.write_timeout)
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("feed stream ended: %s", type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            resp.force_close()
+        return resp
+    finally:
+        feed.unsubscribe(sub)
+
+
+def _direct_writer(sub: Subscriber, transport: asyncio.BaseTransport) -> Callable[[Frame], bool]:
+    """Subscriber.direct for a chunked HTTP/1.1 response: one transport.write of the frame as
+    a chunk, done by the feed's reader itself, as long as the socket keeps up (else False, and
+    the frame goes through the mailbox and an awaited write that waits for the client)."""
+    assert isinstance(transport, asyncio.WriteTransport)
+
+    def direct(frame: Frame) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() > _DIRECT_LIMIT:
+            return False
+        key = frame.key
+        if key is not None:
+            if key <= sub.sent:
+                return True  # already replayed
+            sub.sent = key
+        wire = frame.wire
+        if wire is None:
+            body = frame.body
+            wire = frame.wire = b"%x\r\n%b\r\n" % (len(body), body)
+        transport.write(wire)
+        return True
+
+    return direct
+
+
+async def _pump(sub: Subscriber, resp: web.StreamResponse, timeout: float) -> None:
+    """Mailbox -> socket, everything waiting in one write, until a final frame (shutdown or
+    overflow) has gone out."""
+    while True:
+        batch = await sub.next()
+        out: list[bytes] = []
+        for frame in batch:
+            key = frame.key
+            if key is not None:
+                if key <= sub.sent:
+                    continue  # already replayed
+                sub.sent = key
+            out.append(frame.body)
+        final = sub.final
+        if final is not None:
+            out.append(final.body)
+        if out:
+            await _write(sub, resp, b"".join(out))
+        if final is not None:
+            sub.direct = None
+            resp.force_close()  # the client reconnects (to this or another process) with its last id
+            async with asyncio.timeout(timeout):
+                await resp.write_eof()
+            return
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def publish(request: web.Request) -> web.Response:
+    """POST /events: {channel, event, data} with the admin token -> {id}."""
+    expected = request.app[CONFIG].feed.admin_token
+    token = _bearer(request)
+    if token is None:
+        raise web.HTTPUnauthorized(
+            text="send the feed admin token as Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": 'Bearer realm="hotpath feed"'},
+        )
+    if not expected:
+        raise web.HTTPForbidden(text="publishing over HTTP is disabled (feed.admin_token is empty)")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise web.HTTPForbidden(text="wrong token")
+    body = await read_body(request)
+    channel, event, data = _validate_event(body)
+    event_id = await request.app[FEED].publish(channel, event, data)
+    return json_response({"id": event_id, "channel": channel, "event": event}, status=201)
+
+
+def _validate_event(body: Any) -> tuple[str, str, Any]:
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"field": "body", "message": "must be an object {channel, event, data}"}])
+    errors = []
+    unknown = sorted(set(body) - {"channel", "event", "data"})
+    for name in unknown:
+        errors.append({"field": str(name), "message": "unknown field"})
+    channel = body.get("channel")
+    if channel not in CHANNELS:
+        errors.append({"field": "channel", "message": f"must be one of {', '.join(CHANNELS)}"})
+    event = body.get("event", "message")
+    if not isinstance(event, str) or not EVENT_NAME.match(event):
+        errors.append(
+            {"field": "event", "message": "1-64 characters of A-Z a-z 0-9 _ . : - (a letter or digit first)"}
+        )
+    if "data" not in body:
+        errors.append(
+            {"field": "data", "message": "required (a string is sent as is, anything else as JSON)"}
+        )
+    if errors:
+        raise ValidationFailed(errors)
+    return str(channel), str(event), body["data"]
+
+
+async def page(request: web.Request) -> web.Response:
+    """GET /feed: the live page (inline script and style, no external assets)."""
+    context = {
+        "title": "Live feed",
+        "channels": CHANNELS,
+        "events_url": str(request.app.router["events"].url_for()),
+    }
+    resp = aiohttp_jinja2.render_template("feed.html", request, context)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
