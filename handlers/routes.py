@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, fetch, health, legacy, meta, products, users
+from handlers import datasets, fetch, health, legacy, meta, products, tasks, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -24,6 +24,13 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
+    web.post("/send-notification", tasks.send_notification, name="send_notification"),
+    web.post("/generate-report", tasks.generate_report, name="generate_report"),
+    web.post("/bulk-process", tasks.bulk_process, name="bulk_process"),
+    web.get(r"/task-status/{task_id:\d{1,19}}", tasks.task_status, name="task_status"),
+    web.delete(r"/task-status/{task_id:\d{1,19}}", tasks.cancel_task, name="task_cancel"),
+    web.get("/tasks", tasks.list_tasks, name="tasks"),
+    web.get(r"/reports/{report_id:\d{1,19}}", tasks.get_report, name="report"),
 )
 UNMATCHED = "unmatched"
 

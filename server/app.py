@@ -14,6 +14,7 @@ from server.render import OFFERS
 from server.resources import (
     catalogue_ctx,
     http_client_ctx,
+    jobs_ctx,
     pg_pool_ctx,
     ratelimit_ctx,
     redis_ctx,
@@ -35,5 +36,15 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(jobs_ctx)  # keep last: running jobs finish while the pools are open
     setup_routes(app)
+    return app
+
+
+def create_worker_app(config: Config) -> web.Application:
+    """`python run.py worker`: the database and the job runner only, no routes, never served."""
+    app = web.Application()
+    app[CONFIG] = config
+    app.cleanup_ctx.append(pg_pool_ctx)
+    app.cleanup_ctx.append(jobs_ctx)
     return app

@@ -12,6 +12,7 @@ from server.batching import KeyBatcher
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
+from server.jobs import Engine, Runner
 from server.negotiation import Negotiator
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
@@ -29,6 +30,9 @@ NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+JOBS = web.AppKey("hotpath.jobs", Engine)
+# None when this process runs no jobs (jobs.concurrency = 0).
+JOB_RUNNER: web.AppKey[Runner | None] = web.AppKey("hotpath.job_runner")
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

@@ -34,6 +34,8 @@ def test_shipped_config_equals_the_defaults() -> None:
         "fetch",
         "streaming",
         "log",
+        "jobs",
+        "smtp",
     ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:
