@@ -782,3 +782,41 @@ async def test_two_worker_processes_never_run_the_same_job(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_sigterm_lets_the_worker_hand_back_a_job_it_cannot_finish(
+    aiohttp_client: Any, jcfg: Config, tmp_path: Path, pg: asyncpg.Pool
+) -> None:
+    handler = Recorder(stall_first=True)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    smtp = {
+        "HOTPATH_SMTP_HOST": "127.0.0.1",
+        "HOTPATH_SMTP_PORT": str(port),
+        "HOTPATH_SMTP_STARTTLS": "false",
+    }
+    env = worker_env(jcfg, **smtp, HOTPATH_SMTP_TIMEOUT="60", HOTPATH_JOBS_SHUTDOWN_TIMEOUT="0.5")
+    client = await aiohttp_client(create_app(replace(jcfg, jobs={"concurrency": 0})))
+    proc = None
+    try:
+        resp = await client.post("/send-notification", json={"recipient": "t@example.com", "subject": "term"})
+        task_id = (await resp.json())["task_id"]
+        proc = await start_worker(env, tmp_path / "worker.log")
+
+        async def stalled() -> bool:
+            assert proc is not None and proc.returncode is None
+            return handler.first_data.is_set()
+
+        await wait_until(stalled, 60, "the worker to reach DATA")
+        assert await stop(proc) == 0  # SIGTERM: 0.5 s to finish, then the job is handed back
+        job = await pg.fetchrow(
+            "SELECT state, attempts, worker, lease_until FROM jobs WHERE id = $1", task_id
+        )
+        assert dict(job) == {"state": "queued", "attempts": 0, "worker": None, "lease_until": None}
+        assert "handed back 1 unfinished jobs" in (tmp_path / "worker.log").read_text()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        controller.stop()

@@ -1,7 +1,7 @@
 -- Background jobs (server/jobs.py): a queue consumed with FOR UPDATE SKIP LOCKED by every
--- worker process, woken by NOTIFY hotpath_jobs. `attempts` is counted when a job is claimed
--- and doubles as the fencing token: a worker only writes a job's outcome while the row still
--- carries the attempt number it claimed.
+-- worker process, woken by NOTIFY hotpath_jobs. `attempts` is counted when a job is claimed;
+-- with `worker` it is the fencing token: a worker only writes a job's progress or outcome
+-- while the row still carries the attempt number and worker id of its claim.
 CREATE TABLE jobs (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind             text        NOT NULL,
