@@ -1,6 +1,6 @@
 """Background jobs: no-op throughput of one worker process, and enqueue latency through POST.
 
-    DATABASE_URL=... REDIS_URL=... python -m bench.jobs [--jobs 20000] [--concurrency 100] [--batch 100]
+    DATABASE_URL=... REDIS_URL=... python -m bench.jobs [--jobs 20000] [--concurrency 16] [--batch 16]
 
 1. `python run.py worker` (one process, pinned to CPU 0) runs no-op jobs; the bench inserts
    them in batches of 1,000 (one statement, one NOTIFY each) and times the first insert to
@@ -120,8 +120,8 @@ def worker_process(cmd: list[str], env: dict[str, str], dsn: str) -> Iterator[No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.jobs")
     parser.add_argument("--jobs", type=int, default=20000, help="no-op jobs for the throughput run")
-    parser.add_argument("--concurrency", type=int, default=100, help="jobs.concurrency of the worker")
-    parser.add_argument("--batch", type=int, default=100, help="jobs.batch_size of the worker")
+    parser.add_argument("--concurrency", type=int, default=16, help="jobs.concurrency of the worker")
+    parser.add_argument("--batch", type=int, default=16, help="jobs.batch_size of the worker")
     parser.add_argument("--requests", type=int, default=3000, help="POSTs for the latency run")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients for the latency run")
     args = parser.parse_args(argv)

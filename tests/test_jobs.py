@@ -820,3 +820,34 @@ async def test_sigterm_lets_the_worker_hand_back_a_job_it_cannot_finish(
             proc.kill()
             await proc.wait()
         controller.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"HOTPATH_JOBS_MAX_ATTEMPTS": '{ default = "0" }'}, "jobs.max_attempts.default"),
+        ({"HOTPATH_JOBS_MAX_ATTEMPTS": '{ bulk_process = "many" }'}, "jobs.max_attempts.bulk_process"),
+        ({"HOTPATH_JOBS_BACKOFF_BASE": '{ default = "-1" }'}, "jobs.backoff_base.default"),
+        ({"HOTPATH_JOBS_CONCURRENCY": "-1"}, "jobs.concurrency"),
+        ({"HOTPATH_SMTP_PORT": "0"}, "smtp.port"),
+    ],
+)
+def test_bad_jobs_settings_name_the_key(env: dict[str, str], key: str) -> None:
+    from server.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env)
+    assert key in str(info.value)
+
+
+def test_per_kind_attempts_and_backoff() -> None:
+    from server.config import load_config
+    from server.jobs import backoff_delay
+
+    cfg = load_config(env={"HOTPATH_JOBS_MAX_ATTEMPTS": '{ default = "4", noop = "1" }'}).jobs
+    assert cfg.attempts_for("noop") == 1 and cfg.attempts_for("generate_report") == 4
+    cfg = Config().jobs
+    assert cfg.attempts_for("send_notification") == 6
+    delays = [backoff_delay(cfg, "send_notification", n) for n in (1, 2, 3)]
+    assert 3.75 <= delays[0] <= 6.25 and 7.5 <= delays[1] <= 12.5 and 15 <= delays[2] <= 25
+    assert backoff_delay(cfg, "generate_report", 40) == cfg.backoff_max  # capped
