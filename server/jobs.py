@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import socket
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -395,7 +394,6 @@ class Runner:
         self._completions: list[tuple[int, int, str, asyncio.Future[Job | None]]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
-        self._last_reap = 0.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -419,10 +417,6 @@ class Runner:
             want = min(free, cfg.batch_size)
             self._wake.clear()  # before the claim: a NOTIFY during it is not lost
             try:
-                now = time.monotonic()
-                if now - self._last_reap >= min(cfg.poll_interval, cfg.lease / 2):
-                    self._last_reap = now
-                    await self._reap()
                 rows = await self.engine.db.fetch(SQL_CLAIM, want, self.worker_id, cfg.lease)
             except asyncio.CancelledError:
                 raise
@@ -556,7 +550,15 @@ class Runner:
     # ------------------------------------------------------------------ leases, cleanup, wake-ups
 
     async def _heartbeat(self) -> None:
+        """Every heartbeat_interval: reap expired leases (any worker's: a busy worker reaps too,
+        so a dead worker's job never waits for an idle one), then renew our own leases."""
         while True:
+            try:
+                await self._reap()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reaping expired leases failed (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(self.cfg.heartbeat_interval)
             if not self.running:
                 continue

@@ -55,15 +55,21 @@ async def wait_task(client: Any, task_id: int, states: frozenset[str] = FINAL, t
     return await wait_until(check, timeout, f"task {task_id} in {sorted(states)}")
 
 
-@pytest.fixture
-async def jobs_clean(cfg: Config) -> AsyncIterator[None]:
+async def truncate_jobs(cfg: Config) -> None:
     conn = await asyncpg.connect(cfg.database.url)
     try:
         if await conn.fetchval("SELECT to_regclass('jobs') IS NOT NULL"):
             await conn.execute("TRUNCATE jobs, reports RESTART IDENTITY")
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def jobs_clean(cfg: Config) -> AsyncIterator[None]:
+    """No jobs before the test, and none left after it for the apps of later tests to run."""
+    await truncate_jobs(cfg)
     yield
+    await truncate_jobs(cfg)
 
 
 @pytest.fixture
