@@ -570,6 +570,29 @@ async def test_cancel_a_processing_task_at_its_next_progress_point(jcfg: Config)
         assert any(e["progress"]["message"] == "working" for e in events)
 
 
+async def test_delete_of_a_processing_task_answers_202_then_it_stops(
+    aiohttp_client: Any, jcfg: Config
+) -> None:
+    started = asyncio.Event()
+
+    async def endless(ctx: JobContext, payload: dict[str, Any]) -> Any:
+        while True:
+            await ctx.progress(0, None, "waiting")
+            started.set()
+            await asyncio.sleep(0.01)  # the job's own work
+
+    client = await aiohttp_client(create_app(replace(jcfg, jobs={"concurrency": 0})))
+    async with Harness(jcfg, {"endless": endless}) as h:
+        job, _ = await h.engine.enqueue("endless", {})
+        await asyncio.wait_for(started.wait(), 10)
+        resp = await client.delete(f"/task-status/{job.id}")
+        assert resp.status == 202
+        body = await resp.json()
+        assert body["status"] == "processing" and body["cancel_requested"] is True
+        assert (await wait_task(client, job.id))["status"] == "cancelled"
+        assert (await client.delete(f"/task-status/{job.id}")).status == 409
+
+
 async def test_cleanup_removes_old_finished_jobs(jcfg: Config, pg: asyncpg.Pool) -> None:
     cfg = replace(jcfg, jobs={**FAST, "retention": 2.0})
     old = await pg.fetchval(
