@@ -78,7 +78,8 @@ UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker = $2,
         ORDER BY run_after, id LIMIT $1 FOR UPDATE SKIP LOCKED))
 RETURNING {_COLS}
 """
-SQL_NEXT_DUE = "SELECT min(run_after) FROM jobs WHERE state = 'queued'"
+# Seconds until the next queued job is due, by the database's clock (no skew with ours).
+SQL_NEXT_DUE = "SELECT extract(epoch FROM min(run_after) - now())::float8 FROM jobs WHERE state = 'queued'"
 SQL_REAP = f"""
 UPDATE jobs SET
        state = CASE WHEN cancel_requested THEN 'cancelled'
@@ -436,7 +437,8 @@ class Runner:
             except Exception:
                 due = None
             if due is not None:
-                timeout = max(0.0, min(timeout, (due - dt.datetime.now(dt.UTC)).total_seconds() + 0.005))
+                # Due already but not claimed: another worker holds it. Do not spin on it.
+                timeout = max(0.05, min(timeout, due + 0.005))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
