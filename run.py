@@ -187,7 +187,7 @@ def worker(config: Config) -> int:
     from aiohttp import web
 
     from server.app import create_worker_app
-    from server.embedded import EmbeddedError, EmbeddedServices
+    from server.embedded import EmbeddedError, EmbeddedPostgres
     from server.errors import StartupError
 
     if config.jobs.concurrency < 1:
@@ -213,19 +213,20 @@ def worker(config: Config) -> int:
             await runner.cleanup()
 
     signal.signal(signal.SIGTERM, _raise_exit)
-    embedded: EmbeddedServices | None = None
+    # Embedded mode: PostgreSQL only (a worker needs no Redis). The cluster under the data dir
+    # is shared with a `run.py` already running there and stopped by whichever leaves last.
+    embedded: EmbeddedPostgres | None = None
     try:
         if config.embedded_mode:
-            embedded = EmbeddedServices(config.embedded_data_dir)
+            embedded = EmbeddedPostgres(config.embedded_data_dir / "postgres")
             try:
-                db_url, redis_url = embedded.start()
+                config.embedded_data_dir.mkdir(parents=True, exist_ok=True)
+                embedded.start()
             except EmbeddedError as exc:
                 log.error("%s", exc)
                 return EXIT_STARTUP
             config = dataclasses.replace(
-                config,
-                database=dataclasses.replace(config.database, url=db_url),
-                redis=dataclasses.replace(config.redis, url=redis_url),
+                config, database=dataclasses.replace(config.database, url=embedded.url)
             )
         loop = new_loop()
         try:

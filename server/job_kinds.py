@@ -15,7 +15,6 @@ import io
 import mailbox
 import os
 import re
-import socket
 import ssl
 from collections.abc import Mapping
 from email.message import EmailMessage
@@ -161,9 +160,11 @@ def parse_bulk(content_type: str, body: bytes, max_rows: int) -> list[Any]:
 # ---------------------------------------------------------------- send_notification
 
 
-def message_id(job_id: int, created: dt.datetime) -> str:
-    """Stable per job: every retry sends the same Message-ID, so duplicates are recognisable."""
-    return f"<hotpath.job{job_id}.{int(created.timestamp() * 1e6)}@{socket.getfqdn() or 'localhost'}>"
+def message_id(job_id: int, created: dt.datetime, sender: str) -> str:
+    """Stable per job: every retry sends the same Message-ID, so duplicates are recognisable.
+    The domain is the sender's (no DNS lookup on the event loop, unlike socket.getfqdn())."""
+    domain = sender.rpartition("@")[2] or "localhost"
+    return f"<hotpath.job{job_id}.{int(created.timestamp() * 1e6)}@{domain}>"
 
 
 def build_message(smtp: SmtpConfig, payload: Mapping[str, Any], msg_id: str) -> EmailMessage:
@@ -210,7 +211,7 @@ async def send_notification(ctx: JobContext, payload: dict[str, Any]) -> Any:
     """Email through the configured relay, or into the Maildir outbox when none is configured."""
     job = ctx.job
     smtp = ctx.config.smtp
-    msg_id = message_id(job.id, job.created_at)
+    msg_id = message_id(job.id, job.created_at, smtp.sender)
     if job.progress_done >= 1:  # an earlier attempt sent it and recorded that: never twice
         return {"recipient": payload["recipient"], "message_id": msg_id, "delivered": "earlier attempt"}
     msg = build_message(smtp, payload, msg_id)
