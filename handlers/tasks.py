@@ -145,7 +145,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise ValidationFailed([{"field": "state", "message": f"must be one of {', '.join(STATES)}"}])
     after = query_int(request, "after", 0, minimum=0, maximum=2**63 - 1)
     limit = query_int(request, "limit", PAGE_DEFAULT, minimum=1, maximum=PAGE_MAX)
-    jobs = await request.app[JOBS].list(state, after, limit)
+    jobs = await request.app[JOBS].page(state, after, limit)
     items = [_task(request, j) for j in jobs]
     next_url = None
     headers = {}

@@ -238,6 +238,8 @@ class Engine:
 
     `listeners` are awaited with the job's snapshot on every state or progress change made
     by this process (the SSE feed publishes them); a failing listener is logged, not raised.
+    They run inline on the job's path, so each should only hand the snapshot on (a queue, a
+    pub/sub publish), not do slow work.
     """
 
     def __init__(self, db: Database, config: JobsConfig) -> None:
@@ -289,7 +291,7 @@ class Engine:
             raise NotFound(f"task {job_id} does not exist")
         return Job.from_row(row)
 
-    async def list(self, state: str | None, after: int, limit: int) -> list[Job]:
+    async def page(self, state: str | None, after: int, limit: int) -> list[Job]:
         """Up to `limit` jobs with id > `after` (optionally in one state), in id order."""
         if state is None:
             rows = await self.db.fetch(SQL_PAGE, after, limit)
