@@ -388,6 +388,9 @@ class Runner:
         self.dsn = dsn
         self.worker_id = name or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.running: dict[int, tuple[asyncio.Task[None], JobContext]] = {}
+        # Slots in use: a job gives its slot back when its handler returns, before its
+        # completion is written, so the next claim overlaps that write.
+        self._busy = 0
         self.listening = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot = asyncio.Event()
@@ -412,7 +415,7 @@ class Runner:
     async def _dispatch(self) -> None:
         cfg = self.cfg
         while not self._stopping:
-            free = cfg.concurrency - len(self.running)
+            free = cfg.concurrency - self._busy
             if free <= 0:
                 self._slot.clear()
                 await self._slot.wait()
@@ -463,11 +466,21 @@ class Runner:
         ctx = JobContext(job=job, engine=self.engine, runner=self, config=self.config)
         task = asyncio.get_running_loop().create_task(self._execute(ctx), name=f"job-{job.id}")
         self.running[job.id] = (task, ctx)
+        self._busy += 1
 
     # ------------------------------------------------------------------ running one job
 
     async def _execute(self, ctx: JobContext) -> None:
         job = ctx.job
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._busy -= 1
+                self._slot.set()
+
         try:
             await self.engine.publish(job)
             handler = self.kinds.get(job.kind)
@@ -488,6 +501,7 @@ class Runner:
                 log.warning("job %d (%s) attempt %d failed: %s", job.id, job.kind, job.attempts, message)
             await self._write(SQL_FAIL, job.id, job.attempts, retry, delay, message[:2000], self.worker_id)
         else:
+            release()
             try:
                 done = await self._complete(job.id, job.attempts, _dumps(result))
             except asyncio.CancelledError:
@@ -499,7 +513,7 @@ class Runner:
                     await self.engine.publish(done)
         finally:
             self.running.pop(job.id, None)
-            self._slot.set()
+            release()
 
     async def _write(self, sql: str, *args: Any) -> None:
         try:
