@@ -149,12 +149,21 @@ async def test_notification_into_maildir_from_query_parameters(aiohttp_client: A
     assert resp.headers["Location"] == body["status_url"]
     assert resp.headers["Retry-After"] == "1"
     assert {"message", "task_id", "estimated_time"} <= body.keys()
+    # an old client's empty JSON body beside the query parameters
+    resp = await client.post(
+        "/send-notification",
+        params={"recipient": "ada@example.com", "subject": "Hi", "content": "again"},
+        data=b"",
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status == 202
+    await wait_task(client, (await resp.json())["task_id"])
     done = await wait_task(client, body["task_id"])
     assert done["status"] == "completed", done
     assert done["result"]["transport"] == "maildir"
     box = mailbox.Maildir(Path(jcfg.embedded.data_dir) / "outbox", create=False)
-    messages = list(box)
-    assert len(messages) == 1
+    messages = [m for m in box if m["Message-ID"] == done["result"]["message_id"]]
+    assert len(box) == 2 and len(messages) == 1
     msg = messages[0]
     assert msg["To"] == "ada@example.com"
     assert msg["Subject"] == "Hi"
