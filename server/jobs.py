@@ -37,7 +37,7 @@ import orjson
 
 from server.config import Config, JobsConfig
 from server.db import Database
-from server.errors import Conflict, NotFound
+from server.errors import Conflict, NotFound, ValidationFailed
 
 log = logging.getLogger("hotpath.jobs")
 
@@ -265,7 +265,15 @@ class Engine:
         """Insert a job; returns (job, created). With a key already used, the existing job and
         False; Conflict when that key was used for a different kind or payload."""
         body = _dumps(payload)
-        row = await self.db.fetchrow(SQL_INSERT, kind, body, idempotency_key, self.config.attempts_for(kind))
+        try:
+            row = await self.db.fetchrow(
+                SQL_INSERT, kind, body, idempotency_key, self.config.attempts_for(kind)
+            )
+        except asyncpg.UntranslatableCharacterError:  # jsonb cannot hold \u0000
+            raise ValidationFailed(
+                [{"field": "", "message": "text must not contain NUL (\\u0000) characters"}],
+                "the request holds text PostgreSQL cannot store",
+            ) from None
         if row is not None:
             job = Job.from_row(row)
             await self.publish(job)

@@ -424,6 +424,8 @@ async def test_bulk_limits(aiohttp_client: Any, jcfg: Config) -> None:
     assert resp.status == 413 and resp.content_type == "application/problem+json"
     assert (await client.post("/bulk-process", json=[])).status == 422
     assert (await client.post("/bulk-process", json={"name": "x"})).status == 400
+    resp = await client.post("/bulk-process", json=[{"name": "nul\u0000", "email": "n@example.com"}])
+    assert resp.status == 422  # jsonb cannot store NUL: refused, not a 500
     resp = await client.post("/bulk-process", data=b"x", headers={"Content-Type": "image/png"})
     assert resp.status == 415
     assert (await client.post("/bulk-process", json=rows[:3])).status == 202
