@@ -114,7 +114,10 @@ async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, An
         raise ValidationFailed(errors)
     if report_type == "signups":
         end_d = dt.date.fromisoformat(end) if end else dt.datetime.now(dt.UTC).date()
-        start_d = dt.date.fromisoformat(start) if start else end_d - dt.timedelta(days=29)
+        try:
+            start_d = dt.date.fromisoformat(start) if start else end_d - dt.timedelta(days=29)
+        except OverflowError:  # end within 29 days of 0001-01-01
+            start_d = dt.date.min
         if start_d > end_d or (end_d - start_d).days > 3660:
             raise ValidationFailed([{"field": "start", "message": "start <= end, at most 10 years apart"}])
         return {"report_type": report_type, "start": start_d.isoformat(), "end": end_d.isoformat()}

@@ -362,11 +362,15 @@ async def test_user_activity_report_and_bad_requests(aiohttp_client: Any, jcfg: 
         {"report_type": "user-activity"},
         {"report_type": "user-activity", "user_id": 999999},
         {"report_type": "signups", "start": "yesterday"},
+        {"report_type": "signups", "start": "2026-03-02", "end": "2026-03-01"},
     ):
         resp = await client.post("/generate-report", params=bad)
         assert resp.status == 422, bad
         assert resp.content_type == "application/problem+json"
     assert (await client.get("/reports/424242")).status == 404
+    # the earliest dates there are: a report, not an overflow
+    resp = await client.post("/generate-report", params={"report_type": "signups", "end": "0001-01-05"})
+    assert resp.status == 202
 
 
 # ---------------------------------------------------------------- bulk_process
