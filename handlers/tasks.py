@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
 from server import job_kinds
@@ -52,7 +53,8 @@ async def _fields(request: web.Request) -> dict[str, Any]:
     if request.content_type in _FORM_TYPES:  # before read(): multipart streams the body itself
         try:
             form = await request.post()
-        except ValueError as exc:  # no or wrong multipart boundary, truncated parts
+        # a missing or wrong boundary, truncated or headerless parts, bad bytes or charsets
+        except (ValueError, LookupError, HttpProcessingError) as exc:
             raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
         fields.update({k: v for k, v in form.items() if isinstance(v, str)})
         return fields

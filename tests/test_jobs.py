@@ -282,6 +282,26 @@ async def test_smtp_certificate_not_trusted_fails_the_attempt(
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b"--xx\r\nFalse--xx--\r\n",  # a part without headers
+        b'--xx\r\nContent-Disposition: form-data; name="a"\r\n\r\nv',  # truncated
+        b'--xx\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\xfe\r\n--xx--\r\n',  # not UTF-8
+        b'--xx\r\nContent-Disposition: form-data; name="a"\r\nContent-Type: text/plain; charset=bogus'
+        b"\r\n\r\nv\r\n--xx--\r\n",
+    ],
+)
+async def test_malformed_forms_are_400(aiohttp_client: Any, jcfg: Config, body: bytes) -> None:
+    client = await aiohttp_client(create_app(replace(jcfg, jobs={"concurrency": 0})))
+    for path in ("/send-notification", "/generate-report"):
+        resp = await client.post(
+            path, data=body, headers={"Content-Type": "multipart/form-data; boundary=xx"}
+        )
+        assert resp.status == 400, path
+        assert resp.content_type == "application/problem+json"
+
+
+@pytest.mark.parametrize(
     "params",
     [
         {"recipient": "not-an-address", "subject": "s", "content": "c"},
