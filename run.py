@@ -1,6 +1,7 @@
-"""hotpath command line: serve (default) or migrate.
+"""hotpath command line: serve (default), worker or migrate.
 
 python run.py [serve] [--host H] [--port P] [--workers N|auto] [--config PATH]
+python run.py worker [--config PATH]      background jobs only, no HTTP listener
 python run.py migrate [--config PATH]
 
 With more than one worker this process supervises N `run.py serve --listen-fd` children
@@ -36,7 +37,7 @@ EXIT_STARTUP = 1
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="hotpath API server")
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate"))
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate", "worker"))
     parser.add_argument("--config", default=None, help="path to a config.toml (default: the project's)")
     parser.add_argument("--host", default=None, help="listen address (overrides server.host)")
     parser.add_argument("--port", default=None, help="listen port (overrides server.port)")
@@ -299,6 +300,67 @@ def migrate(config: Config) -> int:
     return 0
 
 
+def worker(config: Config) -> int:
+    """Run jobs only (jobs.concurrency at a time) until SIGTERM or Ctrl-C, then shut down
+    gracefully: stop claiming, let running jobs finish up to jobs.shutdown_timeout, hand back the rest."""
+    from aiohttp import web
+
+    from server.app import create_worker_app
+    from server.embedded import EmbeddedError, EmbeddedPostgres
+    from server.errors import StartupError
+
+    if config.jobs.concurrency < 1:
+        log.error("configuration error: jobs.concurrency: must be >= 1 for run.py worker")
+        return EXIT_CONFIG
+
+    async def run(cfg: Config) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner = web.AppRunner(create_worker_app(cfg), handle_signals=False)
+        await runner.setup()  # opens the cleanup contexts: pool, migrations, job runner
+        try:
+            log.info(
+                "hotpath worker running %d jobs at a time (database %s)",
+                cfg.jobs.concurrency,
+                mask_url(cfg.database.url),
+            )
+            await stop.wait()
+            log.info("worker stopping: finishing running jobs")
+        finally:
+            await runner.cleanup()
+
+    signal.signal(signal.SIGTERM, _raise_exit)
+    # Embedded mode: PostgreSQL only (a worker needs no Redis). The cluster under the data dir
+    # is shared with a `run.py` already running there and stopped by whichever leaves last.
+    embedded: EmbeddedPostgres | None = None
+    try:
+        if config.embedded_mode:
+            embedded = EmbeddedPostgres(config.embedded_data_dir / "postgres")
+            try:
+                config.embedded_data_dir.mkdir(parents=True, exist_ok=True)
+                embedded.start()
+            except EmbeddedError as exc:
+                log.error("%s", exc)
+                return EXIT_STARTUP
+            config = dataclasses.replace(
+                config, database=dataclasses.replace(config.database, url=embedded.url)
+            )
+        loop = new_loop()
+        try:
+            loop.run_until_complete(run(config))
+        except StartupError as exc:
+            log.error("%s", exc)
+            return EXIT_STARTUP
+        finally:
+            loop.close()
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -311,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             return migrate(config)
+        if args.command == "worker":
+            return worker(config)
         return serve(config, args)
     except KeyboardInterrupt:
         return 130

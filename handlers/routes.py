@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, feed, fetch, health, legacy, meta, products, users
+from handlers import datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -31,6 +31,13 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/events", feed.stream, name="events", allow_head=False),
     web.post("/events", feed.publish, name="events_publish"),
     web.get("/feed", feed.page, name="feed"),
+    web.post("/send-notification", tasks.send_notification, name="send_notification"),
+    web.post("/generate-report", tasks.generate_report, name="generate_report"),
+    web.post("/bulk-process", tasks.bulk_process, name="bulk_process"),
+    web.get(r"/task-status/{task_id:\d{1,19}}", tasks.task_status, name="task_status"),
+    web.delete(r"/task-status/{task_id:\d{1,19}}", tasks.cancel_task, name="task_cancel"),
+    web.get("/tasks", tasks.list_tasks, name="tasks"),
+    web.get(r"/reports/{report_id:\d{1,19}}", tasks.get_report, name="report"),
 )
 UNMATCHED = "unmatched"
 

@@ -21,6 +21,7 @@ from server.resources import (
     feed_ctx,
     feed_shutdown,
     http_client_ctx,
+    jobs_ctx,
     metrics_ctx,
     pg_pool_ctx,
     ratelimit_ctx,
@@ -50,6 +51,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it
+    app.cleanup_ctx.append(jobs_ctx)  # keep last: running jobs finish while the pools are open
     setup_routes(app)
     return app
 
@@ -58,3 +60,12 @@ def create_app_from_env() -> web.Application:
     """The app from config.toml and the environment, for process managers that import an app
     factory (gunicorn 'server.app:create_app_from_env()' with aiohttp's worker class)."""
     return create_app(load_config())
+
+
+def create_worker_app(config: Config) -> web.Application:
+    """`python run.py worker`: the database and the job runner only, no routes, never served."""
+    app = web.Application()
+    app[CONFIG] = config
+    app.cleanup_ctx.append(pg_pool_ctx)
+    app.cleanup_ctx.append(jobs_ctx)
+    return app

@@ -194,6 +194,43 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JobsConfig:
+    concurrency: int = field(default=16, metadata=_range(0, 10000))
+    batch_size: int = field(default=16, metadata=_range(1, 10000))
+    lease: float = field(default=30.0, metadata=_range(0.1))
+    heartbeat_interval: float = field(default=10.0, metadata=_range(0.05))
+    poll_interval: float = field(default=5.0, metadata=_range(0.01))
+    retention: float = field(default=7 * 86400.0, metadata=_range(0))
+    shutdown_timeout: float = field(default=10.0, metadata=_range(0))
+    max_attempts: dict[str, str] = field(
+        default_factory=lambda: {"default": "3", "send_notification": "6", "noop": "1"}
+    )
+    backoff_base: dict[str, str] = field(
+        default_factory=lambda: {"default": "1.0", "send_notification": "5.0"}
+    )
+    backoff_max: float = field(default=3600.0, metadata=_range(0))
+    bulk_max_rows: int = field(default=10000, metadata=_range(1, 1_000_000))
+
+    def attempts_for(self, kind: str) -> int:
+        return int(self.max_attempts.get(kind, self.max_attempts.get("default", "3")))
+
+    def backoff_for(self, kind: str) -> float:
+        return float(self.backoff_base.get(kind, self.backoff_base.get("default", "1.0")))
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    host: str = ""
+    port: int = field(default=587, metadata=_range(1, 65535))
+    starttls: bool = True
+    username: str = ""
+    password: str = ""
+    sender: str = "hotpath@localhost"
+    timeout: float = field(default=10.0, metadata=_range(0.01))
+    ca_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -209,6 +246,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     feed: FeedConfig = FeedConfig()
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    smtp: SmtpConfig = SmtpConfig()
 
     @property
     def embedded_mode(self) -> bool:
@@ -363,6 +402,20 @@ def _validate_whole(config: Config) -> None:
             missing,
             "set both database and Redis URLs, or neither (then embedded servers are started)",
         )
+    for kind, text in config.jobs.max_attempts.items():
+        try:
+            ok = int(text) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"jobs.max_attempts.{kind}", f"expected an integer >= 1, got {text!r}")
+    for kind, text in config.jobs.backoff_base.items():
+        try:
+            ok = float(text) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"jobs.backoff_base.{kind}", f"expected a number of seconds >= 0, got {text!r}")
 
 
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], set[str]]:

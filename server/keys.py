@@ -14,6 +14,7 @@ from server.config import Config
 from server.db import Database
 from server.fanout import Guard
 from server.feed import Feed
+from server.jobs import Engine, Runner
 from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
@@ -37,6 +38,9 @@ FEED = web.AppKey("hotpath.feed", Feed)
 
 # None when metrics.enabled is off: the request middleware then counts nothing.
 METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")
+JOBS = web.AppKey("hotpath.jobs", Engine)
+# None when this process runs no jobs (jobs.concurrency = 0).
+JOB_RUNNER: web.AppKey[Runner | None] = web.AppKey("hotpath.job_runner")
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

@@ -262,6 +262,266 @@ _LARGE_DATASET: dict[str, Any] = {
 }
 
 
+# ---------------------------------------------------------------- background tasks (issue 9)
+
+_TASK_ID = {
+    "name": "task_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^\d{1,19}$"},
+    "description": "numeric task id",
+}
+_IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"},
+    "description": "the same key returns the same task, never a second one",
+}
+_ACCEPTED_HEADERS = {
+    "Location": {"schema": {"type": "string"}, "description": "the status URL"},
+    "Retry-After": {"schema": {"type": "integer"}, "description": "seconds before polling"},
+}
+_ACCEPTED = {"$ref": "#/components/schemas/TaskAccepted"}
+_TASK = {"$ref": "#/components/schemas/Task"}
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _task_create(op: str, summary: str, body: str, query: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": op,
+            "summary": summary,
+            "parameters": [*_NEGOTIATION_PARAMS, _IDEMPOTENCY, *query],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    t: {"schema": {"$ref": f"#/components/schemas/{body}"}}
+                    for t in (*_BODY_CONTENT_TYPES, *_FORM_TYPES)
+                },
+            },
+            "responses": {
+                "202": _negotiated("accepted: poll status_url", _ACCEPTED, _ACCEPTED_HEADERS),
+                "200": _negotiated("this Idempotency-Key already made a task: that task", _ACCEPTED),
+                "409": _problem("the Idempotency-Key was used for a different request"),
+                **_BODY_ERRORS,
+                **_UNAVAILABLE,
+            },
+        }
+    }
+
+
+def _q(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": {"type": "string"}, "description": description}
+
+
+_TASK_PATHS: dict[str, Any] = {
+    "/send-notification": _task_create(
+        "send_notification",
+        "Email someone (SMTP relay, or the Maildir outbox when none is configured), in the background",
+        "Notification",
+        [
+            _q("recipient", "email address (old clients send the fields as query parameters)"),
+            _q("subject", "subject line"),
+            _q("content", "plain-text body"),
+        ],
+    ),
+    "/generate-report": _task_create(
+        "generate_report",
+        "Build a report from the database in the background; the finished task links to /reports/{id}",
+        "ReportRequest",
+        [
+            _q("report_type", "signups or user-activity"),
+            _q("user_id", "the user (user-activity)"),
+            _q("start", "first day (signups, YYYY-MM-DD)"),
+            _q("end", "last day (signups, YYYY-MM-DD)"),
+        ],
+    ),
+    "/bulk-process": {
+        "post": {
+            "operationId": "bulk_process",
+            "summary": "Import user records (validated per row, upserted by email) in the background",
+            "parameters": [*_NEGOTIATION_PARAMS, _IDEMPOTENCY],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "array", "items": {"$ref": "#/components/schemas/UserCreate"}}
+                    },
+                    "text/csv": {"schema": {"type": "string", "description": "header row name,email"}},
+                },
+            },
+            "responses": {
+                "202": _negotiated("accepted: poll status_url", _ACCEPTED, _ACCEPTED_HEADERS),
+                "200": _negotiated("this Idempotency-Key already made a task: that task", _ACCEPTED),
+                "409": _problem("the Idempotency-Key was used for a different request"),
+                "400": _problem("missing or malformed body, or unknown ?format="),
+                "406": _problem("nothing in Accept can be produced"),
+                "413": _problem("more records than jobs.bulk_max_rows, or a body too large"),
+                "415": _problem("body is neither JSON nor CSV"),
+                "422": _problem("no records, or a bad Idempotency-Key"),
+                **_UNAVAILABLE,
+            },
+        }
+    },
+    "/task-status/{task_id}": {
+        "parameters": [_TASK_ID],
+        "get": {
+            "operationId": "task_status",
+            "summary": "A task's status, progress, attempts and (when completed) result",
+            "parameters": _NEGOTIATION_PARAMS,
+            "responses": {
+                "200": _negotiated("the task", _TASK),
+                "404": _problem("no such task"),
+                **_NEGOTIATION_ERRORS,
+                **_UNAVAILABLE,
+            },
+        },
+        "delete": {
+            "operationId": "task_cancel",
+            "summary": "Cancel a task: queued ones at once, processing ones at their next progress point",
+            "parameters": _NEGOTIATION_PARAMS,
+            "responses": {
+                "200": _negotiated("cancelled", _TASK),
+                "202": _negotiated("cancellation requested; the task is still processing", _TASK),
+                "404": _problem("no such task"),
+                "409": _problem("the task is already completed, failed or cancelled"),
+                **_NEGOTIATION_ERRORS,
+                **_UNAVAILABLE,
+            },
+        },
+    },
+    "/tasks": {
+        "get": {
+            "operationId": "tasks",
+            "summary": "List tasks in id order (keyset pagination), optionally in one state",
+            "parameters": [
+                *_NEGOTIATION_PARAMS,
+                {
+                    "name": "state",
+                    "in": "query",
+                    "schema": {"enum": ["queued", "processing", "completed", "failed", "cancelled"]},
+                },
+                _page_param("after", "return tasks with an id greater than this", 0),
+                _page_param("limit", "page size (default 50, at most 200)", 1),
+            ],
+            "responses": {
+                "200": _negotiated("a page", {"$ref": "#/components/schemas/TaskPage"}),
+                "422": _problem("bad state, after or limit"),
+                **_NEGOTIATION_ERRORS,
+                **_UNAVAILABLE,
+            },
+        }
+    },
+    "/reports/{report_id}": {
+        "parameters": [
+            {
+                "name": "report_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": r"^\d{1,19}$"},
+                "description": "numeric report id (a completed generate_report task's result names it)",
+            }
+        ],
+        "get": {
+            "operationId": "report",
+            "summary": "A generated report (CSV gives its rows)",
+            "parameters": _NEGOTIATION_PARAMS,
+            "responses": {
+                "200": _negotiated("the report", {"$ref": "#/components/schemas/Report"}),
+                "404": _problem("no such report"),
+                **_NEGOTIATION_ERRORS,
+                **_UNAVAILABLE,
+            },
+        },
+    },
+}
+_TIME = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+_TASK_SCHEMAS: dict[str, Any] = {
+    "Notification": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "recipient": {"type": "string", "format": "email", "maxLength": 254},
+            "subject": {"type": "string", "maxLength": 998},
+            "content": {"type": "string", "maxLength": 100000},
+        },
+    },
+    "ReportRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "report_type": {"enum": ["signups", "user-activity"]},
+            "user_id": {"type": ["integer", "string"]},
+            "start": {"type": "string", "format": "date"},
+            "end": {"type": "string", "format": "date"},
+        },
+    },
+    "TaskAccepted": {
+        "type": "object",
+        "required": ["message", "task_id", "status", "status_url", "estimated_time"],
+        "properties": {
+            "message": {"type": "string"},
+            "task_id": {"type": "integer"},
+            "status": {"enum": ["queued", "processing", "completed", "failed", "cancelled"]},
+            "status_url": {"type": "string"},
+            "estimated_time": {"type": "number", "description": "seconds (a hint)"},
+            "created_at": _TIME,
+        },
+    },
+    "Task": {
+        "type": "object",
+        "required": ["task_id", "kind", "status", "progress", "attempts", "created_at", "status_url"],
+        "properties": {
+            "task_id": {"type": "integer"},
+            "kind": {"type": "string"},
+            "status": {"enum": ["queued", "processing", "completed", "failed", "cancelled"]},
+            "progress": {
+                "type": "object",
+                "properties": {
+                    "done": {"type": "integer"},
+                    "total": {"type": ["integer", "null"]},
+                    "message": {"type": ["string", "null"]},
+                },
+            },
+            "result": {"description": "present when completed"},
+            "error": {"type": ["string", "null"]},
+            "attempts": {"type": "integer"},
+            "max_attempts": {"type": "integer"},
+            "cancel_requested": {"type": "boolean"},
+            "status_url": {"type": "string"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+            "started_at": _TIME_OR_NULL,
+            "finished_at": _TIME_OR_NULL,
+            "run_after": _TIME,
+        },
+    },
+    "TaskPage": {
+        "type": "object",
+        "required": ["items", "limit", "next"],
+        "properties": {
+            "items": {"type": "array", "items": _TASK},
+            "limit": {"type": "integer"},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+    "Report": {
+        "type": "object",
+        "required": ["id", "task_id", "report_type", "params", "summary", "rows", "created_at"],
+        "properties": {
+            "id": {"type": "integer"},
+            "task_id": {"type": "integer"},
+            "report_type": {"type": "string"},
+            "params": {"type": "object"},
+            "summary": {"type": "object"},
+            "rows": {"type": "array", "items": {"type": "object"}},
+            "created_at": _TIME,
+        },
+    },
+}
+
+
 def build_spec() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {
@@ -514,6 +774,7 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             },
+            **_TASK_PATHS,
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
@@ -743,6 +1004,7 @@ def build_spec() -> dict[str, Any]:
                         "total_urls": {"type": "integer"},
                     },
                 },
+                **_TASK_SCHEMAS,
                 "Profile": {
                     "allOf": [
                         _USER,

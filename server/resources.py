@@ -320,3 +320,23 @@ async def feed_shutdown(app: web.Application) -> None:
     feed = app.get(FEED)
     if feed is not None:
         feed.shutdown()
+
+
+async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The job engine under JOBS (enqueue, status, cancel) and, when jobs.concurrency > 0, this
+    process's job runner under JOB_RUNNER. Last in cleanup_ctx: at shutdown running jobs finish
+    (up to jobs.shutdown_timeout) while the pool and every other resource are still open."""
+    from server.job_kinds import KINDS
+    from server.jobs import Engine, Runner
+    from server.keys import JOB_RUNNER, JOBS
+
+    config = app[CONFIG]
+    engine = Engine(app[DB], config.jobs)
+    app[JOBS] = engine
+    runner = Runner(engine, KINDS, config, config.database.url) if config.jobs.concurrency > 0 else None
+    app[JOB_RUNNER] = runner
+    if runner is not None:
+        await runner.start()
+    yield
+    if runner is not None:
+        await runner.close()

@@ -37,6 +37,8 @@ def test_shipped_config_equals_the_defaults() -> None:
         "metrics",
         "compression",
         "feed",
+        "jobs",
+        "smtp",
     ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:

@@ -1,0 +1,165 @@
+"""Background tasks: create (notification, report, bulk import), read, list, cancel; reports."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
+from server import job_kinds
+from server.errors import ValidationFailed
+from server.jobs import STATES, Job
+from server.keys import CONFIG, DB, JOBS
+from server.render import Shape
+
+TASK = Shape("task")
+TASKS = Shape("tasks", rows="items")
+REPORT = Shape("report", rows="rows")
+PAGE_DEFAULT = 50
+PAGE_MAX = 200
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# Visible ASCII, 1-255 characters (what Stripe and the IETF draft accept in practice).
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_CSV = "text/csv"
+# Rough seconds per job kind for `estimated_time` (a hint for pollers, not a promise).
+_ESTIMATE = {"send_notification": 1, "generate_report": 2}
+
+
+def _status_url(request: web.Request, job_id: int) -> str:
+    return str(request.app.router["task_status"].url_for(task_id=str(job_id)))
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ValidationFailed(
+            [{"field": "Idempotency-Key", "message": "1-255 visible ASCII characters"}],
+            "bad Idempotency-Key header",
+        )
+    return key
+
+
+async def _fields(request: web.Request) -> dict[str, Any]:
+    """Query parameters (what the old clients send), overlaid by a JSON/msgpack/YAML or form body."""
+    fields: dict[str, Any] = {k: v for k, v in request.query.items() if k not in ("format", "pretty")}
+    if not request.body_exists:
+        return fields
+    if request.content_type in _FORM_TYPES:  # before read(): multipart streams the body itself
+        try:
+            form = await request.post()
+        # a missing or wrong boundary, truncated or headerless parts, bad bytes or charsets
+        except (ValueError, LookupError, HttpProcessingError) as exc:
+            raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
+        fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+        return fields
+    if not (await request.read()).strip():  # an empty body beside query parameters (old clients)
+        return fields
+    body = await read_body(request)  # read() keeps the bytes: this parses the same body
+    if not isinstance(body, Mapping):
+        detail = "the body must be an object"
+        raise ValidationFailed([{"field": "", "message": detail}], detail)
+    fields.update(body)
+    return fields
+
+
+async def _accepted(
+    request: web.Request, media: str, kind: str, payload: Mapping[str, Any], estimate: float
+) -> web.Response:
+    key = _idempotency_key(request)
+    job, created = await request.app[JOBS].enqueue(kind, payload, idempotency_key=key)
+    url = _status_url(request, job.id)
+    body = {
+        "message": f"{kind.replace('_', ' ')} accepted" if created else "already accepted (Idempotency-Key)",
+        "task_id": job.id,
+        "status": job.state,
+        "status_url": url,
+        "estimated_time": estimate,
+        "created_at": job.created_at,
+    }
+    headers = {"Location": url, "Retry-After": "1"}
+    return represent(request, body, TASK, status=202 if created else 200, headers=headers, media=media)
+
+
+async def send_notification(request: web.Request) -> web.Response:
+    media = negotiate(request)
+    payload = job_kinds.validate_notification(await _fields(request))
+    return await _accepted(request, media, "send_notification", payload, _ESTIMATE["send_notification"])
+
+
+async def generate_report(request: web.Request) -> web.Response:
+    media = negotiate(request)
+    payload = await job_kinds.validate_report(request.app[DB], await _fields(request))
+    return await _accepted(request, media, "generate_report", payload, _ESTIMATE["generate_report"])
+
+
+async def bulk_process(request: web.Request) -> web.Response:
+    media = negotiate(request)
+    max_rows = request.app[CONFIG].jobs.bulk_max_rows
+    ctype = request.content_type if "Content-Type" in request.headers else "application/json"
+    if ctype not in ("application/json", _CSV):
+        raise web.HTTPUnsupportedMediaType(
+            text=f"send a JSON array or text/csv, not {ctype}",
+            headers={"Accept-Post": f"application/json, {_CSV}"},
+        )
+    body = await request.read()
+    if not body.strip():
+        raise web.HTTPBadRequest(text="a request body is required")
+    try:
+        records = job_kinds.parse_bulk(ctype, body, max_rows)
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    if len(records) > max_rows:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_rows, actual_size=len(records))
+    if not records:
+        raise ValidationFailed([{"field": "", "message": "no records"}], "no records to import")
+    estimate = round(0.5 + len(records) / 20000, 1)
+    return await _accepted(request, media, "bulk_process", {"records": records}, estimate)
+
+
+def _task(request: web.Request, job: Job) -> dict[str, Any]:
+    snap = job.snapshot()
+    snap["status_url"] = _status_url(request, job.id)
+    return snap
+
+
+async def task_status(request: web.Request) -> web.Response:
+    job = await request.app[JOBS].get(path_id(request, "task_id", "task"))
+    headers = {} if job.state in ("completed", "failed", "cancelled") else {"Retry-After": "1"}
+    return represent(request, _task(request, job), TASK, headers=headers)
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    job_id = path_id(request, "task_id", "task")
+    media = negotiate(request)
+    job = await request.app[JOBS].cancel(job_id)
+    # 200: cancelled now; 202: cancellation asked for, the job stops at its next progress point
+    status = 200 if job.state == "cancelled" else 202
+    return represent(request, _task(request, job), TASK, status=status, media=media)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    state = request.query.get("state") or None
+    if state is not None and state not in STATES:
+        raise ValidationFailed([{"field": "state", "message": f"must be one of {', '.join(STATES)}"}])
+    after = query_int(request, "after", 0, minimum=0, maximum=2**63 - 1)
+    limit = query_int(request, "limit", PAGE_DEFAULT, minimum=1, maximum=PAGE_MAX)
+    jobs = await request.app[JOBS].page(state, after, limit)
+    items = [_task(request, j) for j in jobs]
+    next_url = None
+    headers = {}
+    if len(items) == limit:
+        query = {"after": str(jobs[-1].id), "limit": str(limit), **({"state": state} if state else {})}
+        next_url = page_link(request, "tasks", **query)
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return represent(request, {"items": items, "limit": limit, "next": next_url}, TASKS, headers=headers)
+
+
+async def get_report(request: web.Request) -> web.Response:
+    report_id = path_id(request, "report_id", "report")
+    return represent(request, await job_kinds.get_report(request.app[DB], report_id), REPORT)

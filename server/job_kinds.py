@@ -1,0 +1,418 @@
+"""The job kinds: email notifications, reports, bulk user imports, and a no-op for the benchmark.
+
+Delivery is at least once, so each kind is idempotent: a notification carries a Message-ID
+derived from its job and is recorded as sent before the job completes; a report is stored
+under its job id (a retry overwrites it); a bulk import upserts by email.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import email.utils
+import io
+import mailbox
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import orjson
+
+from server.config import Config, SmtpConfig
+from server.db import Database
+from server.errors import NotFound, ValidationFailed
+from server.jobs import Handler, JobContext, PermanentError
+from server.users import _EMAIL, validate_user_fields
+
+REPORT_TYPES = ("signups", "user-activity")
+SUBJECT_MAX = 998  # RFC 5322 line length
+CONTENT_MAX = 100_000
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab allowed in a subject, CR/LF never
+BULK_CHUNK = 1000
+
+# ---------------------------------------------------------------- validation (request time)
+
+
+def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
+    """recipient (an email address), subject, content: the clean payload, or ValidationFailed."""
+    errors: list[dict[str, str]] = []
+    clean: dict[str, str] = {}
+    for key in data:
+        if key not in ("recipient", "subject", "content"):
+            errors.append({"field": str(key), "message": "unknown field"})
+    recipient = data.get("recipient")
+    if not isinstance(recipient, str) or not recipient.strip():
+        errors.append({"field": "recipient", "message": "is required"})
+    elif len(recipient.strip()) > 254 or not _EMAIL.match(recipient.strip()):
+        errors.append({"field": "recipient", "message": "must be a valid email address"})
+    else:
+        clean["recipient"] = recipient.strip()
+    subject = data.get("subject", "")
+    if not isinstance(subject, str):
+        errors.append({"field": "subject", "message": "must be a string"})
+    elif len(subject) > SUBJECT_MAX or _CONTROL.search(subject):
+        errors.append({"field": "subject", "message": f"at most {SUBJECT_MAX} characters, no line breaks"})
+    else:
+        clean["subject"] = subject
+    content = data.get("content", "")
+    if not isinstance(content, str):
+        errors.append({"field": "content", "message": "must be a string"})
+    elif len(content) > CONTENT_MAX or "\x00" in content:
+        errors.append({"field": "content", "message": f"at most {CONTENT_MAX} characters, no NUL"})
+    else:
+        clean["content"] = content
+    if errors:
+        raise ValidationFailed(errors)
+    return clean
+
+
+def _date(value: Any, name: str, errors: list[dict[str, str]]) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value).isoformat()
+        except ValueError:
+            pass
+    errors.append({"field": name, "message": "must be a date (YYYY-MM-DD)"})
+    return None
+
+
+async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, Any]:
+    """report_type (signups | user-activity), user_id (user-activity: an existing user),
+    start/end dates (signups; default the last 30 days)."""
+    errors: list[dict[str, str]] = []
+    for key in data:
+        if key not in ("report_type", "user_id", "start", "end"):
+            errors.append({"field": str(key), "message": "unknown field"})
+    report_type = data.get("report_type")
+    if report_type not in REPORT_TYPES:
+        errors.append({"field": "report_type", "message": f"must be one of {', '.join(REPORT_TYPES)}"})
+    user_id: int | None = None
+    raw = data.get("user_id")
+    if raw is not None and raw != "":
+        try:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            user_id = int(raw)
+            if isinstance(raw, bool) or not 1 <= user_id < 2**63:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            errors.append({"field": "user_id", "message": "must be a positive integer"})
+            user_id = None
+    elif report_type == "user-activity":
+        errors.append({"field": "user_id", "message": "is required for user-activity"})
+    start = _date(data.get("start"), "start", errors)
+    end = _date(data.get("end"), "end", errors)
+    if errors:
+        raise ValidationFailed(errors)
+    if report_type == "signups":
+        end_d = dt.date.fromisoformat(end) if end else dt.datetime.now(dt.UTC).date()
+        try:
+            start_d = dt.date.fromisoformat(start) if start else end_d - dt.timedelta(days=29)
+        except OverflowError:  # end within 29 days of 0001-01-01
+            start_d = dt.date.min
+        if start_d > end_d or (end_d - start_d).days > 3660:
+            raise ValidationFailed([{"field": "start", "message": "start <= end, at most 10 years apart"}])
+        return {"report_type": report_type, "start": start_d.isoformat(), "end": end_d.isoformat()}
+    assert user_id is not None
+    if await db.fetchval("SELECT 1 FROM users WHERE id = $1", user_id) is None:
+        raise ValidationFailed([{"field": "user_id", "message": f"user {user_id} does not exist"}])
+    return {"report_type": report_type, "user_id": user_id}
+
+
+def parse_bulk(content_type: str, body: bytes, max_rows: int) -> list[Any]:
+    """Records from a JSON array or a CSV document (header row naming the fields).
+
+    ValueError for a body that is neither; the caller maps sizes beyond max_rows to 413.
+    """
+    if content_type == "text/csv":
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ValueError("CSV must be UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows: list[Any] = []
+        try:
+            if not reader.fieldnames:
+                raise ValueError("CSV needs a header row (name,email)")
+            for record in reader:
+                rows.append({k: v for k, v in record.items() if k is not None and v is not None})
+                if len(rows) > max_rows:
+                    break
+        except csv.Error as exc:
+            raise ValueError(f"malformed CSV: {exc}") from None
+        return rows
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("records"), list) and len(data) == 1:
+        data = data["records"]
+    if not isinstance(data, list):
+        raise ValueError("send a JSON array of user records (or CSV)")
+    return data
+
+
+# ---------------------------------------------------------------- send_notification
+
+
+def message_id(job_id: int, created: dt.datetime, sender: str) -> str:
+    """Stable per job: every retry sends the same Message-ID, so duplicates are recognisable.
+    The domain is the sender's (no DNS lookup on the event loop, unlike socket.getfqdn())."""
+    domain = sender.rpartition("@")[2] or "localhost"
+    return f"<hotpath.job{job_id}.{int(created.timestamp() * 1e6)}@{domain}>"
+
+
+def build_message(smtp: SmtpConfig, payload: Mapping[str, Any], msg_id: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = smtp.sender
+    msg["To"] = payload["recipient"]
+    msg["Subject"] = payload.get("subject", "")
+    msg["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = msg_id
+    msg.set_content(payload.get("content", ""))
+    return msg
+
+
+def deliver_maildir(outbox: Path, msg: EmailMessage, key: str) -> bool:
+    """Put `msg` into the Maildir `outbox` under the fixed name `key`; False when it is already
+    there (a retry). Standard Maildir delivery (write in tmp/, then a link into new/, which is
+    atomic and fails if the name exists), with a name derived from the job instead of
+    mailbox.Maildir.add()'s random one, which is what makes a second delivery detectable."""
+    mailbox.Maildir(outbox, create=True)  # creates tmp/, new/, cur/
+    if any(os.path.exists(os.path.join(outbox, sub, key)) for sub in ("new", "cur")) or any(
+        name.startswith(key + ":") for name in os.listdir(os.path.join(outbox, "cur"))
+    ):
+        return False
+    tmp = os.path.join(outbox, "tmp", f"{key}.{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(bytes(msg))
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, os.path.join(outbox, "new", key))
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def _tls_context(smtp: SmtpConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=smtp.ca_file or None)
+    return ctx
+
+
+async def send_notification(ctx: JobContext, payload: dict[str, Any]) -> Any:
+    """Email through the configured relay, or into the Maildir outbox when none is configured."""
+    job = ctx.job
+    smtp = ctx.config.smtp
+    msg_id = message_id(job.id, job.created_at, smtp.sender)
+    if job.progress_done >= 1:  # an earlier attempt sent it and recorded that: never twice
+        return {"recipient": payload["recipient"], "message_id": msg_id, "delivered": "earlier attempt"}
+    msg = build_message(smtp, payload, msg_id)
+    if not smtp.host:
+        outbox = outbox_dir(ctx.config)
+        key = msg_id.strip("<>").replace("/", "_")
+        loop = asyncio.get_running_loop()
+        fresh = await loop.run_in_executor(None, deliver_maildir, outbox, msg, key)
+        await ctx.progress(1, 1, "written to the outbox" if fresh else "already in the outbox")
+        return {"recipient": payload["recipient"], "message_id": msg_id, "transport": "maildir"}
+    try:
+        response = await aiosmtplib.send(
+            msg,
+            hostname=smtp.host,
+            port=smtp.port,
+            start_tls=smtp.starttls,
+            use_tls=False,
+            username=smtp.username or None,
+            password=smtp.password or None,
+            tls_context=_tls_context(smtp) if smtp.starttls else None,
+            timeout=smtp.timeout,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        raise PermanentError(f"the relay refused the recipient: {exc}") from None
+    except aiosmtplib.SMTPResponseException as exc:
+        if 500 <= exc.code < 600:
+            raise PermanentError(f"the relay answered {exc.code}: {exc.message}") from None
+        raise
+    await ctx.progress(1, 1, "sent")
+    return {
+        "recipient": payload["recipient"],
+        "message_id": msg_id,
+        "transport": "smtp",
+        "relay_response": str(response[1]),
+    }
+
+
+def outbox_dir(config: Config) -> Path:
+    return config.embedded_data_dir / "outbox"
+
+
+# ---------------------------------------------------------------- generate_report
+
+SQL_SIGNUPS = """
+SELECT d::date AS day, count(u.id)::int AS signups
+  FROM generate_series($1::date, $2::date, interval '1 day') AS d
+  LEFT JOIN users u ON (u.created_at AT TIME ZONE 'UTC')::date = d::date
+ GROUP BY d ORDER BY d
+"""
+SQL_USER = "SELECT id, name, email, created_at, updated_at FROM users WHERE id = $1"
+SQL_USER_JOBS = """
+SELECT id, kind, state, created_at, finished_at FROM jobs
+ WHERE payload->>'user_id' = $1::text ORDER BY id
+"""
+SQL_STORE_REPORT = """
+INSERT INTO reports (job_id, report_type, params, summary, rows)
+VALUES ($1, $2, $3::jsonb, $4::jsonb, $5::jsonb)
+ON CONFLICT (job_id) DO UPDATE
+   SET params = EXCLUDED.params, summary = EXCLUDED.summary, rows = EXCLUDED.rows, created_at = now()
+RETURNING id
+"""
+SQL_GET_REPORT = (
+    "SELECT id, job_id, report_type, params, summary, rows, created_at FROM reports WHERE id = $1"
+)
+
+
+async def generate_report(ctx: JobContext, payload: dict[str, Any]) -> Any:
+    """Build the report from PostgreSQL and store it under this job (a retry overwrites it)."""
+    report_type = payload["report_type"]
+    await ctx.progress(0, 2, "querying")
+    if report_type == "signups":
+        rows = [
+            {"day": r["day"].isoformat(), "signups": r["signups"]}
+            for r in await ctx.db.fetch(
+                SQL_SIGNUPS, dt.date.fromisoformat(payload["start"]), dt.date.fromisoformat(payload["end"])
+            )
+        ]
+        summary: dict[str, Any] = {
+            "total": sum(r["signups"] for r in rows),
+            "days": len(rows),
+            "start": payload["start"],
+            "end": payload["end"],
+        }
+    elif report_type == "user-activity":
+        user = await ctx.db.fetchrow(SQL_USER, payload["user_id"])
+        if user is None:
+            raise PermanentError(f"user {payload['user_id']} does not exist")
+        rows = [{"at": user["created_at"].isoformat(), "event": "signed up", "detail": user["email"]}]
+        if user["updated_at"] > user["created_at"]:
+            rows.append({"at": user["updated_at"].isoformat(), "event": "profile updated", "detail": ""})
+        for j in await ctx.db.fetch(SQL_USER_JOBS, str(payload["user_id"])):
+            event = f"task {j['kind']}"
+            rows.append({"at": j["created_at"].isoformat(), "event": event, "detail": j["state"]})
+        rows.sort(key=lambda r: r["at"])
+        summary = {
+            "user_id": user["id"],
+            "name": user["name"],
+            "email": user["email"],
+            "member_since": user["created_at"].date().isoformat(),
+            "events": len(rows),
+        }
+    else:
+        raise PermanentError(f"unknown report type {report_type!r}")
+    await ctx.progress(1, 2, "storing")
+    report_id = await ctx.db.fetchval(
+        SQL_STORE_REPORT,
+        ctx.job.id,
+        report_type,
+        orjson.dumps(payload).decode(),
+        orjson.dumps(summary).decode(),
+        orjson.dumps(rows).decode(),
+    )
+    await ctx.progress(2, 2, "done")
+    return {"report_id": report_id, "report_url": f"/reports/{report_id}", "rows": len(rows)}
+
+
+async def get_report(db: Database, report_id: int) -> dict[str, Any]:
+    """A stored report: id, job (task) id, type, params, summary, rows, created_at."""
+    row = await db.fetchrow(SQL_GET_REPORT, report_id)
+    if row is None:
+        raise NotFound(f"report {report_id} does not exist")
+    return {
+        "id": row["id"],
+        "task_id": row["job_id"],
+        "report_type": row["report_type"],
+        "params": orjson.loads(row["params"]),
+        "summary": orjson.loads(row["summary"]),
+        "created_at": row["created_at"],
+        "rows": orjson.loads(row["rows"]),
+    }
+
+
+# ---------------------------------------------------------------- bulk_process
+
+# One statement for a whole chunk: rows copied (binary COPY) into a temporary table, then
+# upserted by email, any case (the unique index on lower(email)).
+SQL_BULK_TEMP = "CREATE TEMP TABLE bulk_users (name text, email text) ON COMMIT DROP"
+SQL_BULK_UPSERT = """
+INSERT INTO users (name, email) SELECT name, email FROM bulk_users
+ON CONFLICT ((lower(email))) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email, updated_at = now()
+ WHERE users.name IS DISTINCT FROM EXCLUDED.name OR users.email IS DISTINCT FROM EXCLUDED.email
+"""
+
+
+async def bulk_process(ctx: JobContext, payload: dict[str, Any]) -> Any:
+    """Validate each record like POST /users, upsert the valid ones chunk by chunk with binary
+    COPY, report progress after each chunk; the result lists every bad row."""
+    records = payload["records"]
+    total = len(records)
+    errors: list[dict[str, Any]] = []
+    good: list[tuple[int, str, str]] = []
+    seen: dict[str, int] = {}
+    for index, record in enumerate(records, start=1):
+        try:
+            clean = validate_user_fields(record, partial=False)
+        except ValidationFailed as exc:
+            errors.append({"row": index, "errors": exc.extra["errors"]})
+            continue
+        key = clean["email"].lower()
+        if key in seen:
+            errors.append(
+                {"row": index, "errors": [{"field": "email", "message": f"duplicate of row {seen[key]}"}]}
+            )
+            continue
+        seen[key] = index
+        good.append((index, clean["name"], clean["email"]))
+    await ctx.progress(0, total, f"{len(errors)} invalid rows; importing {len(good)}")
+    written = 0
+    for start in range(0, len(good), BULK_CHUNK):
+        chunk = good[start : start + BULK_CHUNK]
+        async with ctx.db.acquire() as conn, conn.transaction():
+            await conn.execute(SQL_BULK_TEMP)
+            await conn.copy_records_to_table("bulk_users", records=[(n, e) for _i, n, e in chunk])
+            status = await conn.execute(SQL_BULK_UPSERT)
+        written += int(status.rsplit(" ", 1)[1])
+        done = chunk[-1][0]
+        await ctx.progress(done, total, f"imported {start + len(chunk)} of {len(good)} valid rows")
+    await ctx.progress(total, total, "done")
+    return {
+        "total": total,
+        "imported": len(good),
+        "changed": written,
+        "failed": len(errors),
+        "errors": errors,
+    }
+
+
+# ---------------------------------------------------------------- noop
+
+
+async def noop(ctx: JobContext, payload: dict[str, Any]) -> Any:
+    """Does nothing: what bench/jobs.py measures is the queue itself. No endpoint creates it."""
+    return None
+
+
+KINDS: Mapping[str, Handler] = {
+    "send_notification": send_notification,
+    "generate_report": generate_report,
+    "bulk_process": bulk_process,
+    "noop": noop,
+}
