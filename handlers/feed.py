@@ -9,13 +9,15 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp_jinja2
+import orjson
 from aiohttp import web
 
-from handlers.common import json_response, read_body
+from handlers.common import json_response, path_id, read_body
 from middlewares.streaming import stream_headers
 from server.errors import ValidationFailed
-from server.feed import CHANNELS, EVENT_NAME, Frame, Subscriber, parse_event_id
-from server.keys import CONFIG, FEED
+from server.feed import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
+from server.keys import CONFIG, FEED, JOBS
+from server.task_events import FINAL, event_name, frame_data
 
 log = logging.getLogger("hotpath.feed")
 
@@ -217,3 +219,56 @@ async def page(request: web.Request) -> web.Response:
     resp = aiohttp_jinja2.render_template("feed.html", request, context)
     resp.headers["Cache-Control"] = "no-cache"
     return resp
+
+
+async def task_stream(request: web.Request) -> web.StreamResponse:
+    """GET /tasks/{id}/events: the task's state now, then each change of it as it happens,
+    until it is completed, failed or cancelled (then the stream ends)."""
+    task_id = path_id(request, "task_id", "task")
+    feed = request.app[FEED]
+    cfg = request.app[CONFIG].feed
+    # Subscribe before reading the state: a change in between is not lost, and one older
+    # than the state read (updated_at not newer) is dropped below.
+    sub = feed.subscribe(("tasks",))
+    try:
+        snapshot = (await request.app[JOBS].get(task_id)).snapshot()  # NotFound -> 404
+        first = orjson.loads(orjson.dumps(snapshot))  # as every later event: JSON types only
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        stream_headers(request, resp)
+        await resp.prepare(request)
+        await _write(
+            sub, resp, encode_event(orjson.dumps(first).decode(), event=event_name(first), retry=cfg.retry)
+        )
+        seen = first["updated_at"]
+        status = first["status"]
+        try:
+            while status not in FINAL:
+                batch = await sub.next()
+                out: list[bytes] = []
+                for frame in batch:
+                    if frame.key is None:  # heartbeat
+                        out.append(frame.body)
+                        continue
+                    data = frame_data(frame)
+                    if data is None or data.get("task_id") != task_id or data.get("updated_at", "") <= seen:
+                        continue
+                    seen, status = data["updated_at"], data.get("status", status)
+                    out.append(frame.body)
+                    if status in FINAL:
+                        break
+                if sub.final is not None and status not in FINAL:
+                    out.append(sub.final.body)  # shutdown or overflow: the client reconnects
+                if out:
+                    await _write(sub, resp, b"".join(out))
+                if sub.final is not None:
+                    break
+            async with asyncio.timeout(cfg.write_timeout):
+                await resp.write_eof()
+        except (ConnectionError, TimeoutError) as exc:
+            log.debug("task stream ended: %s", type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            resp.force_close()
+        return resp
+    finally:
+        feed.unsubscribe(sub)

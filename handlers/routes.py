@@ -37,6 +37,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get(r"/task-status/{task_id:\d{1,19}}", tasks.task_status, name="task_status"),
     web.delete(r"/task-status/{task_id:\d{1,19}}", tasks.cancel_task, name="task_cancel"),
     web.get("/tasks", tasks.list_tasks, name="tasks"),
+    web.get(r"/tasks/{task_id:\d{1,19}}/events", feed.task_stream, name="task_events", allow_head=False),
     web.get(r"/reports/{report_id:\d{1,19}}", tasks.get_report, name="report"),
 )
 UNMATCHED = "unmatched"

@@ -26,6 +26,7 @@ from server.resources import (
     pg_pool_ctx,
     ratelimit_ctx,
     redis_ctx,
+    task_publisher_ctx,
     user_batcher_ctx,
 )
 
@@ -67,5 +68,8 @@ def create_worker_app(config: Config) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app.cleanup_ctx.append(pg_pool_ctx)
+    if config.redis.url:  # job progress is published on the feed (Redis) for every stream to see
+        app.cleanup_ctx.append(redis_ctx)
+        app.cleanup_ctx.append(task_publisher_ctx)
     app.cleanup_ctx.append(jobs_ctx)
     return app

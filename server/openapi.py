@@ -412,6 +412,22 @@ _TASK_PATHS: dict[str, Any] = {
             },
         }
     },
+    "/tasks/{task_id}/events": {
+        "parameters": [_TASK_ID],
+        "get": {
+            "operationId": "task_events",
+            "summary": "The task's state now, then each change as it happens (server-sent events), "
+            "until it is completed, failed or cancelled",
+            "description": "Events: task.created, task.retrying, task.progress, task.completed, task.failed, "
+            "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
+            "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops.",
+            "responses": {
+                "200": {**_EVENT_STREAM, "description": "text/event-stream of the task's changes"},
+                "404": _problem("no such task"),
+                **_UNAVAILABLE,
+            },
+        },
+    },
     "/reports/{report_id}": {
         "parameters": [
             {

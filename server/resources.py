@@ -40,6 +40,7 @@ from server.migrations import apply_migrations
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
 from server.resp import RespConnection
+from server.task_events import publish_task
 from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")
@@ -322,6 +323,16 @@ async def feed_shutdown(app: web.Application) -> None:
         feed.shutdown()
 
 
+async def task_publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """`run.py worker`: a publish-only feed (no reader, no ticker, no subscribers) on the shared
+    Redis client, so job progress from worker-only processes reaches every stream too."""
+    if not app[CONFIG].redis.url:  # embedded mode: the worker has no Redis of its own
+        yield
+        return
+    app[FEED] = Feed(app[REDIS], app[REDIS], app[CONFIG].feed)
+    yield
+
+
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     """The job engine under JOBS (enqueue, status, cancel) and, when jobs.concurrency > 0, this
     process's job runner under JOB_RUNNER. Last in cleanup_ctx: at shutdown running jobs finish
@@ -332,6 +343,9 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
 
     config = app[CONFIG]
     engine = Engine(app[DB], config.jobs)
+    feed = app.get(FEED)
+    if feed is not None:  # every state and progress change goes out on the feed's `tasks` channel
+        engine.listeners.append(partial(publish_task, feed))
     app[JOBS] = engine
     runner = Runner(engine, KINDS, config, config.database.url) if config.jobs.concurrency > 0 else None
     app[JOB_RUNNER] = runner
