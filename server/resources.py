@@ -244,6 +244,9 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     metrics.sources.append(partial(_pool_families, app[DB]))
     metrics.sources.append(partial(_ratelimit_families, app[RATE_LIMITER]))
+    # Opened after this context: looked up at each snapshot.
+    metrics.sources.append(partial(_feed_families, app))
+    metrics.global_sources.append(partial(_job_families, app))
     interval = app[CONFIG].metrics.flush_interval
 
     async def flush_forever() -> None:
@@ -275,6 +278,46 @@ def _pool_families(db: Database) -> list[Family]:
         ),
         Family("hotpath_db_pool_waiting", "gauge", "Requests waiting for a connection", (), {(): db.waiting}),
         Family("hotpath_db_pool_timeouts", "counter", "Checkouts that gave up (503)", (), {(): db.timeouts}),
+    ]
+
+
+def _feed_families(app: web.Application) -> list[Family]:
+    feed = app.get(FEED)
+    if feed is None:
+        return []
+    return [
+        Family("hotpath_feed_subscribers", "gauge", "Open event streams", (), {(): feed.subscriber_count}),
+        Family(
+            "hotpath_feed_overflows",
+            "counter",
+            "Streams dropped for falling behind",
+            (),
+            {(): feed.overflows},
+        ),
+    ]
+
+
+async def _job_families(app: web.Application) -> list[Family]:
+    """Jobs by state, from PostgreSQL: one deployment-wide count, read by the answering worker."""
+    from server.keys import JOBS
+
+    if app.get(JOBS) is None:
+        return []
+    try:
+        rows = await app[DB].fetch("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+    except Exception as exc:  # a scrape while the database is away still shows everything else
+        log.warning("metrics: job counts unavailable: %s", exc)
+        return []
+    counts: dict[tuple[str, ...], float] = {
+        ("queued",): 0.0,
+        ("processing",): 0.0,
+        ("completed",): 0.0,
+        ("failed",): 0.0,
+        ("cancelled",): 0.0,
+    }
+    counts.update({(r["state"],): float(r["n"]) for r in rows})
+    return [
+        Family("hotpath_jobs", "gauge", "Background jobs by state (whole deployment)", ("state",), counts)
     ]
 
 

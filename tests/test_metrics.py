@@ -85,3 +85,20 @@ async def test_docs_page_lists_every_operation(client: Any) -> None:
         for method in item.keys() - {"parameters", "summary", "description", "servers"}:
             assert f"{method.upper()} {path}" in page
     assert "<script" not in page  # self-contained and static
+
+
+async def test_feed_and_job_gauges(aiohttp_client: Any, cfg: Config, tmp_path: Any) -> None:
+    from tests.test_jobs import FAST, truncate_jobs
+
+    await truncate_jobs(cfg)
+    client = await aiohttp_client(create_app(replace(cfg, jobs=FAST, embedded={"data_dir": str(tmp_path)})))
+    stream = await client.get("/events?channels=users")
+    note = {"recipient": "ops@example.com", "subject": "s", "content": "c"}
+    task_id = (await (await client.post("/send-notification", json=note)).json())["task_id"]
+    await (await client.get(f"/tasks/{task_id}/events")).read()  # ends when the task is final
+    found = samples(await (await client.get("/metrics")).text())
+    assert value(found, "hotpath_feed_subscribers") == 1
+    assert value(found, "hotpath_jobs", state="completed") == 1
+    assert value(found, "hotpath_jobs", state="queued") == 0
+    stream.close()
+    await truncate_jobs(cfg)
