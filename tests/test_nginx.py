@@ -22,6 +22,7 @@ from server.config import Config
 from tests.conftest import PYTHON, ROOT, free_port, require_program
 
 DEPLOY = ROOT / "deploy"
+TOKEN = "nginx-test-token"
 
 
 @dataclass
@@ -89,6 +90,7 @@ def stack(base_config: Config, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "DATABASE_URL": base_config.database.url,
         "REDIS_URL": base_config.redis.url,
         "HOTPATH_RATELIMIT_POLICIES": '{ protected = "3/minute" }',
+        "HOTPATH_FEED_ADMIN_TOKEN": TOKEN,
     }
     main = deploy_config(tmp, hot_port, http_port, tls_port)
     check = subprocess.run([nginx, "-t", "-c", str(main)], capture_output=True, text=True)
@@ -205,3 +207,30 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     path.write_text(unit)
     out = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+async def test_events_pass_through_unbuffered(stack: Stack) -> None:
+    """Each event published (straight to hotpath) reaches a client reading through nginx within
+    100 ms: nothing sits in a proxy buffer waiting for more."""
+    async with aiohttp.ClientSession() as session:
+        stream = await session.get(stack.proxied + "/events?channels=users")
+        assert stream.status == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        assert "Content-Encoding" not in stream.headers or stream.headers["Content-Encoding"] == "identity"
+        await stream.content.readuntil(b"\n\n")  # the opening retry: frame
+        delays = []
+        for i in range(5):
+            started = time.monotonic()
+            async with session.post(
+                stack.direct + "/events",
+                json={"channel": "users", "event": "probe", "data": {"i": i}},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as r:
+                assert r.status == 201
+            frame = b""
+            while b"event: probe" not in frame:  # skip heartbeats
+                frame = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)
+            delays.append(time.monotonic() - started)
+            assert b'"i":%d' % i in frame
+        stream.close()
+    assert max(delays) < 0.1, delays
