@@ -189,10 +189,17 @@ class Supervisor:
                     self.count,
                     ", ".join(str(w.pid) for w in self.workers.values()),
                 )
-            elif not self._stop.is_set():
-                log.error("not every worker started within %g s", self.start_timeout)
-                self._exit_code = 1
-                self._stop.set()
+            else:
+                # A worker that died before listening closes its ready pipe a moment before
+                # its exit is reaped: let its watcher see the exit code and name the cause.
+                dead = [w.proc.wait() for w, ok in zip(self.workers.values(), started, strict=True) if not ok]
+                await asyncio.wait([asyncio.ensure_future(d) for d in dead], timeout=5.0)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                if not self._stop.is_set():
+                    log.error("not every worker started within %g s", self.start_timeout)
+                    self._exit_code = 1
+                    self._stop.set()
             await self._stop.wait()
         finally:
             await self._stop_all()
