@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, fetch, health, legacy, meta, products, users
+from handlers import cache, datasets, fetch, health, legacy, meta, products, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -24,6 +24,8 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
     web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
     web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
+    web.get(r"/expensive-calculation/{value:\d{1,9}}", cache.expensive, name="expensive_calculation"),
+    web.get("/cache/stats", cache.stats, name="cache_stats"),
 )
 UNMATCHED = "unmatched"
 

@@ -18,7 +18,8 @@ from functools import partial, update_wrapper
 
 from aiohttp.typedefs import Handler, Middleware
 
-from middlewares import ratelimit
+from middlewares import cache, ratelimit
+from middlewares.cache import cache_middleware
 from middlewares.errors import errors_middleware
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
@@ -33,9 +34,13 @@ MIDDLEWARES: tuple[Middleware, ...] = (
     # Inside errors, so a refusal is an ordinary problem response; before cache and
     # compression, so a refused request costs no cache lookup or compression.
     ratelimit_middleware,
+    # Inside rate limit (a refused request costs no lookup) and outside compression (a hit skips
+    # compressing again; the key includes Accept-Encoding, so stored bodies may be encoded).
+    cache_middleware,
 )
 # Middlewares that only some routes need: route name, config -> is it in that route's chain.
 APPLIES: dict[Middleware, Callable[[str, Config], bool]] = {ratelimit_middleware: ratelimit.applies}
+APPLIES[cache_middleware] = cache.applies
 
 
 def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:

@@ -12,6 +12,7 @@ from server.keys import CONFIG, NEGOTIATOR
 from server.negotiation import Negotiator
 from server.render import OFFERS
 from server.resources import (
+    cache_ctx,
     catalogue_ctx,
     http_client_ctx,
     pg_pool_ctx,
@@ -35,5 +36,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(cache_ctx)
     setup_routes(app)
     return app

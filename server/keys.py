@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.batching import KeyBatcher
+from server.cache import Cache
 from server.config import Config
 from server.db import Database
 from server.fanout import Guard
@@ -29,6 +30,7 @@ NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)
 HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+CACHE = web.AppKey("hotpath.cache", Cache)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
