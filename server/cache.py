@@ -251,6 +251,10 @@ class Cache:
         self._listener = None
         await self._sub_pool.disconnect()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     # ------------------------------------------------------------------ Redis health
 
     @property
@@ -718,7 +722,7 @@ class Cache:
                             pipe.expire(ack, 10)
                             await pipe.execute()
             except REDIS_DOWN as exc:
-                if self._closing:
+                if self.closing:
                     return
                 self._redis_failed(exc)
                 self.subscribed.clear()
