@@ -213,7 +213,11 @@ class Cache:
         self._inflight: dict[str, asyncio.Future[Entry]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._epoch = 0  # bumped by every invalidation seen: a load that spans one is not stored
+        # A load that spans an invalidation of its key (or group) must not store what it read:
+        # every invalidation gets a number, kept per key and group (bounded, see _mark_dropped).
+        self._epoch = 0
+        self._dropped: dict[str, int] = {}
+        self._cleared_at = 0
         self._down_until = 0.0  # while Redis is down: monotonic time of the next attempt
         self._outage = False
         self._listener: asyncio.Task[None] | None = None
@@ -232,9 +236,14 @@ class Cache:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Subscribe to invalidations (a reconnecting task owned by this cache)."""
+    async def start(self, timeout: float = 5.0) -> None:
+        """Subscribe to invalidations (a reconnecting task owned by this cache), waiting up to
+        `timeout` for the subscription so that no invalidation is missed once serving."""
         self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
+        try:
+            await asyncio.wait_for(self.subscribed.wait(), timeout)
+        except TimeoutError:
+            log.warning("cache not subscribed to invalidations after %g s; still trying", timeout)
 
     async def close(self) -> None:
         # _closing as well as cancel(): a cancellation that lands inside redis-py while it
@@ -549,7 +558,7 @@ class Cache:
             raise
         else:
             entry, raw = self._encode(value, ttl, grace, None, group)
-        if epoch == self._epoch:
+        if not self._dropped_since(epoch, key, group):
             # an invalidation seen while loading may concern this value: then it is not kept
             self._l1_put(key, entry)
             await self._l2_set(key, raw, entry, group)
@@ -639,8 +648,7 @@ class Cache:
 
     def invalidate_group_soon(self, group: str) -> None:
         """invalidate_groups from synchronous code (a NOTIFY callback), as an owned task."""
-        self._epoch += 1
-        self._l1_drop_group(group)
+        self._drop_local([], [group])
         self.spawn(self.invalidate_groups(group))
 
     async def _invalidate(self, keys: list[str], groups: list[str]) -> None:
@@ -680,10 +688,20 @@ class Cache:
 
     def _drop_local(self, keys: list[str], groups: list[str]) -> None:
         self._epoch += 1
+        if len(self._dropped) > 10_000:  # forget the marks: every load in flight counts as dropped
+            self._dropped.clear()
+            self._cleared_at = self._epoch
         for key in keys:
+            self._dropped[key] = self._epoch
             self._l1_drop(key)
         for group in groups:
+            self._dropped["\0" + group] = self._epoch
             self._l1_drop_group(group)
+
+    def _dropped_since(self, epoch: int, key: str, group: str | None) -> bool:
+        if self._cleared_at > epoch or self._dropped.get(key, -1) > epoch:
+            return True
+        return group is not None and self._dropped.get("\0" + group, -1) > epoch
 
     def _on_message(self, data: bytes) -> str | None:
         try:
@@ -697,15 +715,19 @@ class Cache:
 
     async def _listen_forever(self) -> None:
         delay = 0.1
+        first = True
         while not self._closing:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.settings.channel)
-                # changes published while we were not listening are unknown: start L1 afresh
-                self._epoch += 1
-                self._l1.clear()
-                self._groups.clear()
-                self._l1_bytes = 0
+                if not first:
+                    # invalidations published while we were not listening are lost: start afresh
+                    self._epoch += 1
+                    self._cleared_at = self._epoch
+                    self._l1.clear()
+                    self._groups.clear()
+                    self._l1_bytes = 0
+                first = False
                 self.subscribed.set()
                 delay = 0.1
                 while not self._closing:

@@ -16,7 +16,7 @@ import redis.exceptions as redis_exc
 from aiohttp import web
 
 from server.batching import KeyBatcher
-from server.cache import Cache, CacheSettings
+from server.cache import Cache, CacheSettings, response_group
 from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
@@ -258,6 +258,6 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = Cache(client, cache_settings(app, client))
     await cache.start()
     app[CACHE] = cache
-    app[CATALOGUE].on_change.append(lambda: cache.invalidate_group_soon("products"))
+    app[CATALOGUE].on_change.append(lambda: cache.invalidate_group_soon(response_group("products")))
     yield
     await cache.close()
