@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from server.app import create_app
 from server.cache import Cache, CacheSettings, cached, make_key, pack, unpack
@@ -22,7 +23,7 @@ from server.calculation import sum_of_squares
 from server.config import Config
 from server.embedded import EmbeddedRedis
 from server.errors import NotFound
-from server.keys import CACHE
+from server.keys import CACHE, CATALOGUE
 from tests.conftest import replace
 
 
@@ -499,6 +500,9 @@ async def test_cache_stats(client: Any) -> None:
 async def test_product_responses_drop_when_the_catalogue_changes(aiohttp_client: Any, cfg: Config) -> None:
     routes = {**cfg.cache.routes, "products": {"ttl": 300.0}}
     client = await aiohttp_client(create_app(replace(cfg, cache={"routes": routes})))
+    cache = client.app[CACHE]
+    # the catalogue's first reload once it listens invalidates product responses: let it pass
+    await wait_for(lambda: client.app[CATALOGUE].version >= 2 and not cache._tasks)
     first = await client.get("/products?limit=200")
     assert first.headers["X-Cache"] == "miss"
     assert (await client.get("/products?limit=200")).headers["X-Cache"] == "hit-l1"
@@ -525,3 +529,34 @@ async def test_uncacheable_requests_pass_untouched(client: Any) -> None:
     assert (await client.get("/users/1?format=nonsense")).headers["X-Cache"] == "miss"
     not_acceptable = await client.get("/users/1", headers={"Accept": "image/png"})
     assert not_acceptable.status == 406
+
+
+async def test_process_urls_reuses_successes_per_url(
+    aiohttp_client: Any, aiohttp_server: Any, cfg: Config
+) -> None:
+    hits = {"ok": 0, "fail": 0}
+
+    async def ok(request: web.Request) -> web.Response:
+        hits["ok"] += 1
+        return web.json_response({"n": hits["ok"]})
+
+    async def fail(request: web.Request) -> web.Response:
+        hits["fail"] += 1
+        return web.Response(status=503, text="busy")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_get("/ok", ok)
+    upstream_app.router.add_get("/fail", fail)
+    upstream = await aiohttp_server(upstream_app, host="127.0.0.1")
+    config = replace(cfg, fetch={"allow": ("127.0.0.1/32",), "cache_ttl": 30.0})
+    client = await aiohttp_client(create_app(config))
+    urls = [f"http://127.0.0.1:{upstream.port}/ok", f"http://127.0.0.1:{upstream.port}/fail", 42]
+    for _ in range(3):
+        doc = await (await client.post("/process-urls", json=urls)).json()
+        assert [r["url"] for r in doc["results"]] == urls
+        assert doc["results"][0]["data"] == {"n": 1}  # fetched once, then reused
+        assert doc["results"][1]["error"] == "http_error" and doc["results"][2]["error"] == "invalid"
+    assert hits == {"ok": 1, "fail": 3}  # failures are never kept
+    off = await aiohttp_client(create_app(replace(cfg, fetch={"allow": ("127.0.0.1/32",)})))
+    doc = await (await off.post("/process-urls", json=urls[:1])).json()
+    assert doc["results"][0]["data"] == {"n": 2} and hits["ok"] == 2  # cache_ttl 0: always fetched
