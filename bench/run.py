@@ -131,7 +131,11 @@ SCENARIOS = [
         ">= 0.5x (issue 6)",
     ),
     Scenario(
-        "hotpath GET /users/{id} (PostgreSQL, no cache)", "hotpath", "/users/1", RANDOM_USER_LUA, ">= 0.35x"
+        "hotpath GET /users/{id} (PostgreSQL, no cache)",
+        "hotpath-nocache",
+        "/users/1",
+        RANDOM_USER_LUA,
+        ">= 0.35x",
     ),
     Scenario(
         "hotpath GET /users/{id}, batch_reads off (one query per request)",
@@ -140,7 +144,13 @@ SCENARIOS = [
         RANDOM_USER_LUA,
         "for comparison",
     ),
+    # issue 5: the two-layer cache (GET /users/{id} is cached whole by default)
+    Scenario("hotpath GET /users/{id}, cache L1 hit", "hotpath", "/users/1", target=">= 0.8x (issue 5)"),
+    Scenario("hotpath GET /users/{id}, random of 1000, cached", "hotpath", "/users/1", RANDOM_USER_LUA),
+    Scenario("hotpath GET /expensive-calculation/1000, cache hit", "hotpath", "/expensive-calculation/1000"),
 ]
+# The cache off, for the scenarios that measure PostgreSQL itself.
+NOCACHE_ENV = {"HOTPATH_CACHE_ENABLED": "false"}
 
 
 def free_port() -> int:
@@ -358,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                 hot_cmd,
                 hot_port,
                 "/ready",
-                {**env, "HOTPATH_DATABASE_BATCH_READS": "false"},
+                {**env, "HOTPATH_DATABASE_BATCH_READS": "false", **NOCACHE_ENV},
             ),
+            "hotpath-nocache": (hot_cmd, hot_port, "/ready", {**env, **NOCACHE_ENV}),
         }
         for round_ in range(args.rounds):
             for kind, (cmd, port, ready, server_env) in servers.items():

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
-from server.cache import Cache, Hit, make_key, response_group
+from server.cache import Cache, Entry, Hit, make_key, response_group
 from server.config import Config
 from server.errors import DomainError, NotFound
 from server.keys import CACHE, CONFIG, NEGOTIATOR
@@ -23,6 +23,7 @@ from server.keys import CACHE, CONFIG, NEGOTIATOR
 # Response headers stored with the body; everything else (request id, rate limit) is per request.
 _KEEP = ("Content-Type", "Content-Encoding", "Content-Language", "Content-Disposition", "Vary", "Link")
 _CODINGS = frozenset({"gzip", "deflate", "br", "zstd", "*"})
+_MEMO_MAX = 4096
 
 
 def applies(route_name: str, config: Config) -> bool:
@@ -96,17 +97,27 @@ async def cache_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     cache: Cache = app[CACHE]
     params = request.match_info
-    key = make_key(
-        "resp:" + route,
-        [
-            sorted(params.items()),
-            sorted(request.query.items()) if request.query_string else None,
-            app[NEGOTIATOR].choose(request.headers.get("Accept")),
-            accepted_codings(request.headers.get("Accept-Encoding")),
-        ],
+    headers = request.headers
+    raw = (
+        route,
+        tuple(params.values()),
+        request.query_string,
+        headers.get("Accept"),
+        headers.get("Accept-Encoding"),
     )
-    control = request.headers.get("Cache-Control", "").lower()
+    known = cache.key_memo.get(raw)
+    if known is None:
+        if len(cache.key_memo) >= _MEMO_MAX:
+            cache.key_memo.clear()
+        known = cache.key_memo[raw] = _key(request, route)
+    key, group = known
+    control = headers.get("Cache-Control", "").lower() if "Cache-Control" in headers else ""
     refresh = "no-cache" in control or "max-age=0" in control
+    if not refresh:
+        # the fast path: a fresh entry in this process, its response headers built once
+        entry = cache.peek(key)
+        if entry is not None and entry.missing is None:
+            return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
     mine: list[_Uncacheable] = []
 
     async def load() -> list[Any]:
@@ -130,7 +141,7 @@ async def cache_middleware(request: web.Request, handler: Handler) -> web.Stream
             load,
             ttl=policy["ttl"],
             grace=policy.get("grace", 0.0),
-            group=response_group(route, **params),
+            group=group,
             refresh=refresh,
             raise_missing=False,
         )
@@ -148,16 +159,47 @@ async def cache_middleware(request: web.Request, handler: Handler) -> web.Stream
     source = "bypass" if refresh else hit.source
     if hit.missing is not None:
         raise NotFound(hit.missing, headers={"X-Cache": source})
-    status, headers, body = hit.value
-    etag = f'"{hit.etag}"'
+    status, stored, body = hit.value
+    return _answer(request, status, body, _build_headers(stored, hit.etag, policy), source)
+
+
+def _key(request: web.Request, route: str) -> tuple[str, str]:
+    params = request.match_info
+    key = make_key(
+        "resp:" + route,
+        [
+            sorted(params.items()),
+            sorted(request.query.items()) if request.query_string else None,
+            request.app[NEGOTIATOR].choose(request.headers.get("Accept")),
+            accepted_codings(request.headers.get("Accept-Encoding")),
+        ],
+    )
+    return key, response_group(route, **params)
+
+
+def _build_headers(stored: list[list[str]], etag: str, policy: dict[str, float]) -> CIMultiDict[str]:
+    out = CIMultiDict[str]((k, v) for k, v in stored)
+    out["ETag"] = f'"{etag}"'
     max_age = int(policy.get("max_age", 0))
-    out = CIMultiDict[str](headers)
-    out["ETag"] = etag
     # max_age 0: clients keep the body but ask again each time (a cheap 304), so a write is seen
     out["Cache-Control"] = f"public, max-age={max_age}" if max_age else "no-cache"
+    return out
+
+
+def _headers(entry: Entry, policy: dict[str, float]) -> CIMultiDict[str]:
+    if entry.derived is None:
+        entry.derived = _build_headers(entry.value[1], entry.etag, policy)
+    headers: CIMultiDict[str] = entry.derived
+    return headers
+
+
+def _answer(
+    request: web.Request, status: int, body: bytes, base: CIMultiDict[str], source: str
+) -> web.Response:
+    out = base.copy()  # a Response keeps (and may change) the mapping it is given
     out["X-Cache"] = source
     inm = request.headers.get("If-None-Match")
-    if inm is not None and _matches(inm, etag):
+    if inm is not None and _matches(inm, out["ETag"]):
         for name in ("Content-Type", "Content-Encoding", "Content-Disposition"):
             out.popall(name, None)
         return web.Response(status=304, headers=out)

@@ -130,6 +130,8 @@ class Entry:
     size: int
     missing: str | None = None
     group: str | None = None
+    # what a caller derived from the value once (the middleware's ready-made headers)
+    derived: Any = None
 
     def result(self) -> Any:
         if self.missing is not None:
@@ -222,6 +224,9 @@ class Cache:
         self._outage = False
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
+        # For callers that derive keys from raw request parts: raw parts -> (key, group), so a
+        # hit costs a dict lookup instead of packing and hashing (cleared when it grows large).
+        self.key_memo: dict[Hashable, tuple[str, str]] = {}
         # The subscription gets a pool of its own: closing that pool at shutdown closes the
         # subscribed connection whatever state the cancelled listener left it in.
         pool = redis.connection_pool
