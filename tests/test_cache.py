@@ -560,3 +560,35 @@ async def test_process_urls_reuses_successes_per_url(
     off = await aiohttp_client(create_app(replace(cfg, fetch={"allow": ("127.0.0.1/32",)})))
     doc = await (await off.post("/process-urls", json=urls[:1])).json()
     assert doc["results"][0]["data"] == {"n": 2} and hits["ok"] == 2  # cache_ttl 0: always fetched
+
+
+async def test_app_keeps_answering_while_redis_is_down(
+    aiohttp_client: Any, cfg: Config, tmp_path: Path
+) -> None:
+    own = EmbeddedRedis(tmp_path / "redis")  # this test's own Redis, never the machine's
+    own.start()
+    try:
+        config = replace(cfg, redis={"url": own.url, "socket_timeout": 0.5}, cache={"retry_interval": 0.05})
+        client = await aiohttp_client(create_app(config))
+        cache = client.app[CACHE]
+        uid = await new_user(client)
+        assert (await client.get(f"/users/{uid}")).headers["X-Cache"] == "miss"
+        own.stop()
+        assert (await client.get(f"/users/{uid}")).headers["X-Cache"] == "hit-l1"
+        patched = await client.patch(f"/users/{uid}", json={"name": "Offline"})
+        assert patched.status == 200
+        after = await client.get(f"/users/{uid}")
+        assert after.status == 200 and (await after.json())["name"] == "Offline"
+        calc = await client.get("/expensive-calculation/3")
+        assert calc.status == 200 and calc.headers["X-Cache"] == "miss"
+        assert cache.degraded and cache.stats.degraded == 1
+        own.start()
+
+        async def recovered() -> bool:
+            await client.get(f"/expensive-calculation/{int(time.monotonic() * 1000) % 900}")
+            return not cache.degraded
+
+        await wait_for(recovered)
+        assert (await (await client.get("/cache/stats")).json())["degraded"] == 1
+    finally:
+        own.stop()
