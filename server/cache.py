@@ -510,11 +510,12 @@ class Cache:
         group: str | None,
         refresh: bool,
     ) -> tuple[Entry, str]:
+        epoch = self._epoch
         if not refresh:
             entry = await self._l2_get(key)
             if entry is not None and time.time() < entry.fresh_until:
                 self.stats.hits_l2 += 1
-                self._l1_put(key, entry)
+                self._fill_l1(key, entry, epoch)
                 return entry, "hit-l2"
             self.stats.misses_l2 += 1
         token = await self._lock(key)
@@ -527,7 +528,7 @@ class Cache:
                 entry = await self._l2_get(key)
                 if entry is not None and time.time() < entry.fresh_until:
                     self.stats.hits_l2 += 1
-                    self._l1_put(key, entry)
+                    self._fill_l1(key, entry, epoch)
                     return entry, "hit-l2"
                 if not self._l2_usable():
                     break
@@ -539,6 +540,11 @@ class Cache:
             if token is not None:
                 await self._unlock(key, token)
         return entry, "miss"
+
+    def _fill_l1(self, key: str, entry: Entry, epoch: int) -> None:
+        # read before an invalidation of this key arrived: may be the old value, serve it once
+        if not self._dropped_since(epoch, key, entry.group):
+            self._l1_put(key, entry)
 
     async def _load(
         self,
