@@ -20,7 +20,7 @@ from aiohttp import web
 from server.app import create_app
 from server.cache import Cache, CacheSettings, cached, make_key, pack, unpack
 from server.calculation import sum_of_squares
-from server.config import Config
+from server.config import Config, ConfigError, load_config
 from server.embedded import EmbeddedRedis
 from server.errors import NotFound
 from server.keys import CACHE, CATALOGUE
@@ -592,3 +592,18 @@ async def test_app_keeps_answering_while_redis_is_down(
         assert (await (await client.get("/cache/stats")).json())["degraded"] == 1
     finally:
         own.stop()
+
+
+def test_route_policies_are_validated_and_settable_from_the_environment() -> None:
+    base = {"DATABASE_URL": "postgresql://u@127.0.0.1/db", "REDIS_URL": "redis://127.0.0.1/2"}
+    cfg = load_config(env={**base, "HOTPATH_CACHE_ROUTES": "{ user = { ttl = 5, grace = 2, max_age = 1 } }"})
+    assert cfg.cache.routes == {"user": {"ttl": 5.0, "grace": 2.0, "max_age": 1.0}}
+    for bad, key in (
+        ("{ user = { ttl = 0 } }", "cache.routes.user"),
+        ("{ user = { ttl = 5, often = 1 } }", "cache.routes.user"),
+        ("{ user = { ttl = -1 } }", "cache.routes.user"),
+        ("{ user = 5 }", "cache.routes.user"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(env={**base, "HOTPATH_CACHE_ROUTES": bad})
+        assert info.value.key == key
