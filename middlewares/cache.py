@@ -21,7 +21,16 @@ from server.errors import DomainError, NotFound
 from server.keys import CACHE, CONFIG, NEGOTIATOR
 
 # Response headers stored with the body; everything else (request id, rate limit) is per request.
-_KEEP = ("Content-Type", "Content-Encoding", "Content-Language", "Content-Disposition", "Vary", "Link")
+# A handler's own ETag (a validator of its bytes) is kept; otherwise one is derived from the value.
+_KEEP = (
+    "Content-Type",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Disposition",
+    "Vary",
+    "Link",
+    "ETag",
+)
 _CODINGS = frozenset({"gzip", "deflate", "br", "zstd", "*"})
 _MEMO_MAX = 4096
 
@@ -55,6 +64,8 @@ def accepted_codings(header: str | None) -> str:
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
+    """Weak comparison, as GET and HEAD use (RFC 9110 section 13.1.2)."""
+    etag = etag.removeprefix("W/")
     for tag in if_none_match.split(","):
         tag = tag.strip()
         if tag == "*" or tag.removeprefix("W/") == etag:
@@ -179,7 +190,8 @@ def _key(request: web.Request, route: str) -> tuple[str, str]:
 
 def _build_headers(stored: list[list[str]], etag: str, policy: dict[str, float]) -> CIMultiDict[str]:
     out = CIMultiDict[str]((k, v) for k, v in stored)
-    out["ETag"] = f'"{etag}"'
+    if "ETag" not in out:
+        out["ETag"] = f'"{etag}"'
     max_age = int(policy.get("max_age", 0))
     # max_age 0: clients keep the body but ask again each time (a cheap 304), so a write is seen
     out["Cache-Control"] = f"public, max-age={max_age}" if max_age else "no-cache"
