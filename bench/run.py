@@ -162,7 +162,11 @@ SCENARIOS = [
         ">= 0.5x (issue 6)",
     ),
     Scenario(
-        "hotpath GET /users/{id} (PostgreSQL, no cache)", "hotpath", "/users/1", RANDOM_USER_LUA, ">= 0.35x"
+        "hotpath GET /users/{id} (PostgreSQL, no cache)",
+        "hotpath-nocache",
+        "/users/1",
+        RANDOM_USER_LUA,
+        ">= 0.35x",
     ),
     Scenario(
         "hotpath GET /users/{id}, batch_reads off (one query per request)",
@@ -185,7 +189,13 @@ SCENARIOS = [
         RANDOM_USER_LUA,
         "scaling across workers",
     ),
+    # issue 5: the two-layer cache (GET /users/{id} is cached whole by default)
+    Scenario("hotpath GET /users/{id}, cache L1 hit", "hotpath", "/users/1", target=">= 0.8x (issue 5)"),
+    Scenario("hotpath GET /users/{id}, random of 1000, cached", "hotpath", "/users/1", RANDOM_USER_LUA),
+    Scenario("hotpath GET /expensive-calculation/1000, cache hit", "hotpath", "/expensive-calculation/1000"),
 ]
+# The cache off, for the scenarios that measure PostgreSQL itself.
+NOCACHE_ENV = {"HOTPATH_CACHE_ENABLED": "false"}
 
 
 def free_port() -> int:
@@ -419,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                 hot_cmd,
                 hot_port,
                 "/ready",
-                {**env, "HOTPATH_DATABASE_BATCH_READS": "false"},
+                {**env, "HOTPATH_DATABASE_BATCH_READS": "false", **NOCACHE_ENV},
                 SERVER_CPU,
             ),
+            "hotpath-nocache": (hot_cmd, hot_port, "/ready", {**env, **NOCACHE_ENV}, SERVER_CPU),
             # every core: the workers are not pinned, and share CPU 1 with wrk
             "hotpath-allcores": (all_cores, hot_port, "/ready", env, ALL_CPUS),
         }

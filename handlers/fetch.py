@@ -12,8 +12,9 @@ from aiohttp import web
 from handlers.common import JSON_TYPE, read_body
 from middlewares.streaming import stream_headers
 from server.errors import ValidationFailed
-from server.fanout import FetchLimits, fetch_all
-from server.keys import CONFIG, FETCH_GUARD, HTTP_CLIENT, METRICS
+from server.fanout import FetchLimits
+from server.fetch_cache import fetch_all_cached
+from server.keys import CACHE, CONFIG, FETCH_GUARD, HTTP_CLIENT, METRICS
 
 # Above this many bytes of fetched data the answer is streamed one result at a time: encoding
 # 100 MiB in one orjson call would hold the event loop (and the GIL) for ~50 ms.
@@ -57,7 +58,10 @@ async def process_urls(request: web.Request) -> web.StreamResponse:
         deadline=cfg.deadline,
     )
     started = time.perf_counter()
-    results = await fetch_all(request.app[HTTP_CLIENT], request.app[FETCH_GUARD], urls, limits)
+    app = request.app
+    results = await fetch_all_cached(
+        app[CACHE], cfg.cache_ttl, app[HTTP_CLIENT], app[FETCH_GUARD], urls, limits
+    )
     elapsed = round(time.perf_counter() - started, 4)
     metrics = request.app.get(METRICS)
     if metrics is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers import datasets, feed, fetch, health, legacy, meta, products, tasks, users
+from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import chain_for, compose
 from server.keys import CONFIG
 
@@ -39,6 +39,8 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/tasks", tasks.list_tasks, name="tasks"),
     web.get(r"/tasks/{task_id:\d{1,19}}/events", feed.task_stream, name="task_events", allow_head=False),
     web.get(r"/reports/{report_id:\d{1,19}}", tasks.get_report, name="report"),
+    web.get(r"/expensive-calculation/{value:\d{1,9}}", cache.expensive, name="expensive_calculation"),
+    web.get("/cache/stats", cache.stats, name="cache_stats"),
 )
 UNMATCHED = "unmatched"
 

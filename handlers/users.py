@@ -6,7 +6,8 @@ from aiohttp import web
 
 from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
 from server import users
-from server.keys import CONFIG, DB, FEED, USER_BATCHER
+from server.cache import response_group
+from server.keys import CACHE, CONFIG, DB, FEED, USER_BATCHER
 from server.render import Shape
 
 USER = Shape("user")
@@ -18,6 +19,8 @@ async def create_user(request: web.Request) -> web.Response:
     media = negotiate(request)
     fields = users.validate_user_fields(await read_body(request), partial=False)
     user = await users.create_user(request.app[DB], fields["name"], fields["email"])
+    await _forget(request, user["id"])  # a 404 remembered for this id must not outlive the user's creation
+    # Invalidate, then tell: a client reacting to the event must not read the cached old state.
     await request.app[FEED].publish_quietly("users", "user.created", user)
     location = request.app.router["user"].url_for(user_id=str(user["id"]))
     return represent(request, user, USER, status=201, headers={"Location": str(location)}, media=media)
@@ -34,6 +37,7 @@ async def update_user(request: web.Request) -> web.Response:
     media = negotiate(request)
     changes = users.validate_user_fields(await read_body(request), partial=True)
     user = await users.update_user(request.app[DB], user_id, changes)
+    await _forget(request, user_id)
     await request.app[FEED].publish_quietly("users", "user.updated", user)
     return represent(request, user, USER, media=media)
 
@@ -41,8 +45,16 @@ async def update_user(request: web.Request) -> web.Response:
 async def delete_user(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id", "user")
     await users.delete_user(request.app[DB], user_id)
+    await _forget(request, user_id)
     await request.app[FEED].publish_quietly("users", "user.deleted", {"id": user_id})
     return web.Response(status=204)
+
+
+async def _forget(request: web.Request, user_id: int) -> None:
+    """Drop every cached response about this user, in every process, before answering."""
+    await request.app[CACHE].invalidate_groups(
+        response_group("user", user_id=user_id), response_group("user_profile", user_id=user_id)
+    )
 
 
 async def list_users(request: web.Request) -> web.Response:

@@ -18,7 +18,8 @@ from functools import partial, update_wrapper
 
 from aiohttp.typedefs import Handler, Middleware
 
-from middlewares import compression, ratelimit
+from middlewares import cache, compression, ratelimit
+from middlewares.cache import cache_middleware
 from middlewares.compression import compression_middleware
 from middlewares.errors import errors_middleware
 from middlewares.ratelimit import ratelimit_middleware
@@ -34,13 +35,19 @@ MIDDLEWARES: tuple[Middleware, ...] = (
     # Inside errors, so a refusal is an ordinary problem response; before cache and
     # compression, so a refused request costs no cache lookup or compression.
     ratelimit_middleware,
-    # Innermost: compresses the finished response (after the cache has stored identity
-    # bytes); problems raised here (406) still pass through errors above.
+    # Inside rate limit (a refused request costs no lookup) and outside compression (a hit skips
+    # compressing again; the key includes Accept-Encoding, so stored bodies may be encoded).
+    cache_middleware,
+    # Innermost: compresses the finished response (the cache above stores what it produced,
+    # per accepted coding); problems raised here (406) still pass through errors above.
     compression_middleware,
 )
 # Middlewares that only some routes need: route name, config -> is it in that route's chain.
-APPLIES: dict[Middleware, Callable[[str, Config], bool]] = {ratelimit_middleware: ratelimit.applies}
-APPLIES[compression_middleware] = compression.applies
+APPLIES: dict[Middleware, Callable[[str, Config], bool]] = {
+    ratelimit_middleware: ratelimit.applies,
+    cache_middleware: cache.applies,
+    compression_middleware: compression.applies,
+}
 
 
 def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:

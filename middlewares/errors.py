@@ -32,7 +32,15 @@ PROBLEM_OFFERS = (
 )
 # Headers of an HTTPException worth keeping on the problem response (Allow on 405, ...).
 _PROBLEM_SHAPE = render.Shape("problem")
-_KEEP_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate", "Accept", "Accept-Post", "Accept-Patch")
+_KEEP_HEADERS: tuple[str, ...] = (
+    "Allow",
+    "Retry-After",
+    "WWW-Authenticate",
+    "Accept",
+    "Accept-Post",
+    "Accept-Patch",
+)
+_KEEP_HEADERS += ("X-Cache",)  # set by the cache middleware on errors of cached routes
 
 
 def problem_response(

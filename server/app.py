@@ -17,6 +17,7 @@ from server.metrics import Metrics
 from server.negotiation import Negotiator
 from server.render import OFFERS
 from server.resources import (
+    cache_ctx,
     catalogue_ctx,
     feed_ctx,
     feed_shutdown,
@@ -52,6 +53,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it
+    app.cleanup_ctx.append(cache_ctx)
     app.cleanup_ctx.append(jobs_ctx)  # keep last: running jobs finish while the pools are open
     setup_routes(app)
     return app

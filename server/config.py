@@ -122,6 +122,7 @@ class FetchConfig:
     dns_cache_ttl: int = field(default=10, metadata=_range(0))
     allow: tuple[str, ...] = ()
     user_agent: str = "hotpath/0.1 (fan-out fetcher)"
+    cache_ttl: float = field(default=0.0, metadata=_range(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,28 @@ class SmtpConfig:
     ca_file: str = ""
 
 
+def _cache_routes() -> dict[str, dict[str, float]]:
+    return {"user": {"ttl": 30.0, "grace": 0.0}, "user_profile": {"ttl": 30.0, "grace": 0.0}}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    enabled: bool = True
+    max_entries: int = field(default=10_000, metadata=_range(1))
+    max_bytes: int = field(default=64 * 1024 * 1024, metadata=_range(1024))
+    default_ttl: float = field(default=60.0, metadata=_range(0.001))
+    jitter: float = field(default=0.1, metadata=_range(0, 1))
+    negative_ttl: float = field(default=5.0, metadata=_range(0))
+    lock_ttl: float = field(default=10.0, metadata=_range(0.01))
+    lock_wait: float = field(default=2.0, metadata=_range(0))
+    lock_poll: float = field(default=0.005, metadata=_range(0.001))
+    retry_interval: float = field(default=1.0, metadata=_range(0.01))
+    invalidate_wait: float = field(default=0.5, metadata=_range(0))
+    channel: str = "hotpath:v1:invalidate"
+    routes: dict[str, dict[str, float]] = field(default_factory=_cache_routes)
+    expensive_max: int = field(default=1000, metadata=_range(0, 3000))
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
@@ -248,6 +271,7 @@ class Config:
     feed: FeedConfig = FeedConfig()
     jobs: JobsConfig = field(default_factory=JobsConfig)
     smtp: SmtpConfig = SmtpConfig()
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @property
     def embedded_mode(self) -> bool:
@@ -330,9 +354,23 @@ def _coerce(key: str, value: Any, target: Any, from_env: bool) -> Any:
             return tuple(value)
         if origin is dict and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
             return dict(value)
+        if origin is dict and typing.get_args(target)[1] is not str and isinstance(value, dict):
+            return _coerce_tables(key, value)
         want = "an array of strings" if origin is tuple else "a table of strings"
         raise ConfigError(key, f"expected {want}, got {type(value).__name__} {value!r}")
     raise ConfigError(key, f"unsupported setting type {target!r}")  # pragma: no cover
+
+
+def _coerce_tables(key: str, value: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A table of tables of non-negative numbers: cache.routes = { user = { ttl = 30, grace = 5 } }."""
+    out: dict[str, dict[str, float]] = {}
+    for name, table in value.items():
+        if not isinstance(table, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in table.values()
+        ):
+            raise ConfigError(f"{key}.{name}", f"expected a table of non-negative numbers, got {table!r}")
+        out[name] = {k: float(v) for k, v in table.items()}
+    return out
 
 
 def _check_constraints(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -396,6 +434,11 @@ def _validate_whole(config: Config) -> None:
     for coding in config.compression.order:
         if coding not in ("gzip", "br", "zstd"):
             raise ConfigError("compression.order", f"{coding!r} is not one of gzip, br, zstd")
+    for route, policy in config.cache.routes.items():
+        unknown = sorted(set(policy) - {"ttl", "grace", "max_age"})
+        if unknown or policy.get("ttl", 0) <= 0:
+            why = f"unknown {', '.join(unknown)}" if unknown else "needs ttl > 0"
+            raise ConfigError(f"cache.routes.{route}", f"{why} (keys: ttl, grace, max_age)")
     if bool(db.url) != bool(config.redis.url):
         missing = "redis.url (REDIS_URL)" if db.url else "database.url (DATABASE_URL)"
         raise ConfigError(

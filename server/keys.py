@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.batching import KeyBatcher
+from server.cache import Cache
 from server.compression import Compression
 from server.config import Config
 from server.db import Database
@@ -41,6 +42,7 @@ METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")
 JOBS = web.AppKey("hotpath.jobs", Engine)
 # None when this process runs no jobs (jobs.concurrency = 0).
 JOB_RUNNER: web.AppKey[Runner | None] = web.AppKey("hotpath.job_runner")
+CACHE = web.AppKey("hotpath.cache", Cache)
 
 REQUEST_ID = web.RequestKey("hotpath.request_id", str)
 RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)

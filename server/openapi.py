@@ -538,6 +538,59 @@ _TASK_SCHEMAS: dict[str, Any] = {
 }
 
 
+_X_CACHE = {
+    "X-Cache": {
+        "schema": {"type": "string", "enum": ["hit-l1", "hit-l2", "miss", "bypass"]},
+        "description": "where the answer came from: this process's memory, Redis, or computed now",
+    }
+}
+_CACHE_PATHS: dict[str, Any] = {
+    "/expensive-calculation/{value}": {
+        "get": {
+            "operationId": "expensive_calculation",
+            "summary": "Sum of i*i for i in range(value * 1000), computed off the loop, cached per value",
+            "parameters": [
+                {
+                    "name": "value",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": r"^\d{1,9}$"},
+                    "description": "at most cache.expensive_max",
+                }
+            ],
+            "responses": {
+                "200": _json(
+                    "the result",
+                    {
+                        "type": "object",
+                        "required": ["input", "result", "timestamp"],
+                        "properties": {
+                            "input": {"type": "integer"},
+                            "result": {"type": "integer"},
+                            "timestamp": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                    _X_CACHE,
+                ),
+                "422": _problem("value above cache.expensive_max"),
+            },
+        }
+    },
+    "/cache/stats": {
+        "get": {
+            "operationId": "cache_stats",
+            "summary": "This process's cache counters: hits and misses per layer, evictions, loads, L1 size",
+            "responses": {
+                "200": _json(
+                    "counters",
+                    {"type": "object", "additionalProperties": {"type": ["integer", "boolean"]}},
+                )
+            },
+        }
+    },
+}
+
+
 def build_spec() -> dict[str, Any]:
     """The whole OpenAPI document."""
     return {
@@ -841,6 +894,7 @@ def build_spec() -> dict[str, Any]:
                 }
             },
             **_FEED_PATHS,
+            **_CACHE_PATHS,
         },
         "components": {
             "schemas": {

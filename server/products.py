@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -38,6 +39,8 @@ class Catalogue:
         self._tasks: list[asyncio.Task[None]] = []
         self.version = 0
         self.listening = asyncio.Event()
+        # called after every reload (the cache drops product responses cached elsewhere)
+        self.on_change: list[Callable[[], None]] = []
 
     @property
     def items(self) -> list[dict[str, Any]]:
@@ -49,6 +52,8 @@ class Catalogue:
         self._items = [dict(r.items()) for r in rows]
         self._rendered = {}
         self.version += 1
+        for callback in self.on_change:
+            callback()
 
     async def start(self) -> None:
         """First load (errors propagate: no catalogue, no start), then listen for changes."""

@@ -18,12 +18,14 @@ import redis.exceptions as redis_exc
 from aiohttp import web
 
 from server.batching import KeyBatcher
+from server.cache import Cache, CacheSettings, response_group
 from server.config import ConfigError, mask_url
 from server.db import Database
 from server.errors import StartupError
 from server.fanout import Guard, GuardedResolver
 from server.feed import Feed
 from server.keys import (
+    CACHE,
     CATALOGUE,
     CONFIG,
     DB,
@@ -397,3 +399,35 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if runner is not None:
         await runner.close()
+
+
+def cache_settings(app: web.Application, client: aioredis.Redis) -> CacheSettings:
+    """The [cache] section for Cache; the channel is per Redis database, so separate
+    deployments (and test runs) sharing one Redis server never hear each other."""
+    c = app[CONFIG].cache
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    return CacheSettings(
+        max_entries=c.max_entries,
+        max_bytes=c.max_bytes,
+        default_ttl=c.default_ttl,
+        jitter=c.jitter,
+        negative_ttl=c.negative_ttl,
+        lock_ttl=c.lock_ttl,
+        lock_wait=c.lock_wait,
+        lock_poll=c.lock_poll,
+        retry_interval=c.retry_interval,
+        invalidate_wait=c.invalidate_wait,
+        channel=f"{c.channel}:{db}",
+    )
+
+
+async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The two-layer cache under CACHE, subscribed to invalidations; product responses are
+    dropped whenever the catalogue reloads."""
+    client = app[REDIS]
+    cache = Cache(client, cache_settings(app, client))
+    await cache.start()
+    app[CACHE] = cache
+    app[CATALOGUE].on_change.append(lambda: cache.invalidate_group_soon(response_group("products")))
+    yield
+    await cache.close()

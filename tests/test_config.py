@@ -39,6 +39,7 @@ def test_shipped_config_equals_the_defaults() -> None:
         "feed",
         "jobs",
         "smtp",
+        "cache",
     ):
         assert f"[{section}]" in text
         for name in getattr(cfg, section).__dataclass_fields__:

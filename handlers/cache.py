@@ -1,0 +1,24 @@
+"""GET /expensive-calculation/{value} (cached per value) and GET /cache/stats."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from handlers.common import json_response
+from server.calculation import expensive_calculation
+from server.errors import ValidationFailed
+from server.keys import CACHE, CONFIG
+
+
+async def expensive(request: web.Request) -> web.Response:
+    limit = request.app[CONFIG].cache.expensive_max
+    raw = request.match_info["value"]
+    value = int(raw)
+    if value > limit:
+        raise ValidationFailed([{"field": "value", "message": f"must be <= {limit}"}])
+    hit = await expensive_calculation.fetch(request.app[CACHE], value)
+    return json_response(hit.value, headers={"X-Cache": hit.source, "ETag": f'"{hit.etag}"'})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return json_response(request.app[CACHE].snapshot(), headers={"Cache-Control": "no-store"})

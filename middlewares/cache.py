@@ -1,0 +1,218 @@
+"""Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache.py stores).
+
+The key covers the route, its path parameters, the sorted query, the representation Accept
+negotiates and the content codings Accept-Encoding allows: compression sits inside this
+middleware, so a stored body may be encoded, and a gzip client and an identity client must never
+swap bodies. Only plain 200s without cookies or private/no-store are stored; a 404 is remembered
+for cache.negative_ttl; other errors pass through untouched. Every answer says X-Cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+from server.cache import Cache, Entry, Hit, make_key, response_group
+from server.config import Config
+from server.errors import DomainError, NotFound
+from server.keys import CACHE, CONFIG, NEGOTIATOR
+
+# Response headers stored with the body; everything else (request id, rate limit) is per request.
+# A handler's own ETag (a validator of its bytes) is kept; otherwise one is derived from the value.
+_KEEP = (
+    "Content-Type",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Disposition",
+    "Vary",
+    "Link",
+    "ETag",
+)
+_CODINGS = frozenset({"gzip", "deflate", "br", "zstd", "*"})
+_MEMO_MAX = 4096
+
+
+def applies(route_name: str, config: Config) -> bool:
+    """Only the routes with a policy in cache.routes get this middleware in their chain."""
+    return config.cache.enabled and route_name in config.cache.routes
+
+
+def accepted_codings(header: str | None) -> str:
+    """Accept-Encoding reduced to the codings we might use, sorted: "gzip, br;q=0.5" -> "br,gzip"."""
+    if not header:
+        return ""
+    out: set[str] = set()
+    for item in header.split(","):
+        name, _, params = item.partition(";")
+        name = name.strip().lower()
+        if name not in _CODINGS:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            k, _, v = param.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            out.add(name)
+    return ",".join(sorted(out))
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """Weak comparison, as GET and HEAD use (RFC 9110 section 13.1.2)."""
+    etag = etag.removeprefix("W/")
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class _Uncacheable(Exception):
+    """The loading request's answer may not be shared: it is returned (or raised) to that
+    request alone, and requests that waited for it run the handler themselves."""
+
+    def __init__(self, response: web.StreamResponse | None, error: BaseException | None) -> None:
+        super().__init__("response not cacheable")
+        self.response = response
+        self.error = error
+
+
+def _storable(resp: web.StreamResponse) -> bool:
+    if not isinstance(resp, web.Response) or resp.prepared or resp.status != 200:
+        return False
+    if not isinstance(resp.body, bytes) or resp.cookies or "Set-Cookie" in resp.headers:
+        return False
+    control = resp.headers.get("Cache-Control", "").lower()
+    return "private" not in control and "no-store" not in control
+
+
+def _mark(exc: BaseException, value: str) -> None:
+    if isinstance(exc, web.HTTPException | DomainError):
+        exc.headers["X-Cache"] = value
+
+
+@web.middleware
+async def cache_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        return await handler(request)
+    app = request.app
+    route = request.match_info.route.name or ""
+    policy = app[CONFIG].cache.routes.get(route)
+    if policy is None:
+        return await handler(request)
+    cache: Cache = app[CACHE]
+    params = request.match_info
+    headers = request.headers
+    raw = (
+        route,
+        tuple(params.values()),
+        request.query_string,
+        headers.get("Accept"),
+        headers.get("Accept-Encoding"),
+    )
+    known = cache.key_memo.get(raw)
+    if known is None:
+        if len(cache.key_memo) >= _MEMO_MAX:
+            cache.key_memo.clear()
+        known = cache.key_memo[raw] = _key(request, route)
+    key, group = known
+    control = headers.get("Cache-Control", "").lower() if "Cache-Control" in headers else ""
+    refresh = "no-cache" in control or "max-age=0" in control
+    if not refresh:
+        # the fast path: a fresh entry in this process, its response headers built once
+        entry = cache.peek(key)
+        if entry is not None and entry.missing is None:
+            return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
+    mine: list[_Uncacheable] = []
+
+    async def load() -> list[Any]:
+        try:
+            resp = await handler(request)
+        except NotFound:
+            raise  # remembered for negative_ttl by the cache
+        except Exception as exc:
+            mine.append(_Uncacheable(None, exc))
+            raise mine[-1] from None
+        if not _storable(resp):
+            mine.append(_Uncacheable(resp, None))
+            raise mine[-1]
+        assert isinstance(resp, web.Response) and isinstance(resp.body, bytes)
+        headers = [[k, resp.headers[k]] for k in _KEEP if k in resp.headers]
+        return [resp.status, headers, resp.body]
+
+    try:
+        hit: Hit[Any] = await cache.get_or_load_key(
+            key,
+            load,
+            ttl=policy["ttl"],
+            grace=policy.get("grace", 0.0),
+            group=group,
+            refresh=refresh,
+            raise_missing=False,
+        )
+    except _Uncacheable as exc:
+        if mine and exc is mine[0]:
+            if exc.error is not None:
+                _mark(exc.error, "miss")
+                raise exc.error from None
+            assert exc.response is not None
+            response = exc.response
+        else:  # we waited for another request whose answer was its own: ask for ours
+            response = await handler(request)
+        response.headers["X-Cache"] = "bypass"
+        return response
+    source = "bypass" if refresh else hit.source
+    if hit.missing is not None:
+        raise NotFound(hit.missing, headers={"X-Cache": source})
+    status, stored, body = hit.value
+    return _answer(request, status, body, _build_headers(stored, hit.etag, policy), source)
+
+
+def _key(request: web.Request, route: str) -> tuple[str, str]:
+    params = request.match_info
+    key = make_key(
+        "resp:" + route,
+        [
+            sorted(params.items()),
+            sorted(request.query.items()) if request.query_string else None,
+            request.app[NEGOTIATOR].choose(request.headers.get("Accept")),
+            accepted_codings(request.headers.get("Accept-Encoding")),
+        ],
+    )
+    return key, response_group(route, **params)
+
+
+def _build_headers(stored: list[list[str]], etag: str, policy: dict[str, float]) -> CIMultiDict[str]:
+    out = CIMultiDict[str]((k, v) for k, v in stored)
+    if "ETag" not in out:
+        out["ETag"] = f'"{etag}"'
+    max_age = int(policy.get("max_age", 0))
+    # max_age 0: clients keep the body but ask again each time (a cheap 304), so a write is seen
+    out["Cache-Control"] = f"public, max-age={max_age}" if max_age else "no-cache"
+    return out
+
+
+def _headers(entry: Entry, policy: dict[str, float]) -> CIMultiDict[str]:
+    if entry.derived is None:
+        entry.derived = _build_headers(entry.value[1], entry.etag, policy)
+    headers: CIMultiDict[str] = entry.derived
+    return headers
+
+
+def _answer(
+    request: web.Request, status: int, body: bytes, base: CIMultiDict[str], source: str
+) -> web.Response:
+    out = base.copy()  # a Response keeps (and may change) the mapping it is given
+    out["X-Cache"] = source
+    inm = request.headers.get("If-None-Match")
+    if inm is not None and _matches(inm, out["ETag"]):
+        for name in ("Content-Type", "Content-Encoding", "Content-Disposition"):
+            out.popall(name, None)
+        return web.Response(status=304, headers=out)
+    return web.Response(body=body, status=status, headers=out)
