@@ -248,6 +248,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.sources.append(partial(_ratelimit_families, app[RATE_LIMITER]))
     # Opened after this context: looked up at each snapshot.
     metrics.sources.append(partial(_feed_families, app))
+    metrics.sources.append(partial(_cache_families, app))
     metrics.global_sources.append(partial(_job_families, app))
     interval = app[CONFIG].metrics.flush_interval
 
@@ -295,6 +296,47 @@ def _feed_families(app: web.Application) -> list[Family]:
             "Streams dropped for falling behind",
             (),
             {(): feed.overflows},
+        ),
+    ]
+
+
+_CACHE_EVENTS = (
+    "loads", "load_errors", "evictions", "expired", "stale_served", "lock_waits", "lock_wait_timeouts",
+    "invalidations_sent", "invalidations_received", "degraded", "redis_errors",
+)  # fmt: skip
+
+
+def _cache_families(app: web.Application) -> list[Family]:
+    cache = app.get(CACHE)
+    if cache is None:
+        return []
+    snap = cache.snapshot()
+    return [
+        Family(
+            "hotpath_cache_lookups",
+            "counter",
+            "Cache lookups by layer and result",
+            ("layer", "result"),
+            {
+                ("l1", "hit"): snap["hits_l1"],
+                ("l1", "miss"): snap["misses_l1"],
+                ("l2", "hit"): snap["hits_l2"],
+                ("l2", "miss"): snap["misses_l2"],
+            },
+        ),
+        Family(
+            "hotpath_cache_events",
+            "counter",
+            "Cache loader runs, evictions, stale answers, invalidations and Redis trouble",
+            ("event",),
+            {(name,): float(snap[name]) for name in _CACHE_EVENTS},
+        ),
+        Family(
+            "hotpath_cache_l1",
+            "gauge",
+            "In-process cache size",
+            ("unit",),
+            {("entries",): snap["l1_entries"], ("bytes",): snap["l1_bytes"]},
         ),
     ]
 

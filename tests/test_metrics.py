@@ -102,3 +102,13 @@ async def test_feed_and_job_gauges(aiohttp_client: Any, cfg: Config, tmp_path: A
     assert value(found, "hotpath_jobs", state="queued") == 0
     stream.close()
     await truncate_jobs(cfg)
+
+
+async def test_cache_counters(client: Any) -> None:
+    await client.post("/users", json={"name": "M", "email": "m@example.com"})
+    for _ in range(3):
+        assert (await client.get("/users/1")).status == 200
+    found = samples(await (await client.get("/metrics")).text())
+    assert value(found, "hotpath_cache_lookups_total", layer="l1", result="hit") >= 2
+    assert value(found, "hotpath_cache_events_total", event="loads") >= 1
+    assert value(found, "hotpath_cache_l1", unit="entries") >= 1
