@@ -86,6 +86,18 @@ request = function()
 end
 """
 
+# Every request a new user: a per-run random prefix keeps emails unique across rounds.
+CREATE_USER_LUA = """
+math.randomseed(os.time())
+local prefix = math.random(1, 1000000000)
+local counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('{"name":"Bench %d","email":"b%d-%d@example.com"}', counter, prefix, counter)
+  return wrk.format("POST", "/users", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
 API_KEYS = 100_000
 RANDOM_API_KEY_LUA = f"""
 math.randomseed(os.time())
@@ -193,6 +205,8 @@ SCENARIOS = [
     Scenario("hotpath GET /users/{id}, cache L1 hit", "hotpath", "/users/1", target=">= 0.8x (issue 5)"),
     Scenario("hotpath GET /users/{id}, random of 1000, cached", "hotpath", "/users/1", RANDOM_USER_LUA),
     Scenario("hotpath GET /expensive-calculation/1000, cache hit", "hotpath", "/expensive-calculation/1000"),
+    # last: it writes, and PostgreSQL keeps working (WAL, autovacuum) for a while after it
+    Scenario("hotpath POST /users (one INSERT each)", "hotpath", "/users", CREATE_USER_LUA, "for reference"),
 ]
 # The cache off, for the scenarios that measure PostgreSQL itself.
 NOCACHE_ENV = {"HOTPATH_CACHE_ENABLED": "false"}
