@@ -2,10 +2,11 @@
 be never is, and large bodies are compressed off the event loop.
 
 A response is compressed only when all hold: a 2xx other than 204/206, a compressible media
-type, no Content-Encoding yet, no `Cache-Control: no-transform`, not HEAD, a body of at least
+type, no Content-Encoding yet, no `Cache-Control: no-transform`, a body of at least
 compression.min_size bytes (unless the client refuses identity), and a coding the client
-accepts. `Vary: Accept-Encoding` goes on every response whose type could be compressed,
-compressed or not, so a shared cache never hands gzip to a client that did not ask for it.
+accepts. HEAD gets exactly the headers GET would (Content-Encoding and Content-Length too).
+`Vary: Accept-Encoding` goes on every response whose type could be compressed, compressed or
+not, so a shared cache never hands gzip to a client that did not ask for it.
 A strong ETag becomes weak on a compressed body (the representation is the same, the bytes
 are not), and a 304 answers with the validator the client holds.
 
@@ -65,11 +66,9 @@ async def compression_middleware(request: web.Request, handler: Handler) -> web.
         if hdrs.CONTENT_ENCODING in headers:
             return resp
         raise EncodingNotAcceptable([*state.negotiator.order])
-    if (
-        request.method == "HEAD"
-        or hdrs.CONTENT_ENCODING in headers
-        or no_transform(headers.get(hdrs.CACHE_CONTROL))
-    ):
+    # HEAD is encoded like GET (aiohttp then sends no body): its Content-Encoding and
+    # Content-Length must be those a GET would get, or a client sizing a download by HEAD is misled.
+    if hdrs.CONTENT_ENCODING in headers or no_transform(headers.get(hdrs.CACHE_CONTROL)):
         return resp
     body = resp.body
     if not isinstance(body, bytes) or (len(body) < state.min_size and choice.identity_ok):

@@ -306,14 +306,16 @@ async def test_never_compressed(aiohttp_client: Any, path: str) -> None:
         assert "Vary" not in resp.headers
 
 
-async def test_head_has_the_headers_of_get_but_no_work(aiohttp_client: Any) -> None:
+async def test_head_has_exactly_the_headers_of_get(aiohttp_client: Any) -> None:
     client = await aiohttp_client(small_app())
     get, _ = await fetch(client, "/big")
     head, raw = await fetch(client, "/big", method="HEAD")
     assert head.status == 200 and raw == b""
     assert head.headers["Vary"] == get.headers["Vary"] == "Accept-Encoding"
     assert head.headers["Content-Type"] == get.headers["Content-Type"]
-    assert "Content-Encoding" not in head.headers  # not compressed: HEAD describes identity
+    # what a GET would be sent: a client may size or check a download by HEAD
+    assert head.headers["Content-Encoding"] == get.headers["Content-Encoding"] == "gzip"
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
 
 
 async def test_etag_weakened_when_compressed_and_on_304(aiohttp_client: Any) -> None:
