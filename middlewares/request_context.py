@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server.keys import METRICS, REQUEST_ID
+from server.metrics import Metrics
 
 HEADER = "X-Request-ID"
 # Printable token characters only, bounded: the id ends up in logs and in other services' headers.
@@ -46,23 +47,39 @@ os.register_at_fork(after_in_child=_new_id.reseed)
 _sane = _SANE.fullmatch
 
 
+class _Off:
+    """Stands in for Metrics when metrics.enabled is off (or in a small test app without it)."""
+
+    __slots__ = ("in_flight",)
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+
+_OFF = _Off()
+
+
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(HEADER)
     rid = incoming if incoming is not None and _sane(incoming) else _new_id()
     request[REQUEST_ID] = rid
-    metrics = request.app.get(METRICS)
-    if metrics is None:
-        return await _answer(request, handler, rid)
+    try:
+        metrics: Metrics | _Off = request.app[METRICS] or _OFF
+    except KeyError:
+        metrics = _OFF
     started = perf_counter()
     metrics.in_flight += 1
     status = 500
     try:
-        response = await _answer(request, handler, rid)
+        response = await handler(request)
         status = response.status
-        return response
-    except web.HTTPException as exc:
+    except web.HTTPException as exc:  # only redirects get here: errors become responses below us
         status = exc.status
+        exc.headers[HEADER] = rid
         raise
     except asyncio.CancelledError:
         status = 499  # the client went away before the answer was complete
@@ -70,14 +87,6 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     finally:
         metrics.in_flight -= 1
         metrics.observe(request.match_info.route.name or "", request.method, status, perf_counter() - started)
-
-
-async def _answer(request: web.Request, handler: Handler, rid: str) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:  # only redirects get here: errors become responses below us
-        exc.headers[HEADER] = rid
-        raise
     if not response.prepared:
         response.headers[HEADER] = rid
     return response

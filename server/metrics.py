@@ -12,9 +12,9 @@ backwards after a restart); gauges count only for workers still alive.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +69,15 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Metrics:
     """This process's request metrics, plus the feature sources read at snapshot time."""
 
     shared_dir: Path | None = None
-    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    # route -> bucket counts (len(BUCKETS) + 1 for +Inf), then the sum of seconds
-    latency: dict[str, list[float]] = field(default_factory=dict)
+    # (route, method, status) -> duration bucket counts (len(BUCKETS) + 1, the last for +Inf),
+    # then the sum of seconds: one dict lookup per request; counts and per-route histograms
+    # are derived when a snapshot is taken.
+    rows: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
     in_flight: int = 0
     counters: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
     sources: list[Source] = field(default_factory=list)
@@ -88,12 +89,10 @@ class Metrics:
         if method not in _METHODS:
             method = "OTHER"
         key = (route, method, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        row = self.latency.get(route)
+        row = self.rows.get(key)
         if row is None:
-            row = self.latency[route] = [0.0] * (len(BUCKETS) + 2)
-        row[bisect.bisect_left(BUCKETS, seconds)] += 1
+            row = self.rows[key] = [0.0] * (len(BUCKETS) + 2)
+        row[bisect_left(BUCKETS, seconds)] += 1
         row[-1] += seconds
 
     def inc(self, name: str, *labels: str, n: float = 1) -> None:
@@ -120,10 +119,18 @@ class Metrics:
             for source in (*self.sources, self._counter_families)
             for f in source()
         ]
+        latency: dict[str, list[float]] = {}
+        for (route, _, _), row in self.rows.items():
+            acc = latency.get(route)
+            if acc is None:
+                latency[route] = list(row)
+            else:
+                for i, v in enumerate(row):
+                    acc[i] += v
         return {
             "pid": os.getpid(),
-            "requests": [[*k, v] for k, v in self.requests.items()],
-            "latency": self.latency,
+            "requests": [[*k, sum(row[:-1])] for k, row in self.rows.items()],
+            "latency": latency,
             "in_flight": self.in_flight,
             "families": families,
         }
