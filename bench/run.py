@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    parser.add_argument(
+        "--only", default="", help="run only scenarios whose name contains this text (the floor always runs)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 2, 1.0
@@ -410,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     floor_port, hot_port = free_port(), free_port()
-    results = {s.name: Result(s) for s in SCENARIOS}
+    scenarios = [s for i, s in enumerate(SCENARIOS) if i == 0 or args.only.lower() in s.name.lower()]
+    results = {s.name: Result(s) for s in scenarios}
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
         env, config = hotpath_env(Path(tmp))
         floor_cmd = [sys.executable, "bench/floor.py", "--port", str(floor_port)]
@@ -452,8 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         for round_ in range(args.rounds):
             for kind, (cmd, port, ready, server_env, cpus) in servers.items():
+                if not any(s.server == kind for s in scenarios):
+                    continue
                 with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env, cpus):
-                    for s in SCENARIOS:
+                    for s in scenarios:
                         if s.server != kind:
                             continue
                         url = f"http://127.0.0.1:{port}{s.path}"
@@ -465,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, errors {sample.errors}",
                             flush=True,
                         )
-    ordered = [results[s.name] for s in SCENARIOS]
+    ordered = [results[s.name] for s in scenarios]
     floor = results[SCENARIOS[0].name].rps
     meta = machine()
     table = render(ordered, floor, meta, args)

@@ -235,7 +235,11 @@ class Cache:
         )
         self._sub = aioredis.Redis(connection_pool=self._sub_pool)
         self.subscribed = asyncio.Event()
-        self._ack_prefix = f"{settings.channel}:ack:"
+        # Acknowledgements of our invalidations come back on a channel of this cache's own, to
+        # the same subscription: a writer waits on a local future, holding no Redis connection
+        # (a blocking pop per waiting write ran the shared pool dry under concurrent writes).
+        self._reply_channel = f"{settings.channel}:ack:{secrets.token_hex(8)}"
+        self._waiting: dict[str, _AckWait] = {}
         self._release = redis.register_script(_RELEASE)
         self._drop_group = redis.register_script(_DROP_GROUP)
 
@@ -667,28 +671,24 @@ class Cache:
         self.stats.invalidations_sent += 1
         if not self._l2_usable():
             return
-        ack = self._ack_prefix + secrets.token_hex(8)
-        message = pack([keys, groups, ack])
+        token = secrets.token_hex(8)
+        wait = self._waiting[token] = _AckWait(asyncio.get_running_loop().create_future())
+        message = pack([keys, groups, self._reply_channel, token])
         try:
             await self._delete_l2(keys, groups)
-            listeners = int(await self.redis.publish(self.settings.channel, message))
             # every process (this one too) acknowledges once it has dropped the key from L1
-            got = 0
-            deadline = time.monotonic() + self.settings.invalidate_wait
-            while got < listeners:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("invalidation acknowledged by %d of %d processes in time", got, listeners)
-                    break
-                if await self.redis.blpop([ack], timeout=max(0.01, remaining)) is None:
-                    continue
-                got += 1
-            await self.redis.delete(ack)
+            wait.expect(int(await self.redis.publish(self.settings.channel, message)))
+            try:
+                await asyncio.wait_for(asyncio.shield(wait.done), self.settings.invalidate_wait)
+            except TimeoutError:
+                log.warning("invalidation acknowledged by %d of %d processes in time", wait.got, wait.needed)
             # a loader elsewhere may have written the old value between our delete and its ack
             await self._delete_l2(keys, groups)
         except REDIS_DOWN as exc:
             self._redis_failed(exc)
             return
+        finally:
+            del self._waiting[token]
         self._redis_ok()
 
     async def _delete_l2(self, keys: list[str], groups: list[str]) -> None:
@@ -714,15 +714,21 @@ class Cache:
             return True
         return group is not None and self._dropped.get("\0" + group, -1) > epoch
 
-    def _on_message(self, data: bytes) -> str | None:
+    def _on_message(self, data: bytes) -> tuple[str, str] | None:
+        """Drop what an invalidation names; (reply channel, token) to acknowledge it on."""
         try:
-            keys, groups, ack = unpack(data)
+            keys, groups, reply, token = unpack(data)
         except (ValueError, TypeError, msgpack.UnpackException):
             log.warning("ignoring a malformed invalidation message")
             return None
         self.stats.invalidations_received += 1
         self._drop_local([str(k) for k in keys], [str(g) for g in groups])
-        return str(ack)
+        return str(reply), str(token)
+
+    def _on_ack(self, data: bytes) -> None:
+        wait = self._waiting.get(data.decode(errors="replace"))
+        if wait is not None:
+            wait.acknowledged()
 
     async def _listen_forever(self) -> None:
         delay = 0.1
@@ -730,7 +736,7 @@ class Cache:
         while not self._closing:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.settings.channel)
+                await pubsub.subscribe(self.settings.channel, self._reply_channel)
                 if not first:
                     # invalidations published while we were not listening are lost: start afresh
                     self._epoch += 1
@@ -748,12 +754,13 @@ class Cache:
                         continue
                     if msg["type"] != "message":
                         continue
-                    ack = self._on_message(msg["data"])
-                    if ack is not None:
-                        async with self.redis.pipeline(transaction=False) as pipe:
-                            pipe.rpush(ack, 1)
-                            pipe.expire(ack, 10)
-                            await pipe.execute()
+                    channel = msg["channel"]
+                    if channel == self._reply_channel or channel == self._reply_channel.encode():
+                        self._on_ack(msg["data"])
+                        continue
+                    reply = self._on_message(msg["data"])
+                    if reply is not None:
+                        await self.redis.publish(reply[0], reply[1])
             except REDIS_DOWN as exc:
                 if self.closing:
                     return
@@ -779,6 +786,30 @@ class Cache:
             inflight=len(self._inflight),
         )
         return out
+
+
+class _AckWait:
+    """Acknowledgements of one invalidation: `done` resolves once `needed` have come (they may
+    arrive before PUBLISH has told us how many processes received it)."""
+
+    __slots__ = ("done", "got", "needed")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.got = 0
+        self.needed: int | None = None
+
+    def expect(self, needed: int) -> None:
+        self.needed = needed
+        self._check()
+
+    def acknowledged(self) -> None:
+        self.got += 1
+        self._check()
+
+    def _check(self) -> None:
+        if self.needed is not None and self.got >= self.needed and not self.done.done():
+            self.done.set_result(None)
 
 
 # ----------------------------------------------------------------------------- the decorator
