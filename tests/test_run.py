@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import PYTHON, ROOT, free_port
+from tests.test_workers import children, running
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -111,8 +112,15 @@ async def test_next_start_works_after_kill_9(embedded_tmp: Path) -> None:
     async with aiohttp.ClientSession() as session:
         proc = await start_run_py(config, tmp_path / "first.log")
         await wait_ready(session, base, proc)
+        workers = children(proc.pid)
         proc.kill()
         await proc.wait()
+        # Its workers die with it (PDEATHSIG) but finish their requests first; until they are
+        # gone they still answer on the port, and /ready would be theirs, not the new server's.
+        deadline = time.monotonic() + 30
+        while any(running(pid) for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            await asyncio.sleep(0.05)
         proc = await start_run_py(config, tmp_path / "second.log")
         try:
             await wait_ready(session, base, proc)
