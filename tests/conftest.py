@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import os
 import secrets
 import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
@@ -158,3 +161,32 @@ def require_program(path: str, package: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{path} is missing: .ci/run installs the Debian package {package}")
     pytest.skip(f"{path} not installed (apt-get install -y {package})")
+
+
+async def until(predicate: Callable[[], Any], what: str = "condition", timeout: float = 30.0) -> Any:
+    """Poll `predicate` (sync, or returning an awaitable) until it gives something truthy, and
+    return that; fail naming `what` after `timeout` seconds. The one way tests wait for an
+    effect they cannot await directly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Any, timeout: float = 90.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        assert proc.returncode is None, "run.py exited before becoming ready"
+        try:
+            async with session.get(f"{base}/ready") as resp:
+                if resp.status == 200:
+                    return time.monotonic() - start
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("run.py did not become ready")

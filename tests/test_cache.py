@@ -24,24 +24,12 @@ from server.config import Config, ConfigError, load_config
 from server.embedded import EmbeddedRedis
 from server.errors import NotFound
 from server.keys import CACHE, CATALOGUE
-from tests.conftest import replace
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+from tests.conftest import replace, until
 
 
 async def until_time(moment: float) -> None:
     """Wait for the wall clock to pass `moment` (a TTL's end): waiting for time itself."""
-    await wait_for(lambda: time.time() > moment)
+    await until(lambda: time.time() > moment)
 
 
 @pytest.fixture
@@ -64,7 +52,7 @@ async def make_cache(redis: aioredis.Redis) -> AsyncIterator[Callable[..., Await
     async def make(client: aioredis.Redis | None = None, **changes: Any) -> Cache:
         cache = Cache(client or redis, settings(channel, **changes))
         await cache.start()
-        await wait_for(cache.subscribed.is_set)
+        await until(cache.subscribed.is_set)
         caches.append(cache)
         return cache
 
@@ -188,7 +176,7 @@ async def test_single_flight_in_process_1000_callers_one_load(make_cache: Any) -
     loader = Counter(gate)
     calls = [asyncio.ensure_future(cache.get_or_load("sf", ["cold"], loader)) for _ in range(1000)]
     await loader.started.wait()
-    await wait_for(lambda: cache.stats.misses_l1 == 1000)  # every caller has asked
+    await until(lambda: cache.stats.misses_l1 == 1000)  # every caller has asked
     gate.set()
     hits = await asyncio.gather(*calls)
     assert loader.runs == 1 and cache.stats.loads == 1
@@ -202,7 +190,7 @@ async def test_single_flight_across_processes(make_cache: Any) -> None:
     first = asyncio.ensure_future(a.get_or_load("sf", ["x"], loader_a))
     await loader_a.started.wait()  # a holds the Redis lock and is loading
     second = asyncio.ensure_future(b.get_or_load("sf", ["x"], loader_b))
-    await wait_for(lambda: b.stats.lock_waits == 1)
+    await until(lambda: b.stats.lock_waits == 1)
     gate.set()
     assert (await first).source == "miss"
     hit = await second
@@ -286,9 +274,9 @@ async def test_stale_while_revalidate_refreshes_once_in_the_background(make_cach
     for _ in range(20):
         hit = await cache.get_or_load("swr", ["k"], loader, ttl=0.1, grace=30)
         assert (hit.value, hit.source) == ({"run": 1}, "hit-l1")  # the stale value, at once
-    await wait_for(lambda: loader.runs == 2)
+    await until(lambda: loader.runs == 2)
     gate.set()
-    await wait_for(lambda: cache._l1[make_key("swr", ["k"])].value == {"run": 2})
+    await until(lambda: cache._l1[make_key("swr", ["k"])].value == {"run": 2})
     assert loader.runs == 2 and cache.stats.stale_served == 20
 
 
@@ -348,8 +336,8 @@ async def test_redis_stopping_degrades_then_recovers(make_cache: Any, tmp_path: 
             await cache.get_or_load("d", ["after", time.monotonic()], Counter())
             return not cache.degraded
 
-        await wait_for(recovered)
-        await wait_for(cache.subscribed.is_set)  # the subscription is back too
+        await until(recovered)
+        await until(cache.subscribed.is_set)  # the subscription is back too
         await cache.get_or_load("d", ["stored"], Counter())
         assert await client.exists(make_key("d", ["stored"])) == 1
         assert cache.stats.degraded == 1
@@ -367,7 +355,7 @@ async def two_clients(aiohttp_client: Any, cfg: Config) -> tuple[Any, Any]:
     first = await aiohttp_client(create_app(cfg))
     second = await aiohttp_client(create_app(cfg))
     for c in (first, second):
-        await wait_for(c.app[CACHE].subscribed.is_set)
+        await until(c.app[CACHE].subscribed.is_set)
     return first, second
 
 
@@ -502,7 +490,7 @@ async def test_product_responses_drop_when_the_catalogue_changes(aiohttp_client:
     client = await aiohttp_client(create_app(replace(cfg, cache={"routes": routes})))
     cache = client.app[CACHE]
     # the catalogue's first reload once it listens invalidates product responses: let it pass
-    await wait_for(lambda: client.app[CATALOGUE].version >= 2 and not cache._tasks)
+    await until(lambda: client.app[CATALOGUE].version >= 2 and not cache._tasks)
     first = await client.get("/products?limit=200")
     assert first.headers["X-Cache"] == "miss"
     assert (await client.get("/products?limit=200")).headers["X-Cache"] == "hit-l1"
@@ -516,7 +504,7 @@ async def test_product_responses_drop_when_the_catalogue_changes(aiohttp_client:
             items = (await (await client.get("/products?limit=200")).json())["items"]
             return any(p["id"] == new_id for p in items)
 
-        await wait_for(visible)  # well within the 300 s TTL: the reload invalidated it
+        await until(visible)  # well within the 300 s TTL: the reload invalidated it
         await conn.execute("DELETE FROM products WHERE id = $1", new_id)
     finally:
         await conn.close()
@@ -588,7 +576,7 @@ async def test_app_keeps_answering_while_redis_is_down(
             await client.get(f"/expensive-calculation/{int(time.monotonic() * 1000) % 900}")
             return not cache.degraded
 
-        await wait_for(recovered)
+        await until(recovered)
         assert (await (await client.get("/cache/stats")).json())["degraded"] == 1
     finally:
         own.stop()

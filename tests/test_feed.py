@@ -22,7 +22,7 @@ from server.config import Config
 from server.errors import Unavailable
 from server.feed import Feed, encode_event, parse_event_id
 from server.keys import FEED
-from tests.conftest import PYTHON, ROOT, free_port, replace
+from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 TOKEN = "test-admin-token"
 
@@ -31,13 +31,6 @@ def feed_cfg(cfg: Config, **values: Any) -> Config:
     base: dict[str, Any] = {"ticker": False, "admin_token": TOKEN}
     base.update(values)
     return replace(cfg, feed=base)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 class SSE:
@@ -95,7 +88,7 @@ async def open_stream(client: Any, path: str = "/events", **kw: Any) -> tuple[An
 
 async def subscribed(client: Any, n: int = 1) -> None:
     feed = client.server.app[FEED]
-    await wait_for(lambda: feed.subscriber_count >= n, what=f"{n} subscriber(s)")
+    await until(lambda: feed.subscriber_count >= n, what=f"{n} subscriber(s)")
 
 
 # -- wire format ---------------------------------------------------------------------------
@@ -244,7 +237,7 @@ async def test_last_event_id_replay_has_no_gaps_or_duplicates(aiohttp_client: An
                 assert ev is not None
                 received.append(ev["id"])
             resp.close()
-            await wait_for(lambda: feed.subscriber_count == 0, what="the cut stream to be released")
+            await until(lambda: feed.subscriber_count == 0, what="the cut stream to be released")
             if session < 2:
                 resp, sse = await open_stream(
                     client, "/events?channels=tasks", headers={"Last-Event-ID": received[-1]}
@@ -347,7 +340,7 @@ async def test_slow_consumer_gets_a_final_event_then_is_dropped(aiohttp_client: 
     # Now read everything the server sent: it ends with the overflow event, then EOF.
     data = await asyncio.wait_for(reader.read(-1), timeout=30)
     writer.close()
-    await wait_for(lambda: feed.subscriber_count == 0, what="the slow consumer to be released")
+    await until(lambda: feed.subscriber_count == 0, what="the slow consumer to be released")
     text = data.decode()
     assert text.startswith("HTTP/1.1 200")
     # one frame, written in one piece, so no chunk boundary inside it
@@ -391,7 +384,7 @@ async def test_subscriber_cap_answers_503_with_retry_after(aiohttp_client: Any, 
     assert refused.headers["Content-Type"] == "application/problem+json"
     assert int(refused.headers["Retry-After"]) >= 1
     resp.close()
-    await wait_for(lambda: client.app[FEED].subscriber_count == 0, what="release")
+    await until(lambda: client.app[FEED].subscriber_count == 0, what="release")
     again, _ = await open_stream(client)
     again.close()
 
@@ -405,7 +398,7 @@ async def test_heartbeats_and_dead_connections_released(aiohttp_client: Any, cfg
     assert seen == {"comment": "heartbeat"}
     # a client that vanishes without a word is found by the next heartbeat write
     resp.close()
-    await wait_for(lambda: client.app[FEED].subscriber_count == 0, what="the dead stream to be released")
+    await until(lambda: client.app[FEED].subscriber_count == 0, what="the dead stream to be released")
 
 
 async def test_shutdown_sends_a_farewell_and_ends_streams(aiohttp_client: Any, cfg: Config) -> None:
@@ -465,17 +458,8 @@ async def test_ticker_survives_its_leader_being_killed(aiohttp_client: Any, cfg:
     )
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 60
-            while True:  # ready, and so already leading: nobody else holds the lease
-                assert proc.returncode is None, "run.py exited"
-                assert time.monotonic() < deadline, "run.py did not become ready"
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/ready") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+            # ready, and so already leading: nobody else holds the lease
+            await wait_ready(session, f"http://127.0.0.1:{port}", proc, timeout=60)
         follower = await aiohttp_client(create_app(replace(cfg, feed={"ticker_interval": 0.1})))
         resp, sse = await open_stream(follower, "/stream-real-time")
         # wait for the other process's ticks (it started first, so it leads)

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,9 @@ from server.config import Config
 from server.db import Database
 from server.job_kinds import KINDS
 from server.jobs import FINAL, Engine, JobContext, PermanentError, Runner
-from tests.conftest import PYTHON, ROOT, free_port, replace
+from tests.conftest import PYTHON, ROOT, free_port, replace, until
 
 FAST = {"lease": 2.0, "heartbeat_interval": 0.3, "poll_interval": 0.2, "shutdown_timeout": 2.0}
-
-
-async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll `check` until it returns something truthy, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what or check}"
-        await asyncio.sleep(0.02)
 
 
 async def wait_task(client: Any, task_id: int, states: frozenset[str] = FINAL, timeout: float = 20.0) -> Any:
@@ -52,7 +41,7 @@ async def wait_task(client: Any, task_id: int, states: frozenset[str] = FINAL, t
         data = await resp.json()
         return data if data["status"] in states else None
 
-    return await wait_until(check, timeout, f"task {task_id} in {sorted(states)}")
+    return await until(check, f"task {task_id} in {sorted(states)}", timeout)
 
 
 async def truncate_jobs(cfg: Config) -> None:
@@ -540,7 +529,7 @@ class Harness:
             job = await self.engine.get(job_id)
             return job if job.state in states else None
 
-        return await wait_until(check, timeout, f"job {job_id} in {sorted(states)}")
+        return await until(check, f"job {job_id} in {sorted(states)}", timeout)
 
 
 async def test_retries_with_exponential_backoff(jcfg: Config) -> None:
@@ -650,7 +639,7 @@ async def test_cleanup_removes_old_finished_jobs(jcfg: Config, pg: asyncpg.Pool)
             left = {r["id"] for r in await pg.fetch("SELECT id FROM jobs")}
             return old not in left and failed not in left
 
-        await wait_until(gone, what="old jobs removed")
+        await until(gone, "old jobs removed")
         left = {r["id"] for r in await pg.fetch("SELECT id FROM jobs")}
         assert fresh in left and future in left
 
@@ -740,7 +729,7 @@ async def test_kill_9_mid_job_then_another_worker_completes_it(
             assert first is not None and first.returncode is None
             return handler.first_data.is_set()
 
-        await wait_until(stalled, 60, "the first worker to reach DATA")
+        await until(stalled, "the first worker to reach DATA", 60)
         processing = await wait_task(client, task_id, frozenset({"processing"}))
         assert processing["attempts"] == 1
         first.kill()  # SIGKILL: no clean-up, the lease just stops being renewed
@@ -823,7 +812,7 @@ async def test_two_worker_processes_never_run_the_same_job(
             )
             return await pg.fetchval(sql) == 2
 
-        await wait_until(both_listening, 60, "both workers listening")
+        await until(both_listening, "both workers listening", 60)
         n = 200
         for i in range(n):
             resp = await client.post(
@@ -834,7 +823,7 @@ async def test_two_worker_processes_never_run_the_same_job(
         async def all_done() -> bool:
             return await pg.fetchval("SELECT count(*) FROM jobs WHERE state = 'completed'") == n
 
-        await wait_until(all_done, 90, "all jobs completed")
+        await until(all_done, "all jobs completed", 90)
         assert await pg.fetchval("SELECT max(attempts) FROM jobs") == 1
         ids = [parsed(m)["Message-ID"] for m in handler.messages]
         assert len(ids) == n and len(set(ids)) == n  # each job ran exactly once
@@ -872,7 +861,7 @@ async def test_sigterm_lets_the_worker_hand_back_a_job_it_cannot_finish(
             assert proc is not None and proc.returncode is None
             return handler.first_data.is_set()
 
-        await wait_until(stalled, 60, "the worker to reach DATA")
+        await until(stalled, "the worker to reach DATA", 60)
         assert await stop(proc) == 0  # SIGTERM: 0.5 s to finish, then the job is handed back
         job = await pg.fetchrow(
             "SELECT state, attempts, worker, lease_until FROM jobs WHERE id = $1", task_id

@@ -32,8 +32,7 @@ from server.ratelimit import (
     parse_policy,
 )
 from server.resp import RespConnection
-from tests.conftest import PYTHON, ROOT, free_port, replace
-from tests.test_run import wait_ready
+from tests.conftest import PYTHON, ROOT, free_port, replace, wait_ready
 
 # ---------------------------------------------------------------- policies
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -14,6 +12,8 @@ import msgpack
 import orjson
 import pytest
 import yaml
+
+from tests.conftest import until
 
 DECODERS = {
     "application/json": orjson.loads,
@@ -223,13 +223,6 @@ async def test_products_in_every_format(client: Any, accept: str) -> None:
     assert await again.read() == body  # served from the rendered-page cache, same bytes
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def wait_for_products(client: Any, check: Any, accept: str = "application/json") -> None:
     """Poll the catalogue (decoded from `accept`) until `check(items)` holds."""
 
@@ -237,7 +230,7 @@ async def wait_for_products(client: Any, check: Any, accept: str = "application/
         resp = await client.get("/products?limit=200", headers={"Accept": accept})
         return bool(check(DECODERS[accept](await resp.read())["items"]))
 
-    await wait_for(holds)
+    await until(holds)
 
 
 async def test_products_refresh_on_change_through_notify(client: Any, cfg: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import PYTHON, ROOT, free_port
+from tests.conftest import PYTHON, ROOT, free_port, until, wait_ready
 from tests.test_workers import children, running
 
 
@@ -34,20 +34,6 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and "zombie" not in state:
             found.append(f"{entry.name}: {cmdline}")
     return found
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Any, timeout: float = 90.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        assert proc.returncode is None, "run.py exited before becoming ready"
-        try:
-            async with session.get(f"{base}/ready") as resp:
-                if resp.status == 200:
-                    return time.monotonic() - start
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("run.py did not become ready")
 
 
 def embedded_env() -> dict[str, str]:
@@ -117,10 +103,9 @@ async def test_next_start_works_after_kill_9(embedded_tmp: Path) -> None:
         await proc.wait()
         # Its workers die with it (PDEATHSIG) but finish their requests first; until they are
         # gone they still answer on the port, and /ready would be theirs, not the new server's.
-        deadline = time.monotonic() + 30
-        while any(running(pid) for pid in workers):
-            assert time.monotonic() < deadline, "workers outlived their supervisor"
-            await asyncio.sleep(0.05)
+        await until(
+            lambda: not any(running(pid) for pid in workers), "the killed supervisor's workers to exit"
+        )
         proc = await start_run_py(config, tmp_path / "second.log")
         try:
             await wait_ready(session, base, proc)
