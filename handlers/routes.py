@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
-from middlewares import chain_for, compose
+from middlewares import bind, chain_for, compose
 from server.keys import CONFIG
 
 ROUTES: tuple[web.RouteDef, ...] = (
@@ -65,9 +65,13 @@ def setup_routes(app: web.Application) -> None:
     """Register every route with its own middleware chain (see middlewares/__init__.py)."""
     config = app[CONFIG]
     for route in ROUTES:
-        handler = compose(route.handler, chain_for(route.kwargs["name"], config))
+        name = route.kwargs["name"]
+        handler = compose(route.handler, bind(chain_for(name, config), name, app))
         web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(
-        "*", r"/{tail:[\s\S]*}", compose(unmatched, chain_for(UNMATCHED, config)), name=UNMATCHED
+        "*",
+        r"/{tail:[\s\S]*}",
+        compose(unmatched, bind(chain_for(UNMATCHED, config), UNMATCHED, app)),
+        name=UNMATCHED,
     )

@@ -16,30 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import partial, update_wrapper
 
+from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from middlewares import cache, compression, ratelimit
+from middlewares import cache, compression, ratelimit, request_context
 from middlewares.cache import cache_middleware
 from middlewares.compression import compression_middleware
-from middlewares.errors import errors_middleware
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
 from server.config import Config
 
 MIDDLEWARES: tuple[Middleware, ...] = (
-    # Outermost: the request id exists before anything can fail or log.
+    # Outermost: the request id exists before anything can fail or log, and every exception
+    # below becomes problem+json here (middlewares/errors.py), so the middlewares below
+    # see what they raise answered like any other error.
     request_context_middleware,
-    # Turns every exception below into problem+json, so later middlewares (rate limit,
-    # cache, compression) see and shape a normal response, errors included.
-    errors_middleware,
-    # Inside errors, so a refusal is an ordinary problem response; before cache and
+    # Inside request_context, so a refusal is an ordinary problem response; before cache and
     # compression, so a refused request costs no cache lookup or compression.
     ratelimit_middleware,
     # Inside rate limit (a refused request costs no lookup) and outside compression (a hit skips
     # compressing again; the key includes Accept-Encoding, so stored bodies may be encoded).
     cache_middleware,
     # Innermost: compresses the finished response (the cache above stores what it produced,
-    # per accepted coding); problems raised here (406) still pass through errors above.
+    # per accepted coding); problems raised here (406) are still answered as problems above.
     compression_middleware,
 )
 # Middlewares that only some routes need: route name, config -> is it in that route's chain.
@@ -53,6 +52,18 @@ APPLIES: dict[Middleware, Callable[[str, Config], bool]] = {
 def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:
     """The middlewares of one route, in MIDDLEWARES order."""
     return tuple(m for m in MIDDLEWARES if m not in APPLIES or APPLIES[m](route_name, config))
+
+
+# Middlewares that take their route's name and app once, at start-up, instead of looking them
+# up per request: route name, app -> the middleware bound to them.
+BINDS: dict[Middleware, Callable[[str, web.Application], Middleware]] = {
+    request_context_middleware: request_context.for_route,
+}
+
+
+def bind(middlewares: Sequence[Middleware], route_name: str, app: web.Application) -> tuple[Middleware, ...]:
+    """`middlewares` with those in BINDS bound to one route of `app`."""
+    return tuple(BINDS[m](route_name, app) if m in BINDS else m for m in middlewares)
 
 
 def compose(handler: Handler, middlewares: Sequence[Middleware] = MIDDLEWARES) -> Handler:

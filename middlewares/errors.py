@@ -1,4 +1,7 @@
-"""Every error leaves as application/problem+json (RFC 9457); unexpected ones leak nothing."""
+"""Every error leaves as application/problem+json (RFC 9457); unexpected ones leak nothing.
+
+problem_for() is called by the outermost middleware (request_context), which catches what
+every layer below it raises."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from server import negotiation, render
 from server.errors import DomainError, as_unavailable
@@ -90,29 +92,28 @@ def _from_domain_error(exc: DomainError, accept: str | None) -> web.Response:
     )
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
+def problem_for(request: web.Request, exc: Exception) -> web.Response:
+    """The problem response for an exception a handler (or a middleware below) raised.
+
+    Called by the outermost middleware (middlewares/request_context.py). A redirect (an
+    HTTPException below 400) is not an error and is raised again as it is.
+    """
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise  # redirects and friends are not errors
+            raise exc
         return _from_http_exception(exc, request.headers.get("Accept"))
-    except DomainError as exc:
+    if isinstance(exc, DomainError):
         return _from_domain_error(exc, request.headers.get("Accept"))
-    except Exception as exc:  # CancelledError is a BaseException and passes through untouched
-        unavailable = as_unavailable(exc)
-        rid = request.get(REQUEST_ID, "-")
-        if unavailable is not None:
-            log.warning(
-                "request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc
-            )
-            return _from_domain_error(unavailable, request.headers.get("Accept"))
-        log.exception("request %s %s %s failed", rid, request.method, request.path)
-        return problem_response(
-            500,
-            "Internal Server Error",
-            "the server failed to handle this request; quote the request_id when reporting it",
-            extra={"request_id": rid},
-            accept=request.headers.get("Accept"),
-        )
+    unavailable = as_unavailable(exc)
+    rid = request.get(REQUEST_ID, "-")
+    if unavailable is not None:
+        log.warning("request %s %s %s: %s: %s", rid, request.method, request.path, type(exc).__name__, exc)
+        return _from_domain_error(unavailable, request.headers.get("Accept"))
+    log.exception("request %s %s %s failed", rid, request.method, request.path, exc_info=exc)
+    return problem_response(
+        500,
+        "Internal Server Error",
+        "the server failed to handle this request; quote the request_id when reporting it",
+        extra={"request_id": rid},
+        accept=request.headers.get("Accept"),
+    )

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from middlewares import compose
 from middlewares.compression import compression_middleware
-from middlewares.errors import errors_middleware
+from middlewares.request_context import request_context_middleware
 from middlewares.streaming import EncodedStream, stream_headers
 from server import compression
 from server.compression import BR, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
@@ -239,7 +239,7 @@ def small_app(**settings: Any) -> web.Application:
     routes["/empty"] = empty
     routes["/not-modified"] = not_modified
     for path, handler in routes.items():
-        app.router.add_get(path, compose(handler, (errors_middleware, compression_middleware)))
+        app.router.add_get(path, compose(handler, (request_context_middleware, compression_middleware)))
     return app
 
 

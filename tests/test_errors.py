@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from middlewares.errors import errors_middleware
 from middlewares.request_context import request_context_middleware
 from middlewares.streaming import stream_headers
 from server.errors import Conflict, Unavailable, ValidationFailed
@@ -49,7 +48,7 @@ def small_app() -> web.Application:
         await resp.write(b"chunk")
         return resp
 
-    app = web.Application(middlewares=[request_context_middleware, errors_middleware])
+    app = web.Application(middlewares=[request_context_middleware])
     app.router.add_get("/boom", boom)
     app.router.add_get("/conflict", conflict)
     app.router.add_get("/invalid", invalid)

@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 
 from middlewares import chain_for
-from middlewares.errors import errors_middleware
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
 from middlewares.streaming import stream_headers
@@ -364,7 +363,7 @@ async def test_streaming_handlers_get_the_rate_limit_headers(aiohttp_client: Any
         {"stream": parse_policy("stream", "2/minute")},
         ClientIdentity(["127.0.0.1/32"]),
     )
-    app = web.Application(middlewares=[request_context_middleware, errors_middleware, ratelimit_middleware])
+    app = web.Application(middlewares=[request_context_middleware, ratelimit_middleware])
     app[RATE_LIMITER] = limiter
     app.router.add_get("/stream", stream, name="stream")
     client = await aiohttp_client(app)
