@@ -414,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument(
-        "--only", default="", help="run only scenarios whose name contains this text (the floor always runs)"
+        "--only",
+        action="append",
+        default=[],
+        help="run only scenarios whose name contains this text; repeat for several (the floor always runs)",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -424,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     floor_port, hot_port = free_port(), free_port()
-    scenarios = [s for i, s in enumerate(SCENARIOS) if i == 0 or args.only.lower() in s.name.lower()]
+    wanted = [text.lower() for text in args.only]
+    scenarios = [
+        s for i, s in enumerate(SCENARIOS) if i == 0 or not wanted or any(w in s.name.lower() for w in wanted)
+    ]
     results = {s.name: Result(s) for s in scenarios}
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
         env, config = hotpath_env(Path(tmp))

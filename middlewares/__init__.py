@@ -58,6 +58,7 @@ def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:
 # up per request: route name, app -> the middleware bound to them.
 BINDS: dict[Middleware, Callable[[str, web.Application], Middleware]] = {
     request_context_middleware: request_context.for_route,
+    cache_middleware: cache.for_route,
 }
 
 

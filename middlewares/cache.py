@@ -9,10 +9,11 @@ for cache.negative_ttl; other errors pass through untouched. Every answer says X
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 
 from server.cache import Cache, Entry, Hit, make_key, response_group
@@ -99,12 +100,23 @@ def _mark(exc: BaseException, value: str) -> None:
 
 @web.middleware
 async def cache_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method not in ("GET", "HEAD"):
-        return await handler(request)
     app = request.app
     route = request.match_info.route.name or ""
     policy = app[CONFIG].cache.routes.get(route)
     if policy is None:
+        return await handler(request)
+    return await _cached(request, handler, app, route, policy)
+
+
+def for_route(route: str, app: web.Application) -> Middleware:
+    """cache_middleware for one route of `app`, with its name and policy bound now."""
+    return partial(_cached, app=app, route=route, policy=app[CONFIG].cache.routes[route])
+
+
+async def _cached(
+    request: web.Request, handler: Handler, app: web.Application, route: str, policy: dict[str, float]
+) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
         return await handler(request)
     cache: Cache = app[CACHE]
     params = request.match_info
@@ -208,7 +220,7 @@ def _headers(entry: Entry, policy: dict[str, float]) -> CIMultiDict[str]:
 def _answer(
     request: web.Request, status: int, body: bytes, base: CIMultiDict[str], source: str
 ) -> web.Response:
-    out = base.copy()  # a Response keeps (and may change) the mapping it is given
+    out = base.copy()  # the stored headers stay as they are; the copy gets this answer's X-Cache
     out["X-Cache"] = source
     inm = request.headers.get("If-None-Match")
     if inm is not None and _matches(inm, out["ETag"]):

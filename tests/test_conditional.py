@@ -176,6 +176,18 @@ async def test_products_etag_weakened_when_compressed_and_304(client: Any) -> No
     assert set(v.strip() for v in nm.headers["Vary"].split(",")) == {"Accept", "Accept-Encoding"}
 
 
+async def test_kept_headers_are_not_changed_by_the_responses_built_on_them(client: Any) -> None:
+    """send_kept_now() hands its kept header mapping to web.Response without copying it,
+    because aiohttp copies it: if aiohttp ever kept the mapping, the request id set on one
+    answer would land in the shared mapping and on every later answer."""
+    first, body = await get_raw(client, "/products", None)
+    second, _ = await get_raw(client, "/products", None)
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+    kept = client.server.app[COMPRESSION].kept(body, "application/json", lambda m, c: CIMultiDict())
+    assert "X-Request-ID" not in kept.identity and "Content-Length" not in kept.identity
+    assert kept.identity["ETag"] == first.headers["ETag"]
+
+
 async def test_health_is_not_touched(client: Any) -> None:
     resp, _ = await get_raw(client, "/health", "gzip")
     assert "Content-Encoding" not in resp.headers and "Vary" not in resp.headers
