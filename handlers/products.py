@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from handlers.common import negotiate, page_link, query_int, render_options, send_kept, send_kept_now
 from server import render
@@ -14,16 +14,29 @@ PRODUCTS = Shape("products", rows="items")
 
 
 async def list_products(request: web.Request) -> web.Response:
-    media = negotiate(request)
     catalogue = request.app[CATALOGUE]
+    headers = request.headers
     if not request.query_string:
-        # the common case, a bare GET /products: one dict lookup for the rendered bytes
+        # the common case, a bare GET /products: the answer last sent for the same Accept and
+        # Accept-Encoding (negotiated, rendered, compressed, ETag'd) for this catalogue version
+        accept, accept_encoding = headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING)
+        conditional = hdrs.IF_NONE_MATCH in headers
+        if not conditional:
+            ready = catalogue.answer(accept, accept_encoding)
+            if ready is not None:
+                return web.Response(body=ready[0], headers=ready[1])
+        media = negotiate(request)
+        version = catalogue.version
         key: tuple[object, ...] = (media,)
         body = catalogue.cached_page(key)
         if body is None:
             limit = request.app[CONFIG].products.default_limit
             body = catalogue.cache_page(key, _render_page(request, catalogue, media, 1, limit))
-        return send_kept_now(request, media, body) or await send_kept(request, media, body)
+        resp = send_kept_now(request, media, body) or await send_kept(request, media, body)
+        if not conditional and isinstance(resp.body, bytes):
+            catalogue.keep_answer(version, accept, accept_encoding, (resp.body, resp.headers.copy()))
+        return resp
+    media = negotiate(request)
     cfg = request.app[CONFIG].products
     page = query_int(request, "page", 1, minimum=1, maximum=10**9)
     limit = query_int(request, "limit", cfg.default_limit, minimum=1, maximum=cfg.max_limit)

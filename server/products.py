@@ -16,12 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+from multidict import CIMultiDict
 
 from server.db import Database
 
 log = logging.getLogger("hotpath.products")
 
 CHANNEL = "hotpath_products"
+Answer = tuple[bytes, CIMultiDict[str]]  # a response's body and headers, kept to be sent again
 SQL_ALL = "SELECT id, name, price, category, created_at, updated_at FROM products ORDER BY id"
 _PING_EVERY = 30.0  # seconds between liveness checks of the LISTEN connection
 
@@ -34,6 +36,8 @@ class Catalogue:
         self._dsn = dsn
         self._items: list[dict[str, Any]] = []
         self._rendered: dict[tuple[Any, ...], bytes] = {}
+        # whole answers to a bare GET /products for this version, by (Accept, Accept-Encoding)
+        self._answers: dict[tuple[str | None, str | None], Answer] = {}
         self._render_cache_size = render_cache_size
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -51,6 +55,7 @@ class Catalogue:
         rows = await self._db.fetch(SQL_ALL)
         self._items = [dict(r.items()) for r in rows]
         self._rendered = {}
+        self._answers = {}
         self.version += 1
         for callback in self.on_change:
             callback()
@@ -74,6 +79,22 @@ class Catalogue:
         items = self._items
         start = (page - 1) * limit
         return {"items": items[start : start + limit], "total": len(items), "page": page, "limit": limit}
+
+    def answer(self, accept: str | None, accept_encoding: str | None) -> Answer | None:
+        """The body and headers last sent for a bare GET /products with these two headers."""
+        return self._answers.get((accept, accept_encoding))
+
+    def keep_answer(
+        self, version: int, accept: str | None, accept_encoding: str | None, answer: Answer
+    ) -> None:
+        """Remember an answer built from catalogue `version` for answer(), until the catalogue
+        changes; one built from an older version (a reload ran while it was compressed) is
+        dropped. Bounded like the pages: clients repeat a few header pairs."""
+        if version != self.version:
+            return
+        if len(self._answers) >= self._render_cache_size:
+            del self._answers[next(iter(self._answers))]
+        self._answers[(accept, accept_encoding)] = answer
 
     def cached_page(self, key: tuple[Any, ...]) -> bytes | None:
         """Rendered bytes stored under `key` for this version, if any."""

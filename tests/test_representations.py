@@ -12,7 +12,9 @@ import msgpack
 import orjson
 import pytest
 import yaml
+from multidict import CIMultiDict
 
+from server.keys import CATALOGUE
 from tests.conftest import until
 
 DECODERS = {
@@ -254,6 +256,49 @@ async def test_products_refresh_on_change_through_notify(client: Any, cfg: Any) 
             await conn.execute("DELETE FROM products WHERE id = $1", new_id)
         await conn.close()
     await wait_for_products(client, lambda items: all(p["id"] != new_id for p in items))
+
+
+async def test_bare_products_answers_kept_per_headers_dropped_on_change(client: Any, cfg: Any) -> None:
+    """A bare GET /products is answered from the answers kept for its Accept/Accept-Encoding
+    pair; a change to the table drops them, and an answer built from the old version while a
+    reload ran is not kept."""
+    kinds = {"application/json": None, "application/vnd.msgpack": None}
+    for accept in kinds:
+        first = await client.get("/products", headers={"Accept": accept, "Accept-Encoding": "identity"})
+        again = await client.get("/products", headers={"Accept": accept, "Accept-Encoding": "identity"})
+        assert again.content_type == accept and await again.read() == await first.read()
+        assert again.headers["ETag"] == first.headers["ETag"]
+        assert again.headers["X-Request-ID"] != first.headers["X-Request-ID"]
+        kinds[accept] = first.headers["ETag"]
+    assert kinds["application/json"] != kinds["application/vnd.msgpack"]
+    catalogue = client.server.app[CATALOGUE]
+
+    async def kept_after_a_request() -> bool:
+        # (the catalogue reloads once more when its LISTEN starts, which drops kept answers)
+        await client.get("/products", headers={"Accept": "application/json", "Accept-Encoding": "identity"})
+        return catalogue.answer("application/json", "identity") is not None
+
+    await until(kept_after_a_request, "an answer kept after a bare GET /products")
+
+    async def bare_shows(check: Any) -> bool:
+        resp = await client.get("/products", headers={"Accept": "application/json"})
+        return bool(check(orjson.loads(await resp.read())["items"]))
+
+    conn = await asyncpg.connect(cfg.database.url)
+    new_id = None
+    try:
+        new_id = await conn.fetchval(
+            "INSERT INTO products (name, price, category) VALUES ('Kept gadget', 5.5, 'test') RETURNING id"
+        )
+        await until(lambda: bare_shows(lambda items: any(p["id"] == new_id for p in items)))
+    finally:
+        if new_id is not None:
+            await conn.execute("DELETE FROM products WHERE id = $1", new_id)
+        await conn.close()
+    await until(lambda: bare_shows(lambda items: all(p["id"] != new_id for p in items)))
+    stale = catalogue.version - 1
+    catalogue.keep_answer(stale, "text/stale", None, (b"old", CIMultiDict()))
+    assert catalogue.answer("text/stale", None) is None
 
 
 async def test_catalogue_recovers_after_losing_its_listen_connection(client: Any, cfg: Any) -> None:
