@@ -137,10 +137,17 @@ async def _cached(
     control = headers.get("Cache-Control", "").lower() if "Cache-Control" in headers else ""
     refresh = "no-cache" in control or "max-age=0" in control
     if not refresh:
-        # the fast path: a fresh entry in this process, its response headers built once
+        # the fast path: a fresh entry in this process, its response headers (X-Cache: hit-l1
+        # included) built once; aiohttp copies them into the Response
         entry = cache.peek(key)
         if entry is not None and entry.missing is None:
-            return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
+            if "If-None-Match" in headers:
+                return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
+            hit_headers = entry.derived
+            if hit_headers is None:
+                hit_headers = entry.derived = _headers(entry, policy)
+                hit_headers["X-Cache"] = "hit-l1"
+            return web.Response(body=entry.value[2], status=entry.value[0], headers=hit_headers)
     mine: list[_Uncacheable] = []
 
     async def load() -> list[Any]:
@@ -211,10 +218,8 @@ def _build_headers(stored: list[list[str]], etag: str, policy: dict[str, float])
 
 
 def _headers(entry: Entry, policy: dict[str, float]) -> CIMultiDict[str]:
-    if entry.derived is None:
-        entry.derived = _build_headers(entry.value[1], entry.etag, policy)
-    headers: CIMultiDict[str] = entry.derived
-    return headers
+    """The stored headers of `entry` as a response sends them (ETag, Cache-Control added)."""
+    return _build_headers(entry.value[1], entry.etag, policy)
 
 
 def _answer(
