@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from handlers.common import json_response, path_id, read_body
 from middlewares.streaming import stream_headers
@@ -89,6 +89,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
         if after is not None:
             replayed, sent = await feed.replay(after, channels)
         resp = web.StreamResponse(headers=SSE_HEADERS)
+        if request.version >= HttpVersion11:
+            # Chunked by our choice, not only by aiohttp's default for a body of no length: the
+            # direct writer below has to know how the body is framed on the wire.
+            resp.enable_chunked_encoding()
         stream_headers(request, resp)
         await resp.prepare(request)
         opening = b"retry: %d\n: hotpath feed\n\n" % cfg.retry
@@ -97,9 +101,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
             sub.on_stall = transport.abort  # the pending write then fails with ConnectionError
         sub.sent = sent
         try:
+            # prepare() only buffers the headers; this first write sends them, so from here on
+            # the socket carries body bytes alone and may be written to directly.
             await _write(sub, resp, opening + b"".join(f.body for f in replayed))
-            if transport is not None and resp.chunked:
-                sub.direct = _direct_writer(sub, transport)
+            # (no isinstance test on the transport: uvloop's is not an asyncio.WriteTransport)
+            if transport is not None and not resp.compression:
+                sub.direct = _direct_writer(sub, transport, resp.chunked)
             await _pump(sub, resp, cfg.write_timeout)
         except (ConnectionError, TimeoutError) as exc:
             log.debug("feed stream ended: %s", type(exc).__name__)
@@ -111,11 +118,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
         feed.unsubscribe(sub)
 
 
-def _direct_writer(sub: Subscriber, transport: asyncio.BaseTransport) -> Callable[[Frame], bool]:
-    """Subscriber.direct for a chunked HTTP/1.1 response: one transport.write of the frame as
-    a chunk, done by the feed's reader itself, as long as the socket keeps up (else False, and
-    the frame goes through the mailbox and an awaited write that waits for the client)."""
-    assert isinstance(transport, asyncio.WriteTransport)
+def _direct_writer(sub: Subscriber, transport: asyncio.Transport, chunked: bool) -> Callable[[Frame], bool]:
+    """Subscriber.direct: one transport.write of the frame (as an HTTP/1.1 chunk, or as it is
+    on an HTTP/1.0 body that ends with the connection), done by the feed's reader itself, as
+    long as the socket keeps up (else False, and the frame goes through the mailbox and an
+    awaited write that waits for the client, is timed, and overflows the mailbox if need be)."""
 
     def direct(frame: Frame) -> bool:
         if transport.is_closing() or transport.get_write_buffer_size() > _DIRECT_LIMIT:
@@ -125,11 +132,14 @@ def _direct_writer(sub: Subscriber, transport: asyncio.BaseTransport) -> Callabl
             if key <= sub.sent:
                 return True  # already replayed
             sub.sent = key
-        wire = frame.wire
-        if wire is None:
-            body = frame.body
-            wire = frame.wire = b"%x\r\n%b\r\n" % (len(body), body)
-        transport.write(wire)
+        if chunked:
+            wire = frame.wire
+            if wire is None:
+                body = frame.body
+                wire = frame.wire = b"%x\r\n%b\r\n" % (len(body), body)
+            transport.write(wire)
+        else:
+            transport.write(frame.body)
         return True
 
     return direct

@@ -9,13 +9,14 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
 from server.config import Config
@@ -89,6 +90,33 @@ async def open_stream(client: Any, path: str = "/events", **kw: Any) -> tuple[An
 async def subscribed(client: Any, n: int = 1) -> None:
     feed = client.server.app[FEED]
     await until(lambda: feed.subscriber_count >= n, what=f"{n} subscriber(s)")
+
+
+def on_uvloop(config: Config, check: Callable[[Any], Awaitable[None]]) -> None:
+    """Run `check(client)` against the app on uvloop, the loop run.py serves with. pytest's
+    loop is the stock one, and the two differ where the feed cares: uvloop's transport is no
+    asyncio.WriteTransport, and it writes and buffers in its own way."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(config))) as client:
+            await check(client)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+async def raw_stream(client: Any, request: bytes, rcvbuf: int | None = None) -> tuple[Any, Any]:
+    """A bare socket (optionally with a small receive buffer) that has sent `request`."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf or 2**16)
+    writer.write(request)
+    await writer.drain()
+    return reader, writer
 
 
 # -- wire format ---------------------------------------------------------------------------
@@ -316,19 +344,14 @@ async def test_resync_when_the_id_is_older_than_history(aiohttp_client: Any, cfg
 # -- flow control, limits, liveness ----------------------------------------------------------
 
 
-async def test_slow_consumer_gets_a_final_event_then_is_dropped(aiohttp_client: Any, cfg: Config) -> None:
-    client = await aiohttp_client(create_app(feed_cfg(cfg, queue_size=4, write_timeout=30.0)))
-    feed: Feed = client.app[FEED]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-    writer.write(b"GET /events?channels=tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    await writer.drain()
+async def check_slow_consumer(client: Any) -> None:
+    feed: Feed = client.server.app[FEED]
+    reader, writer = await raw_stream(
+        client, b"GET /events?channels=tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", rcvbuf=4096
+    )
     await subscribed(client)
-    # The client reads nothing: the socket buffers fill, the server's writes wait, the
-    # mailbox fills, and the feed gives up on this subscriber.
+    # The client reads nothing: the socket buffers fill, the events stop going straight to the
+    # socket, the server's writes wait, the mailbox fills, and the feed gives up on this one.
     blob = "x" * 16384
     deadline = time.monotonic() + 30
     n = 0
@@ -350,18 +373,21 @@ async def test_slow_consumer_gets_a_final_event_then_is_dropped(aiohttp_client: 
     assert "too slow" in after
 
 
-async def test_a_stalled_write_ends_the_stream(aiohttp_client: Any, cfg: Config) -> None:
-    # a mailbox big enough never to overflow: what ends this stream is the write timeout
-    config = feed_cfg(cfg, queue_size=100_000, write_timeout=0.2, heartbeat=60.0)
-    client = await aiohttp_client(create_app(config))
-    feed: Feed = client.app[FEED]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
-    _reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-    writer.write(b"GET /events?channels=tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    await writer.drain()
+async def test_slow_consumer_gets_a_final_event_then_is_dropped(aiohttp_client: Any, cfg: Config) -> None:
+    await check_slow_consumer(
+        await aiohttp_client(create_app(feed_cfg(cfg, queue_size=4, write_timeout=30.0)))
+    )
+
+
+def test_slow_consumer_gets_a_final_event_then_is_dropped_on_uvloop(cfg: Config) -> None:
+    on_uvloop(feed_cfg(cfg, queue_size=4, write_timeout=30.0), check_slow_consumer)
+
+
+async def check_stalled_write(client: Any) -> None:
+    feed: Feed = client.server.app[FEED]
+    _reader, writer = await raw_stream(
+        client, b"GET /events?channels=tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", rcvbuf=4096
+    )
     await subscribed(client)
     blob = "x" * 16384
     deadline = time.monotonic() + 30
@@ -373,6 +399,81 @@ async def test_a_stalled_write_ends_the_stream(aiohttp_client: Any, cfg: Config)
         await asyncio.sleep(0.001)
     assert feed.overflows == 0
     writer.close()
+
+
+# a mailbox big enough never to overflow: what ends these streams is the write timeout
+STALL = {"queue_size": 100_000, "write_timeout": 0.2, "heartbeat": 60.0}
+
+
+async def test_a_stalled_write_ends_the_stream(aiohttp_client: Any, cfg: Config) -> None:
+    await check_stalled_write(await aiohttp_client(create_app(feed_cfg(cfg, **STALL))))
+
+
+def test_a_stalled_write_ends_the_stream_on_uvloop(cfg: Config) -> None:
+    on_uvloop(feed_cfg(cfg, **STALL), check_stalled_write)
+
+
+async def check_direct_path(client: Any) -> None:
+    """An event for a stream whose task is parked goes straight to its socket: the feed's
+    reader writes it, the stream's task does not wake (with 10,000 streams, one wake-up each
+    was most of the fan-out time). Heartbeats too; a vanished client is still released."""
+    feed: Feed = client.server.app[FEED]
+    resp, sse = await open_stream(client, "/events?channels=users")
+    await subscribed(client)
+    (sub,) = feed._subscribers
+    # (private state on purpose: what is tested is which task did the writing)
+    await until(lambda: sub.direct is not None and sub._waiter is not None, what="the stream to park")
+    parked = sub._waiter
+    ids = [await feed.publish("users", "user.created", {"n": n}) for n in range(3)]
+    assert [(await sse.next() or {}).get("id") for _ in ids] == ids
+    assert await sse.next(comments=True) == {"comment": "heartbeat"}
+    assert sub._waiter is parked, "the stream's task woke up for events it did not need to write"
+    resp.close()
+    await until(lambda: feed.subscriber_count == 0, what="the closed stream to be released")
+
+
+async def test_events_go_straight_to_a_parked_stream(aiohttp_client: Any, cfg: Config) -> None:
+    await check_direct_path(await aiohttp_client(create_app(feed_cfg(cfg, heartbeat=0.05))))
+
+
+def test_events_go_straight_to_a_parked_stream_on_uvloop(cfg: Config) -> None:
+    on_uvloop(feed_cfg(cfg, heartbeat=0.05), check_direct_path)
+
+
+async def check_framing(client: Any) -> None:
+    """What the direct writes put on the wire: an HTTP/1.1 chunk per event, and on HTTP/1.0
+    (no chunked coding; the body ends with the connection) the bare frame."""
+    feed: Feed = client.server.app[FEED]
+    opening = b"retry: 3000\n: hotpath feed\n\n"
+    for version, chunked in ((b"1.1", True), (b"1.0", False)):
+        reader, writer = await raw_stream(
+            client, b"GET /events?channels=users HTTP/%b\r\nHost: 127.0.0.1\r\n\r\n" % version
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/%b 200" % version)
+        assert (b"Transfer-Encoding: chunked" in head) is chunked
+        start = b"%x\r\n%b\r\n" % (len(opening), opening) if chunked else opening
+        assert await asyncio.wait_for(reader.readexactly(len(start)), 5) == start
+        await subscribed(client)
+        event_id = await feed.publish("users", "note", "one\ntwo")
+        frame = b"id: %b\nevent: note\ndata: one\ndata: two\n\n" % event_id.encode()
+        want = b"%x\r\n%b\r\n" % (len(frame), frame) if chunked else frame
+        assert await asyncio.wait_for(reader.readexactly(len(want)), 5) == want
+        writer.close()
+
+        async def released() -> bool:  # an event written once the server has seen the close ends it
+            await feed.publish("users", "note", "after the close")
+            return feed.subscriber_count == 0
+
+        await until(released, what="the closed stream to be released")
+
+
+async def test_event_framing_on_http_1_1_and_1_0(aiohttp_client: Any, cfg: Config) -> None:
+    await check_framing(await aiohttp_client(create_app(feed_cfg(cfg))))
+
+
+def test_event_framing_on_http_1_1_and_1_0_on_uvloop(cfg: Config) -> None:
+    on_uvloop(feed_cfg(cfg), check_framing)
 
 
 async def test_subscriber_cap_answers_503_with_retry_after(aiohttp_client: Any, cfg: Config) -> None:
