@@ -282,7 +282,7 @@ class Cache:
     def _l2_usable(self) -> bool:
         return not self._outage or time.monotonic() >= self._down_until
 
-    def _redis_failed(self, exc: BaseException) -> None:
+    async def _redis_failed(self, exc: BaseException) -> None:
         self.stats.redis_errors += 1
         self._down_until = time.monotonic() + self.settings.retry_interval
         if not self._outage:
@@ -293,6 +293,14 @@ class Cache:
                 type(exc).__name__,
                 exc,
             )
+            # Every connection to the server that went away is dropped now, the subscription's
+            # included, so that each fails within this outage rather than once more after Redis
+            # is back (which would count as another outage): idle pooled connections reconnect
+            # when next used, the subscription loop resubscribes.
+            with contextlib.suppress(Exception):
+                await self.redis.connection_pool.disconnect(inuse_connections=False)
+            with contextlib.suppress(Exception):
+                await self._sub_pool.disconnect()
 
     def _redis_ok(self) -> None:
         if self._outage:
@@ -496,7 +504,7 @@ class Cache:
         try:
             raw = await self.redis.get(key)
         except REDIS_DOWN as exc:
-            self._redis_failed(exc)
+            await self._redis_failed(exc)
             return None
         self._redis_ok()
         if raw is None:
@@ -596,7 +604,7 @@ class Cache:
                     pipe.pexpire(gkey, ms, nx=True)
                     await pipe.execute()
         except REDIS_DOWN as exc:
-            self._redis_failed(exc)
+            await self._redis_failed(exc)
             return
         self._redis_ok()
 
@@ -607,7 +615,7 @@ class Cache:
         try:
             got = await self.redis.set(key + ":lock", token, nx=True, px=int(self.settings.lock_ttl * 1000))
         except REDIS_DOWN as exc:
-            self._redis_failed(exc)
+            await self._redis_failed(exc)
             return None
         self._redis_ok()
         return token if got else None
@@ -618,7 +626,7 @@ class Cache:
         try:
             await self._release(keys=[key + ":lock"], args=[token])
         except REDIS_DOWN as exc:
-            self._redis_failed(exc)
+            await self._redis_failed(exc)
 
     def _refresh_soon(
         self,
@@ -685,7 +693,7 @@ class Cache:
             # a loader elsewhere may have written the old value between our delete and its ack
             await self._delete_l2(keys, groups)
         except REDIS_DOWN as exc:
-            self._redis_failed(exc)
+            await self._redis_failed(exc)
             return
         finally:
             del self._waiting[token]
@@ -764,7 +772,7 @@ class Cache:
             except REDIS_DOWN as exc:
                 if self.closing:
                     return
-                self._redis_failed(exc)
+                await self._redis_failed(exc)
                 self.subscribed.clear()
                 # not in a finally: when cancelled at shutdown, close() disconnects the pool
                 with contextlib.suppress(*REDIS_DOWN, RuntimeError):
