@@ -282,7 +282,10 @@ class Feed:
                 done, _ = await asyncio.wait([reader], timeout=2.0)
                 if not done:
                     log.warning("feed: the stream reader did not stop")
-        await asyncio.gather(*others, return_exceptions=True)
+        if others:
+            _, pending = await asyncio.wait(others, timeout=5.0)
+            if pending:
+                log.warning("feed: %s did not stop", ", ".join(t.get_name() for t in pending))
         self._tasks.clear()
         await self._reader.aclose()
         if self.leader:
@@ -466,6 +469,9 @@ class Feed:
                 elif ping:
                     sub.ping(HEARTBEAT)
 
+    def _stopped(self) -> bool:
+        return self._stopping
+
     async def _ticker_loop(self) -> None:
         """Every ticker_interval: hold (or try to take) the deployment-wide lease; the holder
         publishes the tick. A leader that dies stops renewing and another takes over when the
@@ -474,7 +480,10 @@ class Feed:
         lease_ms = int(max(3 * interval, 0.5) * 1000)
         loop = asyncio.get_running_loop()
         due = loop.time()
-        while True:
+        # The flag, not only cancellation, ends the loop: redis-py cancelled mid-command may
+        # raise a connection error instead of CancelledError, which the loop would survive and
+        # close() would wait for forever (seen as a test teardown hanging now and then).
+        while not self._stopped():
             try:
                 value = int(
                     await self._lease(keys=[self._lock_key, self._seq_key], args=[self.node, lease_ms])
@@ -485,6 +494,8 @@ class Feed:
                 if value:
                     await self.publish("ticker", "message", self._tick(value))
             except _REDIS_ERRORS as exc:
+                if self._stopped():
+                    return
                 log.warning("feed ticker: %s: %s", type(exc).__name__, exc)
             due += interval
             now = loop.time()

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exc
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import create_app
@@ -542,6 +543,30 @@ async def test_ticker_has_one_leader_and_another_takes_over(aiohttp_client: Any,
     ev = await sse.until(lambda ev: orjson.loads(ev["data"])["leader"] == follower.app[FEED].node)
     assert orjson.loads(ev["data"])["value"] > values[-1]
     resp.close()
+
+
+async def test_close_ends_a_ticker_whose_cancellation_became_a_redis_error(
+    aiohttp_client: Any, cfg: Config
+) -> None:
+    """redis-py cancelled in the middle of a command may raise a connection error instead of
+    CancelledError; the ticker must still stop when the feed closes, not loop on forever."""
+    client = await aiohttp_client(create_app(replace(cfg, feed={"ticker": True, "ticker_interval": 0.05})))
+    feed = client.app[FEED]
+    inside = asyncio.Event()
+    lease = feed._lease
+
+    async def lease_that_turns_cancellation_into_an_error(**kw: Any) -> Any:
+        inside.set()
+        try:
+            await asyncio.sleep(3600)  # a command that is still waiting when close() cancels
+        except asyncio.CancelledError:
+            raise redis_exc.ConnectionError("Connection closed by server.") from None
+        return await lease(**kw)
+
+    feed._lease = lease_that_turns_cancellation_into_an_error  # type: ignore[method-assign]
+    await asyncio.wait_for(inside.wait(), 10)
+    await asyncio.wait_for(feed.close(), 10)  # hung forever before the loop looked at its flag
+    assert all(task.done() for task in asyncio.all_tasks() if task.get_name() == "feed-ticker")
 
 
 @pytest.mark.slow
