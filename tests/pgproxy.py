@@ -6,7 +6,8 @@ statement (the reply to Parse/Describe) and the next step (Bind/Execute) is sent
 end of the connection is seen. On a real server that window is a few microseconds wide.
 `Relay.hold_after(text)` makes it certain: once the client sends a message containing `text`,
 everything the server sends is held until the server closes the connection, then handed
-over in one write; the client side stays open until the client closes it. The bytes are the
+over in one write, and that client side stays open until the client closes it (other
+connections end when the server ends them). The bytes are the
 server's own and the FATAL comes from a real pg_terminate_backend; only their timing is set.
 """
 
@@ -100,6 +101,8 @@ class Relay:
                     cwriter.write(bytes(self.held))
                     self.held.clear()
                     self.delivered.set()
+                else:
+                    cwriter.close()
 
             downstream = asyncio.create_task(down())
             try:
