@@ -114,7 +114,11 @@ def as_unavailable(exc: BaseException) -> Unavailable | None:
         | asyncpg.TooManyConnectionsError
         | asyncpg.exceptions.OperatorInterventionError
         | asyncpg.QueryCanceledError
-        | asyncpg.ConnectionDoesNotExistError,
+        | asyncpg.ConnectionDoesNotExistError
+        # asyncpg's protocol tripping over a server that went away mid-statement (its FATAL
+        # between Parse and Bind: "cannot switch to state 12; another operation (2) is in
+        # progress"). asyncpg aborts that connection itself, so the pool does not reuse it.
+        | asyncpg.InternalClientError,
     ):
         return Unavailable("the database is unavailable, retry shortly")
     if isinstance(exc, TimeoutError | ConnectionError):

@@ -38,6 +38,7 @@ import orjson
 from server.config import Config, JobsConfig
 from server.db import Database
 from server.errors import Conflict, NotFound, ValidationFailed
+from server.listen import listen_forever
 
 log = logging.getLogger("hotpath.jobs")
 
@@ -46,7 +47,6 @@ STATES = ("queued", "processing", "completed", "failed", "cancelled")
 FINAL = frozenset({"completed", "failed", "cancelled"})
 _REAP_BATCH = 100
 _CLEANUP_BATCH = 5000
-_PING_EVERY = 30.0
 
 _COLS = (
     "id, kind, payload, state, idempotency_key, attempts, max_attempts, run_after, lease_until, worker,"
@@ -415,7 +415,20 @@ class Runner:
         self._tasks = [
             loop.create_task(self._heartbeat(), name="jobs-heartbeat"),
             loop.create_task(self._cleanup_loop(), name="jobs-cleanup"),
-            loop.create_task(self._listen_forever(), name="jobs-listen"),
+            loop.create_task(
+                # One LISTEN connection per process; after each (re)connect, claim again: jobs
+                # may have arrived while nobody listened.
+                listen_forever(
+                    self.dsn,
+                    CHANNEL,
+                    self._wake.set,
+                    on_listen=self._wake.set,
+                    listening=self.listening,
+                    what="jobs",
+                    log=log,
+                ),
+                name="jobs-listen",
+            ),
         ]
 
     # ------------------------------------------------------------------ claiming
@@ -621,40 +634,6 @@ class Runner:
             except Exception as exc:
                 log.warning("job cleanup failed (%s: %s)", type(exc).__name__, exc)
             await asyncio.sleep(interval)
-
-    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        self._wake.set()
-
-    async def _listen_forever(self) -> None:
-        """One LISTEN connection per process, reconnected with backoff when it drops."""
-        delay = 0.1
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("jobs LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-            try:
-                await conn.add_listener(CHANNEL, self._notified)
-                self._wake.set()  # jobs that arrived while we were not listening
-                self.listening.set()
-                delay = 0.1
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), _PING_EVERY)
-                    except TimeoutError:
-                        await conn.execute("SELECT 1", timeout=5.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("jobs LISTEN connection lost (%s); reconnecting", exc)
-            finally:
-                self.listening.clear()
-                if not conn.is_closed():
-                    conn.terminate()
-            await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ shutdown
 

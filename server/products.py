@@ -15,17 +15,16 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from multidict import CIMultiDict
 
 from server.db import Database
+from server.listen import listen_forever
 
 log = logging.getLogger("hotpath.products")
 
 CHANNEL = "hotpath_products"
 Answer = tuple[bytes, CIMultiDict[str]]  # a response's body and headers, kept to be sent again
 SQL_ALL = "SELECT id, name, price, category, created_at, updated_at FROM products ORDER BY id"
-_PING_EVERY = 30.0  # seconds between liveness checks of the LISTEN connection
 
 
 class Catalogue:
@@ -64,7 +63,18 @@ class Catalogue:
         """First load (errors propagate: no catalogue, no start), then listen for changes."""
         await self.reload()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._reload_loop()), loop.create_task(self._listen_forever())]
+        # after each (re)connect of the LISTEN connection, reload: changes made while nobody
+        # listened sent no NOTIFY to us
+        listen = listen_forever(
+            self._dsn,
+            CHANNEL,
+            self._dirty.set,
+            on_listen=self._dirty.set,
+            listening=self.listening,
+            what="catalogue",
+            log=log,
+        )
+        self._tasks = [loop.create_task(self._reload_loop()), loop.create_task(listen)]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -107,9 +117,6 @@ class Catalogue:
         self._rendered[key] = body
         return body
 
-    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        self._dirty.set()
-
     async def _reload_loop(self) -> None:
         while True:
             await self._dirty.wait()
@@ -120,37 +127,3 @@ class Catalogue:
                 log.warning("catalogue reload failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
                 self._dirty.set()
-
-    async def _listen_forever(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=5.0)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("catalogue LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-            try:
-                await conn.add_listener(CHANNEL, self._notified)
-                self._dirty.set()  # anything that changed while we were not listening
-                self.listening.set()
-                delay = 0.1
-                await self._watch(conn, lost)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("catalogue LISTEN connection lost (%s); reconnecting", exc)
-            finally:
-                self.listening.clear()
-                if not conn.is_closed():
-                    conn.terminate()
-            await asyncio.sleep(delay)
-
-    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-        """Return when the connection is gone: closed under us, or not answering a ping."""
-        while not lost.is_set():
-            try:
-                await asyncio.wait_for(lost.wait(), _PING_EVERY)
-            except TimeoutError:
-                await conn.execute("SELECT 1", timeout=5.0)

@@ -6,12 +6,13 @@ import asyncio
 import logging
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
 from middlewares.request_context import request_context_middleware
 from middlewares.streaming import stream_headers
-from server.errors import Conflict, Unavailable, ValidationFailed
+from server.errors import Conflict, Unavailable, ValidationFailed, as_unavailable
 
 PROBLEM = "application/problem+json"
 
@@ -31,6 +32,10 @@ def small_app() -> web.Application:
 
     async def unavailable(request: web.Request) -> web.Response:
         raise Unavailable("later", retry_after=7)
+
+    async def desync(request: web.Request) -> web.Response:
+        # what asyncpg raised to a request during the soak's PostgreSQL restart
+        raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
 
     async def teapot(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="custom detail")
@@ -54,6 +59,7 @@ def small_app() -> web.Application:
     app.router.add_get("/invalid", invalid)
     app.router.add_get("/down", down)
     app.router.add_get("/unavailable", unavailable)
+    app.router.add_get("/desync", desync)
     app.router.add_get("/bad", teapot)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/cancelled", cancelled)
@@ -101,6 +107,24 @@ async def test_connection_errors_are_503_not_500(small: Any) -> None:
     resp = await small.get("/down")
     await doc_of(resp, 503)
     assert resp.headers["Retry-After"] == "1"
+
+
+async def test_asyncpg_internal_client_error_is_503_not_500(small: Any) -> None:
+    resp = await small.get("/desync")
+    doc = await doc_of(resp, 503)
+    assert resp.headers["Retry-After"] == "1"
+    assert doc["type"] == "/problems/unavailable" and "state 12" not in str(doc)
+
+
+def test_as_unavailable_classifies_asyncpg_internal_client_errors() -> None:
+    for exc in (
+        asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+        asyncpg.exceptions.ProtocolError("unexpected message"),  # a subclass
+    ):
+        found = as_unavailable(exc)
+        assert found is not None and found.status == 503 and found.headers == {"Retry-After": "1"}
+        assert "database" in found.detail
+    assert as_unavailable(asyncpg.InterfaceError("cannot perform operation: misuse")) is None
 
 
 async def test_http_exceptions_keep_detail_and_routing_errors_are_problems(small: Any) -> None:

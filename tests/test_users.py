@@ -14,7 +14,8 @@ from server.app import create_app
 from server.db import Database
 from server.errors import Unavailable
 from server.keys import DB
-from tests.conftest import replace
+from tests.conftest import replace, until
+from tests.pgproxy import Relay
 
 PROBLEM = "application/problem+json"
 
@@ -249,3 +250,34 @@ async def test_database_socket_gone_is_503_not_500(tmp_path: Path) -> None:
             await db.fetchval("SELECT 1")
     finally:
         await pool.close()
+
+
+async def test_connection_killed_mid_statement_is_503_and_not_reused(aiohttp_client: Any, cfg: Any) -> None:
+    """The soak's PostgreSQL-restart drill gave one client a 500: the server's FATAL reached
+    asyncpg between a statement's Parse and Bind, and asyncpg raised InternalClientError. The
+    relay makes that timing certain. The request gets 503 + Retry-After, and the pool (one
+    connection, no reset query on release) never hands that connection out again: asyncpg
+    aborted it, PoolConnectionHolder.release() sees it closed and drops it."""
+    async with Relay(cfg.database.url) as relay:
+        app = create_app(replace(cfg, database={"url": relay.url, "min_size": 1, "max_size": 1}))
+        client = await aiohttp_client(app)
+        admin = await asyncpg.connect(cfg.database.url)
+        try:
+            relay.hold_after(b"FROM users WHERE id = ANY")
+            pending = asyncio.create_task(client.get("/users/1"))
+            await until(relay.described, "the server's answer to the query's Describe, held")
+            sql = (
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE pid <> pg_backend_pid() AND query LIKE '%FROM users WHERE id = ANY%'"
+            )
+            victim = await admin.fetchval(sql)
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", victim)
+            resp = await pending
+            doc = await problem(resp, 503)
+            assert doc["type"] == "/problems/unavailable" and resp.headers["Retry-After"] == "1"
+            await problem(await client.get("/users/1"), 404)  # the same pool slot, a new connection
+            async with app[DB].acquire() as conn:
+                assert conn.get_server_pid() != victim
+        finally:
+            await admin.close()
+            await client.close()  # while the relay still carries its connections
