@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -24,10 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import Config, ConfigError, load_config, mask_url
 from server.logs import setup_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("hotpath")
 
@@ -92,6 +96,15 @@ def access_logger() -> logging.Logger:
     return logger
 
 
+async def freeze_startup_heap(app: web.Application) -> None:
+    """Move everything alive once the app has started (modules, pools, templates: ~60,000
+    objects) out of the garbage collector's reach. A full collection walks every tracked object,
+    and over that heap it held the loop for ~100 ms on our 2-core VM whenever a burst of
+    allocations (a fan-out of 100 fetches) set one off; these objects live as long as the
+    process, so scanning them finds nothing. Later objects are collected as before."""
+    gc.freeze()
+
+
 def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -150,8 +163,10 @@ def run_server(
     loop = new_loop()
     asyncio.set_event_loop(loop)
     try:
+        app = create_app(config)
+        app.on_startup.append(freeze_startup_heap)  # after every cleanup context has opened
         web.run_app(
-            create_app(config),
+            app,
             host=srv.host if sock is None else None,
             port=srv.port if sock is None else None,
             sock=sock,

@@ -281,7 +281,9 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 9
 
 
 @contextmanager
-def server(cmd: list[str], ready_url: str, env: dict[str, str], cpu: str = SERVER_CPU) -> Iterator[None]:
+def server(
+    cmd: list[str], ready_url: str, env: dict[str, str], cpu: str = SERVER_CPU
+) -> Iterator[subprocess.Popen[bytes]]:
     # stderr to a file: servers with the access log on write a line per request there
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
@@ -294,7 +296,7 @@ def server(cmd: list[str], ready_url: str, env: dict[str, str], cpu: str = SERVE
                 log.seek(0)
                 sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
                 raise
-            yield
+            yield proc  # taskset execs: proc.pid is the server's own
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -7,17 +7,30 @@ without connecting, and end-to-end SSRF cases use loopback spellings only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import ipaddress
+import json
 import socket
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
 from server.app import create_app
-from server.fanout import BlockedAddress, Guard, GuardedResolver, blocked_reason, literal_ip
-from tests.conftest import replace
+from server.fanout import (
+    BlockedAddress,
+    FetchLimits,
+    Guard,
+    GuardedResolver,
+    blocked_reason,
+    fetch_all,
+    fetch_one,
+    literal_ip,
+)
+from tests.conftest import replace, until
 
 # ---------------------------------------------------------------- classification (no I/O)
 
@@ -85,9 +98,37 @@ async def test_every_resolved_address_is_checked() -> None:
 # ---------------------------------------------------------------- end to end
 
 
+@functools.cache
+def gzip_bomb() -> bytes:
+    """64 MiB of zeros in ~64 KB. Built once, before any request: compressing takes ~0.6 s, and
+    inside a handler it would stall the test's one loop and be counted against the other URLs."""
+    return gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
+
+
+def large_json(n: int) -> bytes:
+    """~900 KB of JSON (under fetch.max_bytes, over what one socket read brings), distinct per n."""
+    return json.dumps(
+        {"n": n, "rows": [{"i": i, "text": f"row {i} of {n} é"} for i in range(20_000)]}
+    ).encode()
+
+
 def upstream_app() -> web.Application:
     async def json_(request: web.Request) -> web.Response:
         return web.json_response({"n": int(request.query.get("n", "1"))})
+
+    async def large(request: web.Request) -> web.Response:
+        n = int(request.query.get("n", "0"))
+        await asyncio.sleep(float(request.query.get("delay", "0")))
+        body = large_json(n)
+        if request.query.get("gzip"):
+            return web.Response(
+                body=gzip.compress(body),
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        return web.Response(body=body, content_type="application/json")
+
+    async def large_text(request: web.Request) -> web.Response:
+        return web.Response(text="ligne é\n" * 100_000)
 
     async def text(request: web.Request) -> web.Response:
         return web.Response(text="plain words")
@@ -105,9 +146,11 @@ def upstream_app() -> web.Application:
     async def big(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * (2 * 1024 * 1024), content_type="application/octet-stream")
 
+    bomb_body = gzip_bomb()
+
     async def bomb(request: web.Request) -> web.Response:
-        body = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)
-        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+        headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        return web.Response(body=bomb_body, headers=headers)
 
     async def gz(request: web.Request) -> web.Response:
         body = gzip.compress(b'{"zipped": true}')
@@ -125,6 +168,7 @@ def upstream_app() -> web.Application:
     for path, handler in {
         "/json": json_, "/text": text, "/slow": slow, "/error": error, "/notjson": notjson,
         "/big": big, "/bomb": bomb, "/gz": gz, "/redirect": redirect, "/loop": loop_,
+        "/large": large, "/large-text": large_text,
     }.items():  # fmt: skip
         app.router.add_get(path, handler)
     return app
@@ -224,3 +268,89 @@ async def test_loopback_spellings_are_blocked_by_default(
 def test_literal_ip_reads_numeric_spellings(host: str, expected: str | None) -> None:
     got = literal_ip(host)
     assert (str(got) if got is not None else None) == expected
+
+
+# ---------------------------------------------------------------- large bodies, paced
+
+
+async def test_large_bodies_arrive_whole_and_in_order(fetcher: Any, upstream: Any) -> None:
+    """Bodies of ~900 KB come in over many socket reads, each taken in through the request's
+    pacing gate, and are answered in a streamed document (written in pieces of 256 KiB):
+    each one parsed exactly, in request order although they finish in reverse order."""
+    base = f"http://127.0.0.1:{upstream.port}"
+    count = 6
+    urls = [f"{base}/large?n={n}&delay={(count - n) * 0.03:.2f}" for n in range(count)]
+    urls += [f"{base}/large?n=99&gzip=1", f"{base}/large-text", f"{base}/json?n=7"]
+    resp = await fetcher.post("/process-urls", json=urls)
+    assert resp.status == 200
+    doc = json.loads(await resp.read())  # the whole streamed document is one valid JSON value
+    results = doc["results"]
+    assert [r["url"] for r in results] == urls
+    for n in range(count):
+        assert results[n].get("data") == json.loads(large_json(n)), results[n].get("error")
+        assert results[n]["bytes"] == len(large_json(n))
+    assert results[count]["data"] == json.loads(large_json(99))  # gzip, decoded in pieces
+    assert results[count + 1]["data"] == "ligne é\n" * 100_000
+    assert results[count + 2]["data"] == {"n": 7}
+    assert doc["total_urls"] == len(urls)
+
+
+def _limits(**changes: Any) -> FetchLimits:
+    fields = {
+        "timeout": 5.0, "connect_timeout": 1.0, "max_bytes": 1024 * 1024, "max_redirects": 2,
+        "concurrency": 100, "deadline": 10.0,
+    }  # fmt: skip
+    fields.update(changes)
+    return FetchLimits(**fields)
+
+
+class CountingLock(asyncio.Lock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acquired = 0
+
+    async def acquire(self) -> bool:
+        self.acquired += 1
+        return await super().acquire()
+
+
+async def test_large_body_is_taken_in_through_the_gate(upstream: Any) -> None:
+    """The pacing gate is on the body's path: while it is held elsewhere (another fetch of the
+    same request taking its piece) the body waits; once free, it arrives whole."""
+    url = f"http://127.0.0.1:{upstream.port}/large?n=3"
+    gate = CountingLock()
+    async with aiohttp.ClientSession() as session:
+        await gate.acquire()
+        fetch = asyncio.ensure_future(fetch_one(session, Guard(["127.0.0.1/32"]), url, _limits(), gate))
+        await until(lambda: gate.acquired > 1, "a piece of the body waiting at the gate")
+        assert not fetch.done()
+        gate.release()
+        result = await fetch
+    assert orjson.loads(orjson.dumps(result["data"])) == json.loads(large_json(3))
+    assert gate.acquired > 3  # several pieces, and the decoding
+
+
+async def test_fetch_all_keeps_order_for_many_urls(upstream: Any) -> None:
+    base = f"http://127.0.0.1:{upstream.port}"
+    urls = [f"{base}/json?n={n}" for n in range(57)]  # not a multiple of the starts per pass
+    async with aiohttp.ClientSession() as session:
+        results = await fetch_all(session, Guard(["127.0.0.1/32"]), urls, _limits())
+    assert [orjson.loads(orjson.dumps(r["data"])) for r in results] == [{"n": n} for n in range(57)]
+
+
+async def test_cancelled_fan_out_leaves_no_fetch_running(upstream: Any) -> None:
+    """A request that goes away (its task cancelled) takes its fetches with it, also those
+    not started yet."""
+    base = f"http://127.0.0.1:{upstream.port}"
+    urls = [f"{base}/slow"] * 30
+
+    def fetches() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "fetch_all" in t.get_coro().__qualname__]  # type: ignore[union-attr]
+
+    async with aiohttp.ClientSession() as session:
+        fan_out = asyncio.ensure_future(fetch_all(session, Guard(["127.0.0.1/32"]), urls, _limits()))
+        await until(lambda: len(fetches()) > 20, "fetches running")
+        fan_out.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fan_out
+        assert fetches() == []
