@@ -390,14 +390,51 @@ PARSERS: dict[str, Callable[[bytes], Any]] = {
 BODY_TYPES: tuple[str, ...] = (JSON, MSGPACK, YAML)
 
 
+# Deepest nesting a request body may have. Ours need three or four levels; orjson writes at
+# most 254 (and reads 1024), so a deeper body echoed or stored would fail on the way out.
+MAX_BODY_DEPTH = 64
+_SCALARS = (str, float, bool, type(None), dt.datetime, dt.date)
+_INT_RANGE = range(-(2**63), 2**64)  # what orjson writes
+
+
 def parse_body(media_type: str, body: bytes) -> Any:
     """Decode a request body by its media type (`+json` suffixes count as JSON).
 
-    Raises KeyError for a type we do not read, BodyError for a malformed body.
+    Whatever the format, the result is data JSON can hold (objects with string keys, arrays,
+    strings, 64-bit integers, floats, booleans, null, and the timestamps YAML and msgpack
+    have) nested at most MAX_BODY_DEPTH deep, so every handler can echo, store or publish
+    what it was given. Raises KeyError for a type we do not read, BodyError for a malformed
+    body or one outside those bounds.
     """
     parser = PARSERS.get(media_type)
     if parser is None and media_type.endswith("+json"):
         parser = _parse_json
     if parser is None:
         raise KeyError(media_type)
-    return parser(body)
+    value = parser(body)
+    # a JSON body with fewer brackets than the limit can neither nest too deep nor hold
+    # anything but JSON: no walk over it (the common case, a small object)
+    if parser is not _parse_json or body.count(b"[") + body.count(b"{") > MAX_BODY_DEPTH:
+        _check_json_like(value)
+    return value
+
+
+def _check_json_like(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_BODY_DEPTH:
+                raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        raise BodyError(f"object keys must be strings, not {type(key).__name__}")
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if item not in _INT_RANGE:
+                raise BodyError("an integer in the body is outside the 64-bit range")
+        elif not isinstance(item, _SCALARS):
+            raise BodyError(f"the body holds a {type(item).__name__}, which JSON cannot represent")

@@ -230,6 +230,15 @@ async def test_object_body_with_timeout_and_limits(fetcher: Any, upstream: Any) 
         assert r.status == 422, bad
     empty = await (await fetcher.post("/process-urls", json=[])).json()
     assert empty["results"] == [] and empty["total_urls"] == 0
+    # a non-string item is echoed in its result: one nested deeper than JSON output allows
+    # is refused with the body, not answered with a 500
+    deep = b"[" + b"[" * 300 + b"]" * 300 + b"]"
+    r = await fetcher.post("/process-urls", data=deep, headers={"Content-Type": "application/json"})
+    assert r.status == 400 and r.content_type == "application/problem+json"
+    assert "nested more than 64" in (await r.json())["detail"]
+    odd = await (await fetcher.post("/process-urls", json=[[1, {"a": None}], 7])).json()
+    assert [x["url"] for x in odd["results"]] == [[1, {"a": None}], 7]
+    assert {x["error"] for x in odd["results"]} == {"invalid"}
 
 
 async def test_redirect_to_a_blocked_address_is_blocked(fetcher: Any, upstream: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import enum
+import functools
 import io
 import uuid
 import xml.etree.ElementTree as ET
@@ -182,6 +183,38 @@ def test_request_bodies_parse(media: str, body: bytes, expected: Any) -> None:
 def test_malformed_bodies_name_the_problem(media: str, body: bytes, fragment: str) -> None:
     with pytest.raises(BodyError, match=fragment):
         parse_body(media, body)
+
+
+_DEEP = 65  # one level more than MAX_BODY_DEPTH
+_NESTED = functools.reduce(lambda inner, _: [inner], range(_DEEP - 1), [])
+
+
+@pytest.mark.parametrize(
+    ("media", "body", "fragment"),
+    [
+        ("application/json", b"[" * _DEEP + b"]" * _DEEP, "nested more than 64"),
+        ("application/json", b'{"urls": [' + b"[" * 300 + b"]" * 300 + b"]}", "nested more than 64"),
+        ("application/vnd.msgpack", msgpack.packb(_NESTED), "nested more than 64"),
+        ("application/yaml", b"[" * _DEEP + b"]" * _DEEP, "nested more than 64"),
+        ("application/yaml", b"1: a", "keys must be strings"),
+        ("application/yaml", b"a: !!set {x, y}", "holds a set"),
+        ("application/yaml", b"a: !!binary aGk=", "holds a bytes"),
+        ("application/yaml", b"a: 1180591620717411303424", "64-bit range"),
+        ("application/vnd.msgpack", msgpack.packb({"a": b"raw"}), "holds a bytes"),
+    ],
+)
+def test_bodies_hold_only_what_json_can(media: str, body: bytes, fragment: str) -> None:
+    """Every handler may echo, store or publish its body: no depth orjson cannot write, no
+    value JSON has no form for (a 300-deep URL item made POST /process-urls answer 500)."""
+    with pytest.raises(BodyError, match=fragment):
+        parse_body(media, body)
+
+
+def test_bodies_at_the_depth_limit_and_yaml_timestamps_are_accepted() -> None:
+    deep = b"[" * 64 + b"]" * 64
+    assert parse_body("application/json", deep) == parse_body("application/yaml", deep)
+    assert parse_body("application/yaml", b"at: 2026-11-25")["at"] == dt.date(2026, 11, 25)
+    assert parse_body("application/json", b"[18446744073709551615]") == [2**64 - 1]
 
 
 def test_unknown_body_type_is_key_error() -> None:
