@@ -1,5 +1,6 @@
 """Benchmark runner: hotpath (one worker) and the bare floor, each pinned to one core, loaded
-in turn by wrk pinned to the other core, rounds alternating A/B so drift hits both alike.
+in turn by wrk pinned to the other core, the floor measured right before each scenario so
+drift hits both alike.
 
     python -m bench [--quick] [--duration S] [--rounds N] [--connections C]
 
@@ -61,6 +62,7 @@ class Sample:
 class Result:
     scenario: Scenario
     samples: list[Sample] = field(default_factory=list)
+    floor_samples: list[Sample] = field(default_factory=list)  # the floor, measured just before each
 
     @property
     def rps(self) -> float:
@@ -377,12 +379,14 @@ def machine() -> dict[str, str]:
 
 
 def paired_ratio(result: Result, floor: Result) -> float:
-    """Median over rounds of (this scenario's req/s / the floor's req/s in the same round).
+    """Median over samples of (this scenario's req/s / the floor's req/s measured just before it).
 
-    These VMs drift by 25 % within minutes; a ratio of two medians taken from different
-    rounds can pair a fast floor with a slow scenario. Pairing by round cancels most of that.
+    These VMs drift by a third within minutes: a ratio of two medians, or a pairing with a
+    floor taken minutes earlier in the round, can pair a fast floor with a slow scenario.
     """
-    pairs = [s.rps / f.rps for s, f in zip(result.samples, floor.samples, strict=False) if f.rps]
+    if result is floor:
+        return 1.0
+    pairs = [s.rps / f.rps for s, f in zip(result.samples, result.floor_samples, strict=True) if f.rps]
     return statistics.median(pairs) if pairs else 0.0
 
 
@@ -394,8 +398,9 @@ def render(results: list[Result], floor: Result, meta: dict[str, str], args: arg
         f"aiohttp {meta['aiohttp']}, {meta['wrk']}.",
         f"Server pinned to CPU {SERVER_CPU}, wrk (1 thread, {args.connections} connections) "
         f"to CPU {LOAD_CPU}; "
-        f"{args.rounds} alternating rounds of {args.duration:g} s each, medians shown; the ratio is "
-        "the median over rounds of the scenario's req/s over the floor's in the same round.",
+        f"{args.rounds} rounds of {args.duration:g} s each, medians shown; the floor is measured "
+        "right before each scenario, and the ratio is the median over rounds of the scenario's "
+        "req/s over that floor's.",
         "",
         "| scenario | req/s | p50 ms | p99 ms | ratio to floor | target | errors |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -473,23 +478,48 @@ def main(argv: list[str] | None = None) -> int:
             # every core: the workers are not pinned, and share CPU 1 with wrk
             "hotpath-allcores": (all_cores, hot_port, "/ready", env, ALL_CPUS),
         }
+        floor_cmd_, floor_port_, floor_ready, floor_env, floor_cpus = servers["floor"]
+        floor_url = f"http://127.0.0.1:{floor_port_}/json"
+        floor_result = results[SCENARIOS[0].name]
+
+        def measure(name: str, url: str, s: Scenario, round_: int) -> Sample:
+            run_wrk(url, args.warmup, args.connections, s.lua, s.headers)
+            sample = run_wrk(url, args.duration, args.connections, s.lua, s.headers)
+            print(
+                f"round {round_ + 1}: {name}: {sample.rps:,.0f} req/s, "
+                f"p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, errors {sample.errors}",
+                flush=True,
+            )
+            return sample
+
         for round_ in range(args.rounds):
-            for kind, (cmd, port, ready, server_env, cpus) in servers.items():
-                if not any(s.server == kind for s in scenarios):
-                    continue
-                with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env, cpus):
-                    for s in scenarios:
-                        if s.server != kind:
-                            continue
-                        url = f"http://127.0.0.1:{port}{s.path}"
-                        run_wrk(url, args.warmup, args.connections, s.lua, s.headers)
-                        sample = run_wrk(url, args.duration, args.connections, s.lua, s.headers)
-                        results[s.name].samples.append(sample)
-                        print(
-                            f"round {round_ + 1}: {s.name}: {sample.rps:,.0f} req/s, "
-                            f"p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, errors {sample.errors}",
-                            flush=True,
+            # The floor stays up for the whole round (idle while a hotpath is loaded) and is
+            # measured right before each scenario: its pair, taken seconds apart, not minutes.
+            with server(floor_cmd_, f"http://127.0.0.1:{floor_port_}{floor_ready}", floor_env, floor_cpus):
+                if len(scenarios) == 1:
+                    floor_result.samples.append(measure(SCENARIOS[0].name, floor_url, SCENARIOS[0], round_))
+                for kind, (cmd, port, ready, server_env, cpus) in servers.items():
+                    if kind == "floor" or not any(s.server == kind for s in scenarios):
+                        continue
+                    with server(cmd, f"http://127.0.0.1:{port}{ready}", server_env, cpus):
+                        # A process just started pays for its heap growing (page faults) in its
+                        # first seconds of load: warm it up before the first scenario's pair.
+                        first = next(s for s in scenarios if s.server == kind)
+                        run_wrk(
+                            f"http://127.0.0.1:{port}{first.path}",
+                            5.0,
+                            args.connections,
+                            first.lua,
+                            first.headers,
                         )
+                        for s in scenarios:
+                            if s.server != kind:
+                                continue
+                            pair = measure(SCENARIOS[0].name, floor_url, SCENARIOS[0], round_)
+                            floor_result.samples.append(pair)
+                            results[s.name].floor_samples.append(pair)
+                            url = f"http://127.0.0.1:{port}{s.path}"
+                            results[s.name].samples.append(measure(s.name, url, s, round_))
     ordered = [results[s.name] for s in scenarios]
     floor = results[SCENARIOS[0].name]
     meta = machine()
