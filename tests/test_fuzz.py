@@ -23,6 +23,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.conftest import PYTHON, ROOT, free_port
 
+# The live server's log file (not an environment variable: HOTPATH_* ones are config to run.py)
+SERVER_LOG: list[Path] = []
+
 
 @pytest.fixture(scope="module")
 def live_server(base_config: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -42,7 +45,7 @@ def live_server(base_config: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         "HOTPATH_EMBEDDED_DATA_DIR": str(outbox_dir),
     }
     log_path = tmp_path_factory.mktemp("fuzz") / "server.log"
-    os.environ["HOTPATH_TEST_FUZZ_LOG"] = str(log_path)  # read by server_error_with_log()
+    SERVER_LOG[:] = [log_path]  # read by server_error_with_log()
     log = log_path.open("wb")
     proc = subprocess.Popen([PYTHON, "run.py", "--port", str(port)], cwd=ROOT, env=env, stderr=log)
     base = f"http://127.0.0.1:{port}"
@@ -78,8 +81,7 @@ def server_error_with_log(ctx: Any, response: Any, case: Any) -> None:
     try:
         not_a_server_error(ctx, response, case)
     except AssertionError as exc:
-        path = os.environ.get("HOTPATH_TEST_FUZZ_LOG")
-        tail = Path(path).read_text(errors="replace")[-6000:] if path else "(no server log)"
+        tail = SERVER_LOG[0].read_text(errors="replace")[-6000:] if SERVER_LOG else "(no server log)"
         raise AssertionError(f"{exc}\n--- server log (tail) ---\n{tail}") from exc
 
 
