@@ -18,7 +18,7 @@ import pytest
 from server import streaming
 from server.app import create_app
 from server.keys import DB
-from tests.conftest import replace
+from tests.conftest import replace, until
 
 
 def expected_records(n: int) -> list[dict[str, Any]]:
@@ -151,10 +151,8 @@ async def raw_get(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.S
 
 
 async def wait_idle(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while pool.get_size() - pool.get_idle_size() > 0:
-        assert asyncio.get_running_loop().time() < deadline, "the export's connection was not released"
-        await asyncio.sleep(0.02)
+    released = "the export's connection to be released"
+    await until(lambda: pool.get_size() == pool.get_idle_size(), released, timeout)
 
 
 @pytest.mark.parametrize("fmt", ["ndjson", "csv"])
@@ -181,9 +179,11 @@ async def test_stalled_client_is_dropped(
         sock.setblocking(False)
         # read nothing until the server gives up on us (its one debug line), then drain:
         # what was already in flight arrives, then EOF or a reset, not the whole body
-        while not any("ended early: _Stalled" in r.getMessage() for r in caplog.records):
-            assert loop.time() < deadline, "the stalled stream was never dropped"
-            await asyncio.sleep(0.05)
+        await until(
+            lambda: any("ended early: _Stalled" in r.getMessage() for r in caplog.records),
+            "the server to drop the stalled stream",
+            timeout=15,
+        )
         received = 0
         while True:
             assert loop.time() < deadline, "the stalled stream was never dropped"
