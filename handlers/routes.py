@@ -1,4 +1,5 @@
-"""The one route table: every route named, ids constrained to digits."""
+"""The one route table: every route named, ids constrained to digits (matched by
+server/routing.py's DigitsResource, without a regular expression)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from aiohttp import web
 
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bind, chain_for, compose
+from server import routing
 from server.keys import CONFIG
 
 ROUTES: tuple[web.RouteDef, ...] = (
@@ -14,13 +16,15 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/openapi.json", meta.openapi, name="openapi"),
     web.get("/docs", meta.docs, name="docs"),
     web.get("/metrics", meta.metrics, name="metrics"),
+    # aiohttp tries the resources under one prefix ("/users") in this order, each a coroutine
+    # call: the cached reads come first, so a GET /users/{id} matches at the first try.
+    web.get(r"/users/{user_id:\d+}", users.get_user, name="user"),
+    web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
+    web.patch(r"/users/{user_id:\d+}", users.update_user, name="user_update"),
+    web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
     web.post("/users", users.create_user, name="users_create"),
     web.get("/users", users.list_users, name="users"),
     web.get("/users/export", datasets.export_users, name="users_export"),
-    web.get(r"/users/{user_id:\d+}", users.get_user, name="user"),
-    web.patch(r"/users/{user_id:\d+}", users.update_user, name="user_update"),
-    web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
-    web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
     web.get("/products", products.list_products, name="products"),
     web.get("/protected-endpoint", legacy.protected, name="protected"),
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
@@ -67,7 +71,7 @@ def setup_routes(app: web.Application) -> None:
     for route in ROUTES:
         name = route.kwargs["name"]
         handler = compose(route.handler, bind(chain_for(name, config), name, app))
-        web.RouteDef(route.method, route.path, handler, route.kwargs).register(app.router)
+        routing.register(app.router, web.RouteDef(route.method, route.path, handler, route.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(
         "*",
