@@ -776,7 +776,7 @@ class Cache:
                 self.subscribed.clear()
                 # not in a finally: when cancelled at shutdown, close() disconnects the pool
                 with contextlib.suppress(*REDIS_DOWN, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
