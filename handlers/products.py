@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from aiohttp import hdrs, web
 
 from handlers.common import negotiate, page_link, query_int, render_options, send_kept, send_kept_now
+from middlewares.request_context import Quick
 from server import render
 from server.keys import CATALOGUE, CONFIG
 from server.products import Catalogue
@@ -13,18 +16,31 @@ from server.render import Shape
 PRODUCTS = Shape("products", rows="items")
 
 
+def quick_for(route: str, app: web.Application) -> Quick:
+    """The kept-answer path of list_products, as the outermost layer's quick answer."""
+    return partial(_kept_answer, app=app)
+
+
+def _kept_answer(request: web.Request, app: web.Application) -> web.Response | None:
+    """The common case, a bare unconditional GET /products: the answer last sent for the same
+    Accept and Accept-Encoding (negotiated, rendered, compressed, ETag'd) for this catalogue
+    version, or None."""
+    headers = request.headers
+    if request.query_string or hdrs.IF_NONE_MATCH in headers:
+        return None
+    ready = app[CATALOGUE].answer(headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
+    return web.Response(body=ready[0], headers=ready[1]) if ready is not None else None
+
+
 async def list_products(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
     headers = request.headers
     if not request.query_string:
-        # the common case, a bare GET /products: the answer last sent for the same Accept and
-        # Accept-Encoding (negotiated, rendered, compressed, ETag'd) for this catalogue version
+        kept = _kept_answer(request, request.app)
+        if kept is not None:
+            return kept
         accept, accept_encoding = headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING)
         conditional = hdrs.IF_NONE_MATCH in headers
-        if not conditional:
-            ready = catalogue.answer(accept, accept_encoding)
-            if ready is not None:
-                return web.Response(body=ready[0], headers=ready[1])
         media = negotiate(request)
         version = catalogue.version
         key: tuple[object, ...] = (media,)

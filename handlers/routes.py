@@ -3,10 +3,13 @@ server/routing.py's DigitsResource, without a regular expression)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bind, chain_for, compose
+from middlewares.request_context import Quick
 from server import routing
 from server.keys import CONFIG
 
@@ -46,6 +49,9 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get(r"/expensive-calculation/{value:\d{1,9}}", cache.expensive, name="expensive_calculation"),
     web.get("/cache/stats", cache.stats, name="cache_stats"),
 )
+# Handlers that can often answer at once, with nothing to await (middlewares/request_context.py):
+# route name -> (route name, app) -> the handler's quick answer.
+QUICK: dict[str, Callable[[str, web.Application], Quick]] = {"products": products.quick_for}
 UNMATCHED = "unmatched"
 
 
@@ -70,7 +76,8 @@ def setup_routes(app: web.Application) -> None:
     config = app[CONFIG]
     for route in ROUTES:
         name = route.kwargs["name"]
-        handler = compose(route.handler, bind(chain_for(name, config), name, app))
+        quick = QUICK[name](name, app) if name in QUICK else None
+        handler = compose(route.handler, bind(chain_for(name, config), name, app, quick))
         routing.register(app.router, web.RouteDef(route.method, route.path, handler, route.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(

@@ -23,7 +23,7 @@ from middlewares import cache, compression, ratelimit, request_context
 from middlewares.cache import cache_middleware
 from middlewares.compression import compression_middleware
 from middlewares.ratelimit import ratelimit_middleware
-from middlewares.request_context import request_context_middleware
+from middlewares.request_context import Quick, request_context_middleware
 from server.config import Config
 
 MIDDLEWARES: tuple[Middleware, ...] = (
@@ -60,11 +60,33 @@ BINDS: dict[Middleware, Callable[[str, web.Application], Middleware]] = {
     request_context_middleware: request_context.for_route,
     cache_middleware: cache.for_route,
 }
+# Middlewares with a quick answer (middlewares/request_context.py): route name, app -> the
+# synchronous answer the outermost layer tries first when this middleware is the next one in.
+QUICK: dict[Middleware, Callable[[str, web.Application], Quick]] = {
+    cache_middleware: cache.quick_for,
+}
 
 
-def bind(middlewares: Sequence[Middleware], route_name: str, app: web.Application) -> tuple[Middleware, ...]:
-    """`middlewares` with those in BINDS bound to one route of `app`."""
-    return tuple(BINDS[m](route_name, app) if m in BINDS else m for m in middlewares)
+def bind(
+    middlewares: Sequence[Middleware],
+    route_name: str,
+    app: web.Application,
+    handler_quick: Quick | None = None,
+) -> tuple[Middleware, ...]:
+    """`middlewares` with those in BINDS bound to one route of `app`. When the outermost is
+    request_context, it gets the quick answer of the layer right inside it: that middleware's
+    (QUICK), or `handler_quick` when the handler itself comes next. Only that next layer may
+    answer quickly: whatever it skips lies inside it."""
+    quick = None
+    if middlewares and middlewares[0] is request_context_middleware:
+        if len(middlewares) == 1:
+            quick = handler_quick
+        elif middlewares[1] in QUICK:
+            quick = QUICK[middlewares[1]](route_name, app)
+    bound = [BINDS[m](route_name, app) if m in BINDS else m for m in middlewares]
+    if quick is not None:
+        bound[0] = request_context.for_route(route_name, app, quick)
+    return tuple(bound)
 
 
 def compose(handler: Handler, middlewares: Sequence[Middleware] = MIDDLEWARES) -> Handler:

@@ -12,10 +12,11 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from middlewares.request_context import Quick
 from server.cache import Cache, Entry, Hit, make_key, response_group
 from server.config import Config
 from server.errors import DomainError, NotFound
@@ -113,41 +114,70 @@ def for_route(route: str, app: web.Application) -> Middleware:
     return partial(_cached, app=app, route=route, policy=app[CONFIG].cache.routes[route])
 
 
-async def _cached(
-    request: web.Request, handler: Handler, app: web.Application, route: str, policy: dict[str, float]
-) -> web.StreamResponse:
-    if request.method not in ("GET", "HEAD"):
-        return await handler(request)
-    cache: Cache = app[CACHE]
-    params = request.match_info
+def quick_for(route: str, app: web.Application) -> Quick:
+    """The fresh-entry path of for_route(), for the outermost layer to call first (a quick
+    answer, middlewares/request_context.py): the hit, or None to await the middleware."""
+    return partial(_fresh, app=app, route=route, policy=app[CONFIG].cache.routes[route])
+
+
+def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:
+    """The entry key and invalidation group of this request, memoised on the raw header values."""
     headers = request.headers
     raw = (
         route,
-        tuple(params.values()),
+        tuple(request.match_info.values()),
         request.query_string,
-        headers.get("Accept"),
-        headers.get("Accept-Encoding"),
+        headers.get(hdrs.ACCEPT),
+        headers.get(hdrs.ACCEPT_ENCODING),
     )
     known = cache.key_memo.get(raw)
     if known is None:
         if len(cache.key_memo) >= _MEMO_MAX:
             cache.key_memo.clear()
         known = cache.key_memo[raw] = _key(request, route)
-    key, group = known
-    control = headers.get("Cache-Control", "").lower() if "Cache-Control" in headers else ""
-    refresh = "no-cache" in control or "max-age=0" in control
-    if not refresh:
-        # the fast path: a fresh entry in this process, its response headers (X-Cache: hit-l1
-        # included) built once; aiohttp copies them into the Response
-        entry = cache.peek(key)
-        if entry is not None and entry.missing is None:
-            if "If-None-Match" in headers:
-                return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
-            hit_headers = entry.derived
-            if hit_headers is None:
-                hit_headers = entry.derived = _headers(entry, policy)
-                hit_headers["X-Cache"] = "hit-l1"
-            return web.Response(body=entry.value[2], status=entry.value[0], headers=hit_headers)
+    return known
+
+
+def _refresh(headers: CIMultiDictProxy[str]) -> bool:
+    """The client asked to revalidate (Cache-Control: no-cache or max-age=0)."""
+    if hdrs.CACHE_CONTROL not in headers:
+        return False
+    control = headers[hdrs.CACHE_CONTROL].lower()
+    return "no-cache" in control or "max-age=0" in control
+
+
+def _fresh(
+    request: web.Request, app: web.Application, route: str, policy: dict[str, float]
+) -> web.Response | None:
+    """The answer from a fresh entry in this process, if there is one and the client did not ask
+    to revalidate; its response headers (X-Cache: hit-l1 included) are built once per entry,
+    and aiohttp copies them into the Response."""
+    if request.method not in ("GET", "HEAD") or _refresh(request.headers):
+        return None
+    cache: Cache = app[CACHE]
+    entry = cache.peek(_lookup(request, cache, route)[0])
+    if entry is None or entry.missing is not None:
+        return None
+    if hdrs.IF_NONE_MATCH in request.headers:
+        return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
+    hit_headers = entry.derived
+    if hit_headers is None:
+        hit_headers = entry.derived = _headers(entry, policy)
+        hit_headers["X-Cache"] = "hit-l1"
+    return web.Response(body=entry.value[2], status=entry.value[0], headers=hit_headers)
+
+
+async def _cached(
+    request: web.Request, handler: Handler, app: web.Application, route: str, policy: dict[str, float]
+) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        return await handler(request)
+    fresh = _fresh(request, app, route, policy)
+    if fresh is not None:
+        return fresh
+    cache: Cache = app[CACHE]
+    key, group = _lookup(request, cache, route)
+    refresh = _refresh(request.headers)
     mine: list[_Uncacheable] = []
 
     async def load() -> list[Any]:
