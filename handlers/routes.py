@@ -51,7 +51,7 @@ ROUTES: tuple[web.RouteDef, ...] = (
 )
 # Handlers that can often answer at once, with nothing to await (middlewares/request_context.py):
 # route name -> (route name, app) -> the handler's quick answer.
-QUICK: dict[str, Callable[[str, web.Application], Quick]] = {"products": products.quick_for}
+QUICK_HANDLERS: dict[str, Callable[[str, web.Application], Quick]] = {"products": products.quick_for}
 UNMATCHED = "unmatched"
 
 
@@ -76,7 +76,7 @@ def setup_routes(app: web.Application) -> None:
     config = app[CONFIG]
     for route in ROUTES:
         name = route.kwargs["name"]
-        quick = QUICK[name](name, app) if name in QUICK else None
+        quick = QUICK_HANDLERS[name](name, app) if name in QUICK_HANDLERS else None
         handler = compose(route.handler, bind(chain_for(name, config), name, app, quick))
         routing.register(app.router, web.RouteDef(route.method, route.path, handler, route.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it

@@ -61,8 +61,9 @@ BINDS: dict[Middleware, Callable[[str, web.Application], Middleware]] = {
     cache_middleware: cache.for_route,
 }
 # Middlewares with a quick answer (middlewares/request_context.py): route name, app -> the
-# synchronous answer the outermost layer tries first when this middleware is the next one in.
-QUICK: dict[Middleware, Callable[[str, web.Application], Quick]] = {
+# synchronous answer the outermost layer tries first when this middleware is the next one in,
+# and the middleware bound to go on when that answer declined.
+QUICK: dict[Middleware, Callable[[str, web.Application], tuple[Quick, Middleware]]] = {
     cache_middleware: cache.quick_for,
 }
 
@@ -77,13 +78,13 @@ def bind(
     request_context, it gets the quick answer of the layer right inside it: that middleware's
     (QUICK), or `handler_quick` when the handler itself comes next. Only that next layer may
     answer quickly: whatever it skips lies inside it."""
+    bound = [BINDS[m](route_name, app) if m in BINDS else m for m in middlewares]
     quick = None
     if middlewares and middlewares[0] is request_context_middleware:
         if len(middlewares) == 1:
             quick = handler_quick
         elif middlewares[1] in QUICK:
-            quick = QUICK[middlewares[1]](route_name, app)
-    bound = [BINDS[m](route_name, app) if m in BINDS else m for m in middlewares]
+            quick, bound[1] = QUICK[middlewares[1]](route_name, app)
     if quick is not None:
         bound[0] = request_context.for_route(route_name, app, quick)
     return tuple(bound)

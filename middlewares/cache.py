@@ -114,10 +114,15 @@ def for_route(route: str, app: web.Application) -> Middleware:
     return partial(_cached, app=app, route=route, policy=app[CONFIG].cache.routes[route])
 
 
-def quick_for(route: str, app: web.Application) -> Quick:
+def quick_for(route: str, app: web.Application) -> tuple[Quick, Middleware]:
     """The fresh-entry path of for_route(), for the outermost layer to call first (a quick
-    answer, middlewares/request_context.py): the hit, or None to await the middleware."""
-    return partial(_fresh, app=app, route=route, policy=app[CONFIG].cache.routes[route])
+    answer, middlewares/request_context.py), and the middleware that goes on when it declined
+    (it does not look for a fresh entry again)."""
+    policy = app[CONFIG].cache.routes[route]
+    return (
+        partial(_fresh, app=app, route=route, policy=policy),
+        partial(_cached, app=app, route=route, policy=policy, fresh_tried=True),
+    )
 
 
 def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:
@@ -168,11 +173,16 @@ def _fresh(
 
 
 async def _cached(
-    request: web.Request, handler: Handler, app: web.Application, route: str, policy: dict[str, float]
+    request: web.Request,
+    handler: Handler,
+    app: web.Application,
+    route: str,
+    policy: dict[str, float],
+    fresh_tried: bool = False,
 ) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return await handler(request)
-    fresh = _fresh(request, app, route, policy)
+    fresh = None if fresh_tried else _fresh(request, app, route, policy)
     if fresh is not None:
         return fresh
     cache: Cache = app[CACHE]
