@@ -91,7 +91,13 @@ def bind(
 
 
 def compose(handler: Handler, middlewares: Sequence[Middleware] = MIDDLEWARES) -> Handler:
-    """`handler` wrapped by `middlewares`, the first one outermost."""
+    """`handler` wrapped by `middlewares`, the first one outermost. A bound middleware that
+    can `wrap` the next layer itself (request_context's RouteContext) does; the others get
+    it as their `handler` keyword, as aiohttp does."""
     for middleware in reversed(middlewares):
-        handler = update_wrapper(partial(middleware, handler=handler), handler)
+        wrap = getattr(middleware, "wrap", None)
+        if wrap is not None:
+            handler = wrap(handler)
+        else:
+            handler = update_wrapper(partial(middleware, handler=handler), handler)
     return handler

@@ -14,8 +14,9 @@ and is counted, timed, given its id and turned into a problem on error exactly l
 
 Two forms, one body: `request_context_middleware` is an ordinary aiohttp middleware that
 looks up the route name and the metrics per request (for small apps built with
-`middlewares=[...]`), and `for_route()` gives the same middleware with both bound once at
-start-up, which is what hotpath's routes use (middlewares/__init__.py).
+`middlewares=[...]`), and `for_route()` gives the same layer with both bound once at
+start-up, which is what hotpath's routes use (middlewares/__init__.py): compose() has it wrap
+the next layer in a closure, the coroutine function aiohttp calls for the route.
 """
 
 from __future__ import annotations
@@ -25,16 +26,16 @@ import itertools
 import os
 import re
 from collections.abc import Callable
-from functools import partial
+from functools import update_wrapper
 from time import perf_counter
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from multidict import istr
 
 from middlewares.errors import problem_for
 from server.keys import METRICS, REQUEST_ID
-from server.metrics import Metrics
+from server.metrics import BUCKETS, Metrics, record
 
 HEADER = istr("X-Request-ID")
 Quick = Callable[[web.Request], web.Response | None]
@@ -72,49 +73,64 @@ os.register_at_fork(after_in_child=_ids.reseed)
 
 
 class _Off:
-    """Stands in for Metrics when metrics.enabled is off (or in a small test app without it)."""
+    """Stands in for Metrics when metrics.enabled is off (or in a small test app without it):
+    no rows are kept, every request records into one scratch row."""
 
-    __slots__ = ("in_flight",)
+    __slots__ = ("in_flight", "rows", "scratch")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self.rows: dict[tuple[str, str, int], list[float]] = {}
+        self.scratch = [0.0] * (len(BUCKETS) + 2)
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        pass
+    def row(self, route: str, method: str, status: int) -> list[float]:
+        return self.scratch
 
 
 _OFF = _Off()
 
 
-async def _handle(
-    request: web.Request, handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | None = None
-) -> web.StreamResponse:
-    incoming = request.headers.get(HEADER)
-    rid = incoming if incoming is not None and _sane(incoming) else _ids.prefix + hex(next(_ids.counter))[3:]
-    request[REQUEST_ID] = rid
-    started = perf_counter()
-    metrics.in_flight += 1
-    status = 500
-    try:
+def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | None) -> Handler:
+    """`handler` inside this layer, as one coroutine function of the request. aiohttp calls a
+    route's handler with the request alone, and a closure takes that call about 0.4 µs more
+    cheaply than a partial whose other arguments are keywords."""
+
+    rows = metrics.rows
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get(HEADER)
+        if rid is None or not _sane(rid):
+            rid = _ids.prefix + hex(next(_ids.counter))[3:]
+        request[REQUEST_ID] = rid
+        started = perf_counter()
+        metrics.in_flight += 1
+        status = 500
+        answer = None
         try:
-            answer = quick(request) if quick is not None else None
-            response = answer if answer is not None else await handler(request)
-        except Exception as exc:  # CancelledError is a BaseException and passes through
-            response = problem_for(request, exc)  # re-raises redirects (HTTPException < 400)
-        status = response.status
-    except web.HTTPException as exc:  # a redirect: it leaves as an exception, with our id
-        status = exc.status
-        exc.headers[HEADER] = rid
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away before the answer was complete
-        raise
-    finally:
-        metrics.in_flight -= 1
-        metrics.observe(route, request.method, status, perf_counter() - started)
-    if not response.prepared:
-        response.headers[HEADER] = rid
-    return response
+            try:
+                answer = quick(request) if quick is not None else None
+                response = answer if answer is not None else await handler(request)
+            except Exception as exc:  # CancelledError is a BaseException and passes through
+                response = problem_for(request, exc)  # re-raises redirects (HTTPException < 400)
+            status = response.status
+        except web.HTTPException as exc:  # a redirect: it leaves as an exception, with our id
+            status = exc.status
+            exc.headers[HEADER] = rid
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer was complete
+            raise
+        finally:
+            metrics.in_flight -= 1
+            # a known key's row is one dict lookup here, without a method call
+            method = request.method
+            row = rows.get((route, method, status)) or metrics.row(route, method, status)
+            record(row, perf_counter() - started)
+        if answer is not None or not response.prepared:  # a quick answer is never prepared
+            response.headers[HEADER] = rid
+        return response
+
+    return update_wrapper(handle, handler)
 
 
 @web.middleware
@@ -123,12 +139,31 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         metrics: Metrics | _Off = request.app[METRICS] or _OFF
     except KeyError:
         metrics = _OFF
-    return await _handle(request, handler, request.match_info.route.name or "", metrics)
+    return await _wrap(handler, request.match_info.route.name or "", metrics, None)(request)
 
 
-def for_route(route: str, app: web.Application, quick: Quick | None = None) -> Middleware:
-    """request_context_middleware for one route of `app`, its name and metrics bound now (a
-    partial, not a wrapper coroutine: compose() adds the handler to the same partial), and
+class RouteContext:
+    """request_context_middleware for one route: its name, its app's metrics and the quick
+    answer of the layer inside it (middlewares/__init__.py), bound once at start-up. Called
+    as a middleware it behaves like request_context_middleware; compose() asks it to `wrap`
+    the next layer instead, which gives aiohttp the closure above."""
+
+    __slots__ = ("metrics", "quick", "route")
+
+    def __init__(self, route: str, metrics: Metrics | _Off, quick: Quick | None) -> None:
+        self.route = route
+        self.metrics = metrics
+        self.quick = quick
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await self.wrap(handler)(request)
+
+    def wrap(self, handler: Handler) -> Handler:
+        return _wrap(handler, self.route, self.metrics, self.quick)
+
+
+def for_route(route: str, app: web.Application, quick: Quick | None = None) -> RouteContext:
+    """request_context_middleware for one route of `app`, its name and metrics bound now, and
     the quick answer of the layer inside it, if it has one (middlewares/__init__.py)."""
     metrics: Metrics | _Off = app.get(METRICS) or _OFF
-    return partial(_handle, route=route, metrics=metrics, quick=quick)
+    return RouteContext(route, metrics, quick)

@@ -69,6 +69,12 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def record(row: list[float], seconds: float) -> None:
+    """Count one duration into its bucket of `row` and add it to the row's sum."""
+    row[bisect_left(BUCKETS, seconds)] += 1
+    row[-1] += seconds
+
+
 @dataclass(slots=True)
 class Metrics:
     """This process's request metrics, plus the feature sources read at snapshot time."""
@@ -85,15 +91,17 @@ class Metrics:
     # deployment-wide (job states from PostgreSQL, say) and must not be summed over workers.
     global_sources: list[Callable[[], Any]] = field(default_factory=list)
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+    def row(self, route: str, method: str, status: int) -> list[float]:
+        """The duration row of (route, method, status), made on first use; a method outside
+        the known ones counts as OTHER. The request layer looks a known key up in `rows`
+        itself and comes here only on a miss."""
         if method not in _METHODS:
             method = "OTHER"
         key = (route, method, status)
         row = self.rows.get(key)
         if row is None:
             row = self.rows[key] = [0.0] * (len(BUCKETS) + 2)
-        row[bisect_left(BUCKETS, seconds)] += 1
-        row[-1] += seconds
+        return row
 
     def inc(self, name: str, *labels: str, n: float = 1) -> None:
         """Add `n` to a counter named in COUNTERS."""

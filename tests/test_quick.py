@@ -19,7 +19,7 @@ from server.keys import CACHE, CONFIG, METRICS
 
 
 def _quick_of(bound: tuple[Any, ...]) -> Any:
-    return bound[0].keywords.get("quick")
+    return getattr(bound[0], "quick", None)
 
 
 def test_only_the_next_layer_answers_quickly(cfg: Config) -> None:
