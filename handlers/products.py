@@ -18,10 +18,10 @@ PRODUCTS = Shape("products", rows="items")
 
 def quick_for(route: str, app: web.Application) -> Quick:
     """The kept-answer path of list_products, as the outermost layer's quick answer."""
-    return partial(_kept_answer, app=app)
+    return partial(_kept_answer, app)  # positional: a keyword partial costs ~0.3 µs a call
 
 
-def _kept_answer(request: web.Request, app: web.Application) -> web.Response | None:
+def _kept_answer(app: web.Application, request: web.Request) -> web.Response | None:
     """The common case, a bare unconditional GET /products: the answer last sent for the same
     Accept and Accept-Encoding (negotiated, rendered, compressed, ETag'd) for this catalogue
     version, or None."""
@@ -36,7 +36,7 @@ async def list_products(request: web.Request) -> web.Response:
     catalogue = request.app[CATALOGUE]
     headers = request.headers
     if not request.query_string:
-        kept = _kept_answer(request, request.app)
+        kept = _kept_answer(request.app, request)
         if kept is not None:
             return kept
         accept, accept_encoding = headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING)

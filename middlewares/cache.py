@@ -34,6 +34,7 @@ _KEEP = (
     "ETag",
 )
 _CODINGS = frozenset({"gzip", "deflate", "br", "zstd", "*"})
+_READS = frozenset({"GET", "HEAD"})
 _MEMO_MAX = 4096
 
 
@@ -120,21 +121,16 @@ def quick_for(route: str, app: web.Application) -> tuple[Quick, Middleware]:
     (it does not look for a fresh entry again)."""
     policy = app[CONFIG].cache.routes[route]
     return (
-        partial(_fresh, app=app, route=route, policy=policy),
+        partial(_fresh, app, route, policy),  # positional: a keyword partial costs ~0.3 µs a call
         partial(_cached, app=app, route=route, policy=policy, fresh_tried=True),
     )
 
 
 def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:
-    """The entry key and invalidation group of this request, memoised on the raw header values."""
+    """The entry key and invalidation group of this request, memoised on the raw target and
+    header values: the route's parameters and query are a function of the raw path."""
     headers = request.headers
-    raw = (
-        route,
-        tuple(request.match_info.values()),
-        request.query_string,
-        headers.get(hdrs.ACCEPT),
-        headers.get(hdrs.ACCEPT_ENCODING),
-    )
+    raw = (route, request.raw_path, headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
     known = cache.key_memo.get(raw)
     if known is None:
         if len(cache.key_memo) >= _MEMO_MAX:
@@ -145,31 +141,34 @@ def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:
 
 def _refresh(headers: CIMultiDictProxy[str]) -> bool:
     """The client asked to revalidate (Cache-Control: no-cache or max-age=0)."""
-    if hdrs.CACHE_CONTROL not in headers:
+    control = headers.get(hdrs.CACHE_CONTROL)
+    if control is None:
         return False
-    control = headers[hdrs.CACHE_CONTROL].lower()
+    control = control.lower()
     return "no-cache" in control or "max-age=0" in control
 
 
 def _fresh(
-    request: web.Request, app: web.Application, route: str, policy: dict[str, float]
+    app: web.Application, route: str, policy: dict[str, float], request: web.Request
 ) -> web.Response | None:
     """The answer from a fresh entry in this process, if there is one and the client did not ask
     to revalidate; its response headers (X-Cache: hit-l1 included) are built once per entry,
     and aiohttp copies them into the Response."""
-    if request.method not in ("GET", "HEAD") or _refresh(request.headers):
+    headers = request.headers
+    if request.method not in _READS or (hdrs.CACHE_CONTROL in headers and _refresh(headers)):
         return None
     cache: Cache = app[CACHE]
     entry = cache.peek(_lookup(request, cache, route)[0])
     if entry is None or entry.missing is not None:
         return None
-    if hdrs.IF_NONE_MATCH in request.headers:
-        return _answer(request, entry.value[0], entry.value[2], _headers(entry, policy), "hit-l1")
+    status, _, body = entry.value
+    if hdrs.IF_NONE_MATCH in headers:
+        return _answer(request, status, body, _headers(entry, policy), "hit-l1")
     hit_headers = entry.derived
     if hit_headers is None:
         hit_headers = entry.derived = _headers(entry, policy)
         hit_headers["X-Cache"] = "hit-l1"
-    return web.Response(body=entry.value[2], status=entry.value[0], headers=hit_headers)
+    return web.Response(body=body, status=status, headers=hit_headers)
 
 
 async def _cached(
@@ -180,9 +179,9 @@ async def _cached(
     policy: dict[str, float],
     fresh_tried: bool = False,
 ) -> web.StreamResponse:
-    if request.method not in ("GET", "HEAD"):
+    if request.method not in _READS:
         return await handler(request)
-    fresh = None if fresh_tried else _fresh(request, app, route, policy)
+    fresh = None if fresh_tried else _fresh(app, route, policy, request)
     if fresh is not None:
         return fresh
     cache: Cache = app[CACHE]
