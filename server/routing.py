@@ -14,6 +14,7 @@ the same answers.
 from __future__ import annotations
 
 import re
+import sys
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import DynamicResource
@@ -36,7 +37,7 @@ class DigitsResource(DynamicResource):
         self._prefix = shape["prefix"]
         self._suffix = shape["suffix"]
         self._var = shape["name"]
-        self._high = int(shape["high"]) if shape["high"] else None
+        self._high = int(shape["high"]) if shape["high"] else sys.maxsize
         self._start = len(self._prefix)
         self._end = -len(self._suffix) if self._suffix else None
 
@@ -50,12 +51,10 @@ class DigitsResource(DynamicResource):
         self._start = len(self._prefix)
 
     def _match(self, path: str) -> dict[str, str] | None:
-        if not path.startswith(self._prefix) or (self._suffix and not path.endswith(self._suffix)):
+        if not path.startswith(self._prefix) or not path.endswith(self._suffix):  # "" ends all
             return None
         digits = path[self._start : self._end]
-        if not digits.isdecimal():  # False for "" too
-            return None
-        if self._high is not None and len(digits) > self._high:
+        if not digits.isdecimal() or len(digits) > self._high:  # isdecimal: False for "" too
             return None
         return {self._var: digits}
 
