@@ -43,6 +43,7 @@ Quick = Callable[[web.Request], web.Response | None]
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _sane = _SANE.fullmatch
 _FIRST = 1 << 48  # hex() of every counter value from here on has 13 digits: "0x1" and 12 more
+_BATCH = 1024  # ids made at a time
 
 
 class RequestIds:
@@ -50,20 +51,28 @@ class RequestIds:
 
     Ids only need to be unique (they correlate logs), not unpredictable; 12 random hex
     characters per process make two processes' ids collide with negligible probability.
-    An id is the prefix and 12 hex digits of the counter (24 characters in all).
+    An id is the prefix and 12 hex digits of the counter (24 characters in all). They are
+    made _BATCH at a time, into a pool the request layer pops from: building one per
+    request cost about 0.8 us in the running server (python -m bench.inprocess, a constant
+    id for comparison), the pool about 0.1 us.
     """
 
-    __slots__ = ("counter", "prefix")
+    __slots__ = ("counter", "pool", "prefix")
 
     def __init__(self) -> None:
         self.reseed()
 
     def reseed(self) -> None:
         self.prefix = os.urandom(6).hex()
-        self.counter = itertools.count(_FIRST)
+        self.counter = itertools.count(_FIRST, _BATCH)
+        self.pool: list[str] = []
 
-    def __call__(self) -> str:
-        return self.prefix + hex(next(self.counter))[3:]
+    def refill(self) -> str:
+        """Fill the pool with the next _BATCH ids, the lowest last (popped first); one of them."""
+        start = next(self.counter)
+        prefix = self.prefix
+        self.pool = [prefix + hex(n)[3:] for n in range(start + _BATCH - 1, start - 1, -1)]
+        return self.pool.pop()
 
 
 # One generator per process; a forked worker gets a prefix of its own, or two workers
@@ -100,7 +109,8 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
     async def handle(request: web.Request) -> web.StreamResponse:
         rid = request.headers.get(HEADER)
         if rid is None or not _sane(rid):
-            rid = _ids.prefix + hex(next(_ids.counter))[3:]
+            pool = _ids.pool
+            rid = pool.pop() if pool else _ids.refill()
         request[REQUEST_ID] = rid
         started = perf_counter()
         metrics.in_flight += 1

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from middlewares.request_context import request_context_middleware
+from middlewares.request_context import _BATCH, RequestIds, request_context_middleware
 from middlewares.streaming import stream_headers
 from server.errors import Conflict, Unavailable, ValidationFailed, as_unavailable
 
@@ -174,6 +174,17 @@ async def test_request_ids_differ_and_reach_streaming_responses(small: Any) -> N
     resp = await small.get("/stream", headers={"X-Request-ID": "stream-1"})
     assert resp.headers["X-Request-ID"] == "stream-1"
     assert await resp.read() == b"chunk"
+
+
+def test_request_id_pool_stays_unique_across_refills() -> None:
+    ids = RequestIds()
+    drawn = [ids.pool.pop() if ids.pool else ids.refill() for _ in range(3 * _BATCH + 5)]
+    assert len(set(drawn)) == len(drawn) and drawn == sorted(drawn)  # popped lowest first
+    assert all(len(rid) == 24 and rid.startswith(ids.prefix) for rid in drawn)
+    prefix = ids.prefix
+    ids.reseed()  # what a forked worker does: a prefix of its own, the old pool gone
+    assert ids.prefix != prefix and ids.pool == []
+    assert ids.refill().startswith(ids.prefix)
 
 
 async def test_whole_app_404_405_are_problems(client: Any) -> None:
