@@ -35,7 +35,7 @@ from multidict import istr
 
 from middlewares.errors import problem_for
 from server.keys import METRICS, REQUEST_ID
-from server.metrics import BUCKETS, Metrics, record
+from server.metrics import Metrics
 
 HEADER = istr("X-Request-ID")
 Quick = Callable[[web.Request], web.Response | None]
@@ -83,17 +83,16 @@ os.register_at_fork(after_in_child=_ids.reseed)
 
 class _Off:
     """Stands in for Metrics when metrics.enabled is off (or in a small test app without it):
-    no rows are kept, every request records into one scratch row."""
+    nothing is kept, each request's duration goes into a list of its own and is dropped."""
 
-    __slots__ = ("in_flight", "rows", "scratch")
+    __slots__ = ("in_flight", "pending")
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.rows: dict[tuple[str, str, int], list[float]] = {}
-        self.scratch = [0.0] * (len(BUCKETS) + 2)
+        self.pending: dict[tuple[str, str, int], list[float]] = {}
 
-    def row(self, route: str, method: str, status: int) -> list[float]:
-        return self.scratch
+    def durations(self, route: str, method: str, status: int) -> list[float]:
+        return []
 
 
 _OFF = _Off()
@@ -104,7 +103,7 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
     route's handler with the request alone, and a closure takes that call about 0.4 µs more
     cheaply than a partial whose other arguments are keywords."""
 
-    rows = metrics.rows
+    pending = metrics.pending
 
     async def handle(request: web.Request) -> web.StreamResponse:
         rid = request.headers.get(HEADER)
@@ -132,10 +131,12 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
             raise
         finally:
             metrics.in_flight -= 1
-            # a known key's row is one dict lookup here, without a method call
+            # counted into buckets later (Metrics.fold); a known key is one dict lookup here
             method = request.method
-            row = rows.get((route, method, status)) or metrics.row(route, method, status)
-            record(row, perf_counter() - started)
+            durations = pending.get((route, method, status))
+            if durations is None:
+                durations = metrics.durations(route, method, status)
+            durations.append(perf_counter() - started)
         if answer is not None or not response.prepared:  # a quick answer is never prepared
             response.headers[HEADER] = rid
         return response

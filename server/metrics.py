@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,21 +69,21 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def record(row: list[float], seconds: float) -> None:
-    """Count one duration into its bucket of `row` and add it to the row's sum."""
-    row[bisect_left(BUCKETS, seconds)] += 1
-    row[-1] += seconds
-
-
 @dataclass(slots=True)
 class Metrics:
     """This process's request metrics, plus the feature sources read at snapshot time."""
 
     shared_dir: Path | None = None
     # (route, method, status) -> duration bucket counts (len(BUCKETS) + 1, the last for +Inf),
-    # then the sum of seconds: one dict lookup per request; counts and per-route histograms
-    # are derived when a snapshot is taken.
+    # then the sum of seconds; counts and per-route histograms are derived from them when a
+    # snapshot is taken.
     rows: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
+    # (route, method, status) -> durations not yet counted into rows. The request layer only
+    # appends to these (a dict lookup and a list append); fold() sorts each list and counts
+    # its buckets with bisect, in C, at every snapshot and every metrics.flush_interval.
+    # Counting each request into its bucket as it ended (bisect, two float additions and a
+    # call) cost about 0.6 us a request in the running server.
+    pending: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
     in_flight: int = 0
     counters: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
     sources: list[Source] = field(default_factory=list)
@@ -91,17 +91,36 @@ class Metrics:
     # deployment-wide (job states from PostgreSQL, say) and must not be summed over workers.
     global_sources: list[Callable[[], Any]] = field(default_factory=list)
 
-    def row(self, route: str, method: str, status: int) -> list[float]:
-        """The duration row of (route, method, status), made on first use; a method outside
-        the known ones counts as OTHER. The request layer looks a known key up in `rows`
-        itself and comes here only on a miss."""
+    def durations(self, route: str, method: str, status: int) -> list[float]:
+        """The pending durations of (route, method, status), made on first use; a method
+        outside the known ones counts as OTHER. The request layer looks a known key up in
+        `pending` itself and comes here only on a miss."""
         if method not in _METHODS:
             method = "OTHER"
         key = (route, method, status)
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = [0.0] * (len(BUCKETS) + 2)
-        return row
+        durations = self.pending.get(key)
+        if durations is None:
+            durations = self.pending[key] = []
+        return durations
+
+    def fold(self) -> None:
+        """Count the pending durations into their rows' buckets (le: a duration equal to a
+        bound counts in that bound's bucket) and sums, and empty them."""
+        for key, durations in self.pending.items():
+            if not durations:
+                continue
+            durations.sort()
+            row = self.rows.get(key)
+            if row is None:
+                row = self.rows[key] = [0.0] * (len(BUCKETS) + 2)
+            below = 0
+            for i, bound in enumerate(BUCKETS):
+                upto = bisect_right(durations, bound)
+                row[i] += upto - below
+                below = upto
+            row[-2] += len(durations) - below
+            row[-1] += sum(durations)
+            durations.clear()
 
     def inc(self, name: str, *labels: str, n: float = 1) -> None:
         """Add `n` to a counter named in COUNTERS."""
@@ -116,6 +135,7 @@ class Metrics:
             yield Family(name, "counter", help_text, label_names, samples)
 
     def snapshot(self) -> dict[str, Any]:
+        self.fold()
         families = [
             {
                 "name": f.name,

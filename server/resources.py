@@ -255,6 +255,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     async def flush_forever() -> None:
         while True:
             await asyncio.sleep(interval)
+            metrics.fold()  # also where no other worker reads snapshots: the pending lists stay short
             try:
                 metrics.write_snapshot()
             except OSError as exc:  # a full or vanished directory must not stop serving

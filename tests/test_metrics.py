@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.config import Config
+from server.metrics import BUCKETS, Metrics
 from tests.conftest import replace
 
 
@@ -51,6 +54,26 @@ async def test_requests_latency_and_gauges_are_counted(client: Any) -> None:
     assert value(found, "hotpath_db_pool_connections", state="max") == 10
     assert value(found, "hotpath_db_pool_connections", state="open") >= 1
     assert "hotpath_db_pool_waiting" in found
+
+
+def test_folded_durations_land_in_their_le_buckets() -> None:
+    metrics = Metrics()
+    seen = [0.0001, 0.0005, 0.0005001, 0.001, 0.3, 10.0, 11.5, 0.0002]
+    for seconds in seen[:5]:
+        metrics.durations("r", "GET", 200).append(seconds)
+    metrics.fold()  # a second batch adds to the first one's counts
+    for seconds in seen[5:]:
+        metrics.durations("r", "GET", 200).append(seconds)
+    metrics.durations("r", "BREW", 418).append(0.002)  # an unknown method counts as OTHER
+    snap = metrics.snapshot()
+    expected = [0.0] * (len(BUCKETS) + 2)
+    for seconds in seen:  # what counting each request as it ended gave: le, then +Inf
+        expected[bisect_left(BUCKETS, seconds)] += 1
+    expected[-1] = sum(seen)
+    row = metrics.rows[("r", "GET", 200)]
+    assert row[:-1] == expected[:-1] and row[-1] == pytest.approx(expected[-1])
+    assert sorted(map(tuple, snap["requests"])) == [("r", "GET", 200, 8.0), ("r", "OTHER", 418, 1.0)]
+    assert all(not durations for durations in metrics.pending.values())
 
 
 async def test_token_protects_metrics(aiohttp_client: Any, cfg: Config) -> None:

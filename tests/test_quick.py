@@ -76,6 +76,7 @@ async def test_a_quick_answer_gets_id_metrics_and_problems(aiohttp_client: Any) 
     assert resp.status == 500 and resp.content_type == "application/problem+json"
     body = await resp.json()
     assert "broken" not in str(body) and body["request_id"] == resp.headers["X-Request-ID"]
+    app[METRICS].fold()
     rows = app[METRICS].rows
     assert sum(rows[("y", "GET", 200)][:-1]) == 2 and sum(rows[("y", "GET", 500)][:-1]) == 1
     assert app[METRICS].in_flight == 0
@@ -91,6 +92,7 @@ async def test_cached_route_hit_is_answered_once_and_counted(client: Any) -> Non
     assert hit.headers["X-Cache"] == "hit-l1" and hit.headers["X-Request-ID"] == "req-1"
     assert (await hit.json())["id"] == uid
     assert stats.hits_l1 == before + 1
+    client.app[METRICS].fold()
     assert sum(client.app[METRICS].rows[("user", "GET", 200)][:-1]) == 2
     # a conditional request on the quick path: 304 with the validator
     again = await client.get(f"/users/{uid}", headers={"If-None-Match": hit.headers["ETag"]})
@@ -108,4 +110,5 @@ async def test_products_quick_answer_matches_the_handler(client: Any) -> None:
     head = await client.head("/products", headers={"Accept": "application/json"})
     assert head.status == 200 and await head.read() == b""
     assert head.headers["Content-Length"] == kept.headers["Content-Length"]
+    client.app[METRICS].fold()
     assert sum(client.app[METRICS].rows[("products", "GET", 200)][:-1]) == 2
