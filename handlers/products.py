@@ -28,8 +28,11 @@ def _kept_answer(app: web.Application, request: web.Request) -> web.Response | N
     headers = request.headers
     if request.query_string or hdrs.IF_NONE_MATCH in headers:
         return None
-    ready = app[CATALOGUE].answer(headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
-    return web.Response(body=ready[0], headers=ready[1]) if ready is not None else None
+    ready = app[CATALOGUE].answers.get((headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING)))
+    if ready is None:
+        return None
+    body, kept_headers = ready
+    return web.Response(body=body, headers=kept_headers)
 
 
 async def list_products(request: web.Request) -> web.Response:

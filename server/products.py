@@ -35,8 +35,10 @@ class Catalogue:
         self._dsn = dsn
         self._items: list[dict[str, Any]] = []
         self._rendered: dict[tuple[Any, ...], bytes] = {}
-        # whole answers to a bare GET /products for this version, by (Accept, Accept-Encoding)
-        self._answers: dict[tuple[str | None, str | None], Answer] = {}
+        # whole answers to a bare GET /products for this version, by (Accept, Accept-Encoding):
+        # the handler's quick answer reads this dict itself (no method call on that path),
+        # keep_answer() fills it and reload() replaces it
+        self.answers: dict[tuple[str | None, str | None], Answer] = {}
         self._render_cache_size = render_cache_size
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -54,7 +56,7 @@ class Catalogue:
         rows = await self._db.fetch(SQL_ALL)
         self._items = [dict(r.items()) for r in rows]
         self._rendered = {}
-        self._answers = {}
+        self.answers = {}
         self.version += 1
         for callback in self.on_change:
             callback()
@@ -90,21 +92,17 @@ class Catalogue:
         start = (page - 1) * limit
         return {"items": items[start : start + limit], "total": len(items), "page": page, "limit": limit}
 
-    def answer(self, accept: str | None, accept_encoding: str | None) -> Answer | None:
-        """The body and headers last sent for a bare GET /products with these two headers."""
-        return self._answers.get((accept, accept_encoding))
-
     def keep_answer(
         self, version: int, accept: str | None, accept_encoding: str | None, answer: Answer
     ) -> None:
-        """Remember an answer built from catalogue `version` for answer(), until the catalogue
+        """Remember an answer built from catalogue `version` in `answers`, until the catalogue
         changes; one built from an older version (a reload ran while it was compressed) is
         dropped. Bounded like the pages: clients repeat a few header pairs."""
         if version != self.version:
             return
-        if len(self._answers) >= self._render_cache_size:
-            del self._answers[next(iter(self._answers))]
-        self._answers[(accept, accept_encoding)] = answer
+        if len(self.answers) >= self._render_cache_size:
+            del self.answers[next(iter(self.answers))]
+        self.answers[(accept, accept_encoding)] = answer
 
     def cached_page(self, key: tuple[Any, ...]) -> bytes | None:
         """Rendered bytes stored under `key` for this version, if any."""
