@@ -12,7 +12,6 @@ import csv
 import datetime as dt
 import email.utils
 import io
-import mailbox
 import os
 import re
 import ssl
@@ -186,7 +185,11 @@ def deliver_maildir(outbox: Path, msg: EmailMessage, key: str) -> bool:
     there (a retry). Standard Maildir delivery (write in tmp/, then a link into new/, which is
     atomic and fails if the name exists), with a name derived from the job instead of
     mailbox.Maildir.add()'s random one, which is what makes a second delivery detectable."""
-    mailbox.Maildir(outbox, create=True)  # creates tmp/, new/, cur/
+    # with its parents: the data dir may not exist yet (only embedded mode makes it, and a
+    # server on a configured PostgreSQL and Redis still writes its mail here); mailbox.Maildir
+    # makes tmp/, new/ and cur/ only under a directory it creates itself
+    for sub in ("tmp", "new", "cur"):
+        (outbox / sub).mkdir(parents=True, exist_ok=True)
     if any(os.path.exists(os.path.join(outbox, sub, key)) for sub in ("new", "cur")) or any(
         name.startswith(key + ":") for name in os.listdir(os.path.join(outbox, "cur"))
     ):

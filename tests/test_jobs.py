@@ -171,6 +171,9 @@ async def test_maildir_delivery_is_idempotent(tmp_path: Path) -> None:
     assert deliver_maildir(tmp_path / "box", msg, "job1") is True
     assert deliver_maildir(tmp_path / "box", msg, "job1") is False  # the retry of the same job
     assert len(list(mailbox.Maildir(tmp_path / "box", create=False))) == 1
+    # a data dir that does not exist yet (no embedded server ever made it): made, not a failure
+    assert deliver_maildir(tmp_path / "var" / "outbox", msg, "job2") is True
+    assert len(list(mailbox.Maildir(tmp_path / "var" / "outbox", create=False))) == 1
 
 
 async def test_notification_through_smtp_without_tls(
