@@ -126,15 +126,11 @@ def quick_for(route: str, app: web.Application) -> tuple[Quick, Middleware]:
     )
 
 
-def _lookup(
-    request: web.Request, cache: Cache, route: str, raw: tuple[Any, ...] | None = None
-) -> tuple[str, str]:
+def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:
     """The entry key and invalidation group of this request, memoised on the raw target and
-    header values (`raw`, when the caller has built it): the route's parameters and query
-    are a function of the raw path."""
-    if raw is None:
-        headers = request.headers
-        raw = (route, request.raw_path, headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
+    header values: the route's parameters and query are a function of the raw path."""
+    headers = request.headers
+    raw = (route, request.raw_path, headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
     known = cache.key_memo.get(raw)
     if known is None:
         if len(cache.key_memo) >= _MEMO_MAX:
@@ -162,10 +158,7 @@ def _fresh(
     if request.method not in _READS or (hdrs.CACHE_CONTROL in headers and _refresh(headers)):
         return None
     cache: Cache = app[CACHE]
-    # _lookup's memo hit inline: a hit answers in a few microseconds, a call is a tenth of one
-    raw = (route, request.raw_path, headers.get(hdrs.ACCEPT), headers.get(hdrs.ACCEPT_ENCODING))
-    known = cache.key_memo.get(raw) or _lookup(request, cache, route, raw)
-    entry = cache.peek(known[0])
+    entry = cache.peek(_lookup(request, cache, route)[0])
     if entry is None or entry.missing is not None:
         return None
     status, _, body = entry.value
