@@ -27,8 +27,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from server.config import Config, ConfigError, load_config, mask_url
+from server.config import Config, ConfigError, load_config
 from server.logs import setup_logging
+from server.urls import mask_url
 
 if TYPE_CHECKING:
     from aiohttp import web

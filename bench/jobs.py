@@ -34,11 +34,11 @@ from bench.run import (
     ROOT,
     SERVER_CPU,
     _recreate_database,
-    _with_database,
     free_port,
     server,
     taskset,
 )
+from server.urls import with_database
 
 # A database of this bench's own: bench.run's `hotpath_bench` may be recreated by a parallel run.
 BENCH_DB = "hotpath_bench_jobs"
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print("bench.jobs needs DATABASE_URL and REDIS_URL", file=sys.stderr)
             return 2
         asyncio.run(_recreate_database(env["DATABASE_URL"], BENCH_DB))
-        dsn = env["DATABASE_URL"] = _with_database(env["DATABASE_URL"], BENCH_DB)
+        dsn = env["DATABASE_URL"] = with_database(env["DATABASE_URL"], BENCH_DB)
         config = Path(tmp) / "config.toml"
         config.write_text(f'[embedded]\ndata_dir = "{Path(tmp) / "var"}"\n')
         env["HOTPATH_JOBS_CONCURRENCY"] = str(args.concurrency)

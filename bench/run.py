@@ -29,9 +29,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+
+from server.urls import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -325,14 +326,10 @@ async def seed_users(base: str, count: int) -> None:
         await asyncio.gather(*(one(i) for i in range(count)))
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 async def _recreate_database(url: str, name: str) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    conn = await asyncpg.connect(with_database(url, "postgres"))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -348,11 +345,8 @@ def hotpath_env(workdir: Path) -> tuple[dict[str, str], Path]:
     text = f'[embedded]\ndata_dir = "{workdir / "var"}"\n'
     if env.get("DATABASE_URL") and env.get("REDIS_URL"):
         asyncio.run(_recreate_database(env["DATABASE_URL"], "hotpath_bench"))
-        env["DATABASE_URL"] = _with_database(env["DATABASE_URL"], "hotpath_bench")
-        if urlsplit(env["REDIS_URL"]).scheme in ("redis", "rediss"):
-            env["REDIS_URL"] = urlunsplit(
-                urlsplit(env["REDIS_URL"])._replace(path="/14")
-            )  # the bench's own db
+        env["DATABASE_URL"] = with_database(env["DATABASE_URL"], "hotpath_bench")
+        env["REDIS_URL"] = with_database(env["REDIS_URL"], 14)  # the bench's own db
     else:
         env.pop("DATABASE_URL", None)
         env.pop("REDIS_URL", None)

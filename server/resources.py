@@ -19,7 +19,7 @@ from aiohttp import web
 
 from server.batching import KeyBatcher
 from server.cache import Cache, CacheSettings, response_group
-from server.config import ConfigError, mask_url
+from server.config import ConfigError
 from server.db import Database
 from server.errors import StartupError
 from server.fanout import Guard, GuardedResolver
@@ -43,6 +43,7 @@ from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
 from server.resp import RespConnection
 from server.task_events import publish_task
+from server.urls import mask_url
 from server.users import get_users_by_ids
 
 log = logging.getLogger("hotpath.resources")

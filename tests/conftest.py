@@ -14,6 +14,7 @@ import inspect
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -22,7 +23,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -32,30 +32,28 @@ import redis.asyncio as aioredis
 from server.app import create_app
 from server.config import Config, load_config
 from server.embedded import EmbeddedServices
+from server.urls import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _with_redis_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
-        return urlunsplit(parts._replace(query=f"{query}&db={db}" if query else f"db={db}"))
-    return urlunsplit(parts._replace(path=f"/{db}"))
-
-
 async def _admin(url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_with_database(url, "postgres"))
+    conn = await asyncpg.connect(with_database(url, "postgres"))
     try:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped with SIGTERM (a CI time-out, `kill`) ends like Ctrl-C: pytest still tears
+    its fixtures down, so the embedded PostgreSQL (a daemon) is stopped, not left running."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @contextmanager
@@ -95,14 +93,14 @@ def database_url(servers: tuple[str, str]) -> Iterator[str]:
     """A database of this run's own, created on the server and dropped at the end."""
     name = f"hotpath_test_{os.getpid()}_{secrets.token_hex(3)}"
     asyncio.run(_admin(servers[0], f'CREATE DATABASE "{name}"'))
-    yield _with_database(servers[0], name)
+    yield with_database(servers[0], name)
     asyncio.run(_admin(servers[0], f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
 def redis_url(servers: tuple[str, str]) -> str:
     """A Redis database number of this run's own (1..15), flushed before each test."""
-    return _with_redis_db(servers[1], 1 + os.getpid() % 15)
+    return with_database(servers[1], 1 + os.getpid() % 15)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, mask_url
+from server.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from server.urls import mask_url
 from tests.conftest import PYTHON, ROOT
 
 

@@ -13,17 +13,18 @@ import asyncpg
 import pytest
 
 from server.migrations import ADVISORY_LOCK_ID, MigrationError, apply_migrations, discover
-from tests.conftest import PYTHON, ROOT, _with_database
+from server.urls import with_database
+from tests.conftest import PYTHON, ROOT
 
 
 @pytest.fixture
 async def fresh_db(database_url: str) -> AsyncIterator[str]:
     """An empty database of this test's own (migrations must start from nothing)."""
     name = f"hotpath_mig_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
+    admin = await asyncpg.connect(with_database(database_url, "postgres"))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(database_url, name)
+        yield with_database(database_url, name)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()

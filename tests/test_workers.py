@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Config
+from server.urls import with_database
 from tests.conftest import PYTHON, ROOT, free_port, until
 
 
@@ -168,7 +169,7 @@ async def test_workers_that_keep_crashing_stop_the_supervisor(cluster: Cluster) 
 def test_worker_that_cannot_start_stops_the_supervisor(base_config: Config) -> None:
     env = {
         **os.environ,
-        "DATABASE_URL": base_config.database.url.rsplit("/", 1)[0] + "/no_such_database_here",
+        "DATABASE_URL": with_database(base_config.database.url, "no_such_database_here"),
         "REDIS_URL": base_config.redis.url,
     }
     proc = subprocess.run(
