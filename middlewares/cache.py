@@ -1,9 +1,10 @@
 """Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache.py stores).
 
 The key covers the route, its path parameters, the sorted query, the representation Accept
-negotiates and the content codings Accept-Encoding allows: compression sits inside this
-middleware, so a stored body may be encoded, and a gzip client and an identity client must never
-swap bodies. Only plain 200s without cookies or private/no-store are stored; a 404 is remembered
+negotiates and the content coding the compression layer chooses for Accept-Encoding:
+compression sits inside this middleware, so a stored body may be encoded, and a gzip client and
+an identity client must never swap bodies. Both are keyed by what was chosen, never by the
+header text. Only plain 200s without cookies or private/no-store are stored; a 404 is remembered
 for cache.negative_ttl; other errors pass through untouched. Every answer says X-Cache.
 """
 
@@ -20,7 +21,7 @@ from middlewares.request_context import Quick
 from server.cache import Cache, Entry, Hit, make_key, response_group
 from server.config import Config
 from server.errors import DomainError, NotFound
-from server.keys import CACHE, CONFIG, NEGOTIATOR
+from server.keys import CACHE, COMPRESSION, CONFIG, NEGOTIATOR
 
 # Response headers stored with the body; everything else (request id, rate limit) is per request.
 # A handler's own ETag (a validator of its bytes) is kept; otherwise one is derived from the value.
@@ -33,7 +34,6 @@ _KEEP = (
     "Link",
     "ETag",
 )
-_CODINGS = frozenset({"gzip", "deflate", "br", "zstd", "*"})
 _READS = frozenset({"GET", "HEAD"})
 _MEMO_MAX = 4096
 
@@ -43,27 +43,18 @@ def applies(route_name: str, config: Config) -> bool:
     return config.cache.enabled and route_name in config.cache.routes
 
 
-def accepted_codings(header: str | None) -> str:
-    """Accept-Encoding reduced to the codings we might use, sorted: "gzip, br;q=0.5" -> "br,gzip"."""
-    if not header:
+def chosen_coding(app: web.Application, header: str | None) -> str:
+    """The content coding the compression layer will pick for this Accept-Encoding, as a key
+    part: "gzip", "identity", or "gzip!" when identity is refused (then even small bodies are
+    compressed). Derived from the negotiator's own choice, never from the header's text, so
+    a header that parses one way here and another way there cannot file a gzip body under
+    the key of clients that asked for none (RFC 9110 allows repeated parameters, which
+    different parsers read differently)."""
+    state = app[COMPRESSION]
+    if not state.enabled:
         return ""
-    out: set[str] = set()
-    for item in header.split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        if name not in _CODINGS:
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            k, _, v = param.partition("=")
-            if k.strip().lower() == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            out.add(name)
-    return ",".join(sorted(out))
+    choice = state.negotiator.choose(header)
+    return (choice.coding or "identity") + ("" if choice.identity_ok else "!")
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -240,7 +231,7 @@ def _key(request: web.Request, route: str) -> tuple[str, str]:
             sorted(params.items()),
             sorted(request.query.items()) if request.query_string else None,
             request.app[NEGOTIATOR].choose(request.headers.get("Accept")),
-            accepted_codings(request.headers.get("Accept-Encoding")),
+            chosen_coding(request.app, request.headers.get("Accept-Encoding")),
         ],
     )
     return key, response_group(route, **params)

@@ -598,3 +598,33 @@ def test_route_policies_are_validated_and_settable_from_the_environment() -> Non
         with pytest.raises(ConfigError) as info:
             load_config(env={**base, "HOTPATH_CACHE_ROUTES": bad})
         assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "gzip;q=1;q=0, identity;q=0",  # a repeated q: a coding's first q decides, not its last
+        "*;q=1;q=0, identity;q=0",
+        "gzip;q=0;q=1",
+        "GZIP;Q=1;q=0 , identity;q=0",
+    ],
+)
+async def test_accept_encoding_cannot_poison_the_shared_cache(
+    two_clients: tuple[Any, Any], hostile: str
+) -> None:
+    """The key is the coding the compression layer chose: whatever the header says, a client
+    that sent no Accept-Encoding (here or in another process, from Redis) gets identity bytes."""
+    first, second = two_clients
+    uid = await new_user(first)
+    attack = await first.get(f"/users/{uid}", headers={"Accept-Encoding": hostile})
+    assert attack.status in (200, 406)
+    for c in (first, second):
+        plain = await c.get(f"/users/{uid}", skip_auto_headers=["Accept-Encoding"])
+        assert plain.status == 200
+        assert "Content-Encoding" not in plain.headers, (hostile, plain.headers)
+        assert (await plain.read()).startswith(b"{")
+        asked = await c.get(f"/users/{uid}", headers={"Accept-Encoding": "identity"})
+        assert "Content-Encoding" not in asked.headers
+    # and the attacker's own variant is only served to a client whose header chooses the same
+    gz = await second.get(f"/users/{uid}", headers={"Accept-Encoding": "gzip"})
+    assert gz.headers.get("Content-Encoding") in (None, "gzip")
