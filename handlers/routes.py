@@ -1,5 +1,6 @@
-"""The one route table: every route named, ids constrained to digits (matched by
-server/routing.py's DigitsResource, without a regular expression)."""
+"""The one route table: every route named, ids canonical numbers (ASCII digits, no leading
+zero, at most as many digits as a bigint has; matched by server/routing.py's DigitsResource,
+without a regular expression)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from middlewares import bind, chain_for, compose
 from middlewares.request_context import Quick
 from server import routing
 from server.keys import CONFIG
+from server.routing import number
+
+USER_ID = number("user_id", 19)  # a PostgreSQL bigint has at most 19 digits
+TASK_ID = number("task_id", 19)
 
 ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/health", health.health, name="health", allow_head=True),
@@ -21,18 +26,18 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.get("/metrics", meta.metrics, name="metrics"),
     # aiohttp tries the resources under one prefix ("/users") in this order, each a coroutine
     # call: the cached reads come first, so a GET /users/{id} matches at the first try.
-    web.get(r"/users/{user_id:\d+}", users.get_user, name="user"),
-    web.get(r"/users/{user_id:\d+}/profile", users.get_profile, name="user_profile"),
-    web.patch(r"/users/{user_id:\d+}", users.update_user, name="user_update"),
-    web.delete(r"/users/{user_id:\d+}", users.delete_user, name="user_delete"),
+    web.get("/users/" + USER_ID, users.get_user, name="user"),
+    web.get("/users/" + USER_ID + "/profile", users.get_profile, name="user_profile"),
+    web.patch("/users/" + USER_ID, users.update_user, name="user_update"),
+    web.delete("/users/" + USER_ID, users.delete_user, name="user_delete"),
     web.post("/users", users.create_user, name="users_create"),
     web.get("/users", users.list_users, name="users"),
     web.get("/users/export", datasets.export_users, name="users_export"),
     web.get("/products", products.list_products, name="products"),
     web.get("/protected-endpoint", legacy.protected, name="protected"),
     web.post("/process-urls", fetch.process_urls, name="process_urls"),
-    web.get(r"/stream-json/{record_count:\d{1,12}}", datasets.stream_json, name="stream_json"),
-    web.get(r"/stream-csv/{record_count:\d{1,12}}", datasets.stream_csv, name="stream_csv"),
+    web.get("/stream-json/" + number("record_count", 12), datasets.stream_json, name="stream_json"),
+    web.get("/stream-csv/" + number("record_count", 12), datasets.stream_csv, name="stream_csv"),
     web.get("/large-dataset", datasets.large_dataset, name="large_dataset"),
     web.get("/stream-real-time", feed.stream, name="stream_real_time", allow_head=False),
     web.get("/events", feed.stream, name="events", allow_head=False),
@@ -41,12 +46,12 @@ ROUTES: tuple[web.RouteDef, ...] = (
     web.post("/send-notification", tasks.send_notification, name="send_notification"),
     web.post("/generate-report", tasks.generate_report, name="generate_report"),
     web.post("/bulk-process", tasks.bulk_process, name="bulk_process"),
-    web.get(r"/task-status/{task_id:\d{1,19}}", tasks.task_status, name="task_status"),
-    web.delete(r"/task-status/{task_id:\d{1,19}}", tasks.cancel_task, name="task_cancel"),
+    web.get("/task-status/" + TASK_ID, tasks.task_status, name="task_status"),
+    web.delete("/task-status/" + TASK_ID, tasks.cancel_task, name="task_cancel"),
     web.get("/tasks", tasks.list_tasks, name="tasks"),
-    web.get(r"/tasks/{task_id:\d{1,19}}/events", feed.task_stream, name="task_events", allow_head=False),
-    web.get(r"/reports/{report_id:\d{1,19}}", tasks.get_report, name="report"),
-    web.get(r"/expensive-calculation/{value:\d{1,9}}", cache.expensive, name="expensive_calculation"),
+    web.get("/tasks/" + TASK_ID + "/events", feed.task_stream, name="task_events", allow_head=False),
+    web.get("/reports/" + number("report_id", 19), tasks.get_report, name="report"),
+    web.get("/expensive-calculation/" + number("value", 9), cache.expensive, name="expensive_calculation"),
     web.get("/cache/stats", cache.stats, name="cache_stats"),
 )
 # Handlers that can often answer at once, with nothing to await (middlewares/request_context.py):

@@ -81,11 +81,17 @@ _RATE_HEADERS = {
     "RateLimit": {"schema": {"type": "string"}, "description": "the tightest window: r=remaining, t=seconds"},
 }
 
+
+def _number(digits: int) -> str:
+    """The pattern of a path number as server/routing.py's number() matches it."""
+    return f"^(0|[1-9][0-9]{{0,{digits - 1}}})$"
+
+
 _COUNT = {
     "name": "record_count",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": r"^\d{1,12}$"},
+    "schema": {"type": "string", "pattern": _number(12)},
     "description": "how many records (at most streaming.max_records)",
 }
 _DOWNLOAD = {
@@ -99,7 +105,7 @@ _USER_ID = {
     "name": "user_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": r"^\d+$"},
+    "schema": {"type": "string", "pattern": _number(19)},
     "description": "numeric user id",
 }
 _USER = {"$ref": "#/components/schemas/User"}
@@ -268,7 +274,7 @@ _TASK_ID = {
     "name": "task_id",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "pattern": r"^\d{1,19}$"},
+    "schema": {"type": "string", "pattern": _number(19)},
     "description": "numeric task id",
 }
 _IDEMPOTENCY = {
@@ -434,7 +440,7 @@ _TASK_PATHS: dict[str, Any] = {
                 "name": "report_id",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": r"^\d{1,19}$"},
+                "schema": {"type": "string", "pattern": _number(19)},
                 "description": "numeric report id (a completed generate_report task's result names it)",
             }
         ],
@@ -554,7 +560,7 @@ _CACHE_PATHS: dict[str, Any] = {
                     "name": "value",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "pattern": r"^\d{1,9}$"},
+                    "schema": {"type": "string", "pattern": _number(9)},
                     "description": "at most cache.expensive_max",
                 }
             ],

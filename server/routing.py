@@ -1,43 +1,51 @@
-"""Routes whose one variable is a run of digits, matched without a regular expression.
+"""Routes whose one variable is a number, matched without a regular expression.
 
-aiohttp matches a dynamic resource like `/users/{user_id:\\d+}` with a compiled pattern, then
+aiohttp matches a dynamic resource like `/users/{user_id:...}` with a compiled pattern, then
 builds the match dict from `groupdict()` and unquotes each value: about 0.7 µs a request here,
 on top of the walk over every resource registered under the same prefix. hotpath's ids are
-all of one shape (a prefix, one run of digits, an optional fixed suffix), so `DigitsResource`
-checks that shape with string methods: the prefix, the suffix, and `str.isdecimal()` on what
-lies between, which accepts exactly what the pattern's `\\d` does (Unicode category Nd) with
-the same length bounds. Everything else (url_for, the pattern in get_info, method routing,
-405s) is aiohttp's DynamicResource unchanged; tests/test_routing.py holds the two matchers to
-the same answers.
+all of one shape (a prefix, one number, an optional fixed suffix), so `DigitsResource` checks
+that shape with string methods. A number in a path is canonical: ASCII digits (Python's `\\d`
+and `str.isdecimal()` also take Arabic-Indic or fullwidth digits), no leading zero, at most
+so many digits. So `/users/0001` and `/users/%D9%A1` are not other names of user 1 (each
+with its own cache entry): they match nothing, and the catch-all answers 404. Everything
+else (url_for, the pattern in get_info, method routing, 405s) is aiohttp's DynamicResource
+unchanged; tests/test_routing.py holds the two matchers to the same answers.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import DynamicResource
 
-# a prefix ending in "/", {name:\d+} or {name:\d{1,N}}, then a suffix without variables (or none)
+__all__ = ["DigitsResource", "number", "register"]
+
+
+def number(name: str, digits: int) -> str:
+    """The path variable `{name:...}` for a canonical decimal number of 1..`digits` digits."""
+    return f"{{{name}:0|[1-9][0-9]{{0,{digits - 1}}}}}"
+
+
+# a prefix ending in "/", a number() variable, then a suffix without variables (or none)
 _SHAPE = re.compile(
-    r"(?P<prefix>/[^{}]*/)\{(?P<name>[_a-zA-Z][_a-zA-Z0-9]*):\\d(?:\+|\{1,(?P<high>[1-9][0-9]*)\})\}"
+    r"(?P<prefix>/[^{}]*/)\{(?P<name>[_a-zA-Z][_a-zA-Z0-9]*):0\|\[1-9\]\[0-9\]\{0,(?P<more>[0-9]+)\}\}"
     r"(?P<suffix>(?:/[^{}]*)?)"
 )
 
 
 class DigitsResource(DynamicResource):
-    """A DynamicResource for `prefix{name:\\d...}suffix` that matches with string methods."""
+    """A DynamicResource for `prefix{number()}suffix` that matches with string methods."""
 
     def __init__(self, path: str, *, name: str | None = None) -> None:
         shape = _SHAPE.fullmatch(path)
         if shape is None:
-            raise ValueError(f"not a prefix{{name:\\d+}}suffix path: {path!r}")
+            raise ValueError(f"not a prefix{{number()}}suffix path: {path!r}")
         super().__init__(path, name=name)  # the pattern stays: url_for, get_info, repr
         self._prefix = shape["prefix"]
         self._suffix = shape["suffix"]
         self._var = shape["name"]
-        self._high = int(shape["high"]) if shape["high"] else sys.maxsize
+        self._high = int(shape["more"]) + 1
         self._start = len(self._prefix)
         self._end = -len(self._suffix) if self._suffix else None
 
@@ -54,7 +62,10 @@ class DigitsResource(DynamicResource):
         if not path.startswith(self._prefix) or not path.endswith(self._suffix):  # "" ends all
             return None
         digits = path[self._start : self._end]
-        if not digits.isdecimal() or len(digits) > self._high:  # isdecimal: False for "" too
+        # isdigit() on an ASCII string is [0-9]; "" fails it
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > self._high:
+            return None
+        if digits[0] == "0" and len(digits) > 1:
             return None
         return {self._var: digits}
 

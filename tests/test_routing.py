@@ -7,18 +7,21 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import DynamicResource
 
 from handlers.routes import ROUTES
-from server.routing import DigitsResource, register
+from server.routing import DigitsResource, number, register
 
 SHAPES = [
-    r"/users/{user_id:\d+}",
-    r"/users/{user_id:\d+}/profile",
-    r"/stream-json/{record_count:\d{1,12}}",
-    r"/tasks/{task_id:\d{1,19}}/events",
-    r"/a/b/{n:\d{1,1}}",
+    "/users/" + number("user_id", 19),
+    "/users/" + number("user_id", 19) + "/profile",
+    "/stream-json/" + number("record_count", 12),
+    "/tasks/" + number("task_id", 19) + "/events",
+    "/a/b/" + number("n", 1),
 ]
 PATHS = [
     "/users/1",
-    "/users/0042",
+    "/users/0042",  # a leading zero: another spelling of 42, matched by neither
+    "/users/0",
+    "/users/00",
+    "/users/10",
     "/users/",
     "/users",
     "/users/1/",
@@ -32,8 +35,9 @@ PATHS = [
     "/users/-1",
     "/users/+1",
     "/users/1.0",
-    "/users/１２",  # fullwidth digits: Unicode Nd, which the pattern's \d matches too
+    "/users/１２",  # fullwidth digits: Unicode Nd, which \d would match; [0-9] does not
     "/users/١٢٣",  # Arabic-Indic digits
+    "/users/١",
     "/users/²",  # superscript two: a digit but not decimal (Nd), matched by neither
     "/users/1\n",
     "/users/%31",
@@ -43,9 +47,13 @@ PATHS = [
     "/tasks/1/events",
     "/tasks/" + "1" * 19 + "/events",
     "/tasks/" + "1" * 20 + "/events",
+    "/users/" + "9" * 19,
+    "/users/" + "9" * 20,
+    "/users/1" + "0" * 5000,
     "/tasks/1/event",
     "/tasks/events",
     "/a/b/7",
+    "/a/b/0",
     "/a/b/77",
     "/a/b/",
     "/",
@@ -69,12 +77,13 @@ def test_every_digit_route_is_a_digits_resource() -> None:
     assert type(resources["/users/{user_id}"]) is DigitsResource
     assert type(resources["/task-status/{task_id}"]) is DigitsResource
     assert type(resources["/users"]) is not DigitsResource
-    digit_paths = [r.path for r in ROUTES if "\\d" in r.path]
+    digit_paths = [r.path for r in ROUTES if "[0-9]" in r.path]
     assert digit_paths and all(DigitsResource.fits(p) for p in digit_paths)
 
 
 def test_other_shapes_are_refused() -> None:
-    for path in ["/users", r"/{tail:[\s\S]*}", r"/a/{x:\d{3}}", r"/a/{x:\d+}{y:\d+}", r"/{x:\d+}"]:
+    refused = ["/users", r"/{tail:[\s\S]*}", r"/a/{x:\d{3}}", r"/a/{x:\d+}", "/" + number("x", 3)]
+    for path in [*refused, "/a/" + number("x", 2) + number("y", 2)]:
         assert not DigitsResource.fits(path)
         with pytest.raises(ValueError):
             DigitsResource(path)
@@ -87,9 +96,12 @@ async def test_routes_resolve_and_build_urls(aiohttp_client) -> None:  # type: i
         return web.json_response({"id": request.match_info["item_id"], "method": request.method})
 
     app = web.Application()
-    register(app.router, web.get(r"/items/{item_id:\d+}", show, name="item"))
-    register(app.router, web.delete(r"/items/{item_id:\d+}", show, name="item_delete"))
-    register(app.router, web.get(r"/items/{item_id:\d{1,3}}/parts", show, name="parts", allow_head=False))
+    item = "/items/" + number("item_id", 19)
+    register(app.router, web.get(item, show, name="item"))
+    register(app.router, web.delete(item, show, name="item_delete"))
+    register(
+        app.router, web.get("/items/" + number("item_id", 3) + "/parts", show, name="parts", allow_head=False)
+    )
     client = await aiohttp_client(app)
     assert str(app.router["item"].url_for(item_id="7")) == "/items/7"
     resp = await client.get("/items/12")
