@@ -27,12 +27,14 @@ from server.config import Config, SmtpConfig
 from server.db import Database
 from server.errors import NotFound, ValidationFailed
 from server.jobs import Handler, JobContext, PermanentError
-from server.users import _EMAIL, validate_user_fields
+from server.users import is_email, validate_user_fields
 
 REPORT_TYPES = ("signups", "user-activity")
 SUBJECT_MAX = 998  # RFC 5322 line length
 CONTENT_MAX = 100_000
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab allowed in a subject, CR/LF never
+# tab allowed in a subject, CR/LF never; unpaired surrogates cannot be encoded at all
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # what jsonb and UTF-8 refuse
 BULK_CHUNK = 1000
 
 # ---------------------------------------------------------------- validation (request time)
@@ -48,7 +50,7 @@ def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
     recipient = data.get("recipient")
     if not isinstance(recipient, str) or not recipient.strip():
         errors.append({"field": "recipient", "message": "is required"})
-    elif len(recipient.strip()) > 254 or not _EMAIL.match(recipient.strip()):
+    elif not is_email(recipient.strip()):
         errors.append({"field": "recipient", "message": "must be a valid email address"})
     else:
         clean["recipient"] = recipient.strip()
@@ -62,8 +64,9 @@ def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
     content = data.get("content", "")
     if not isinstance(content, str):
         errors.append({"field": "content", "message": "must be a string"})
-    elif len(content) > CONTENT_MAX or "\x00" in content:
-        errors.append({"field": "content", "message": f"at most {CONTENT_MAX} characters, no NUL"})
+    elif len(content) > CONTENT_MAX or _UNSTORABLE.search(content):
+        message = f"at most {CONTENT_MAX} characters, no NUL or unpaired surrogates"
+        errors.append({"field": "content", "message": message})
     else:
         clean["content"] = content
     if errors:

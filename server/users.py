@@ -15,10 +15,21 @@ from server.errors import Conflict, NotFound, ValidationFailed
 NAME_MAX = 200
 EMAIL_MAX = 254
 FIELDS = ("name", "email")
-# Deliberately loose: one @, no spaces, a dot in the domain. Deliverability is the
-# mail server's business; this only catches what cannot possibly be an address.
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Characters no name or address may hold: C0 and C1 controls and DEL (PostgreSQL's text
+# refuses NUL outright; the others have no business in a name or an address and break logs
+# and mail headers), and unpaired surrogates (YAML's "\uD800" escape makes them; UTF-8,
+# orjson and PostgreSQL cannot store them).
+_UNPRINTABLE = "\x00-\x1f\x7f-\x9f\ud800-\udfff"
+_CONTROL = re.compile(f"[{_UNPRINTABLE}]")
+# Deliberately loose: one @, no spaces or controls, a dot in the domain. Deliverability is
+# the mail server's business; this only catches what cannot possibly be an address.
+_EMAIL = re.compile(f"^[^@\\s{_UNPRINTABLE}]{{1,64}}@[^@\\s.{_UNPRINTABLE}]+(\\.[^@\\s.{_UNPRINTABLE}]+)+$")
+
+
+def is_email(text: str) -> bool:
+    """An address as hotpath takes it: at most EMAIL_MAX characters, see _EMAIL."""
+    return len(text) <= EMAIL_MAX and _EMAIL.match(text) is not None
+
 
 _COLUMNS = "id, name, email, created_at, updated_at"
 SQL_INSERT = f"INSERT INTO users (name, email) VALUES ($1, $2) RETURNING {_COLUMNS}"
@@ -79,7 +90,7 @@ def validate_user_fields(data: Any, *, partial: bool) -> dict[str, str]:
             errors.append({"field": "email", "message": "must be a string"})
         else:
             email = email.strip()
-            if len(email) > EMAIL_MAX or not _EMAIL.match(email):
+            if not is_email(email):
                 errors.append({"field": "email", "message": "must be a valid email address"})
             else:
                 clean["email"] = email
