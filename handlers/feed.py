@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ from aiohttp import HttpVersion11, web
 
 from handlers.common import json_response, path_id, read_body
 from middlewares.streaming import stream_headers
+from server.auth import bearer_token, token_matches
 from server.errors import ValidationFailed
 from server.feed import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
 from server.keys import CONFIG, FEED, JOBS
@@ -171,15 +171,10 @@ async def _pump(sub: Subscriber, resp: web.StreamResponse, timeout: float) -> No
             return
 
 
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 async def publish(request: web.Request) -> web.Response:
     """POST /events: {channel, event, data} with the admin token -> {id}."""
     expected = request.app[CONFIG].feed.admin_token
-    token = _bearer(request)
+    token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         raise web.HTTPUnauthorized(
             text="send the feed admin token as Authorization: Bearer <token>",
@@ -187,7 +182,7 @@ async def publish(request: web.Request) -> web.Response:
         )
     if not expected:
         raise web.HTTPForbidden(text="publishing over HTTP is disabled (feed.admin_token is empty)")
-    if not hmac.compare_digest(token.encode(), expected.encode()):
+    if not token_matches(token, expected):
         raise web.HTTPForbidden(text="wrong token")
     body = await read_body(request)
     channel, event, data = _validate_event(body)

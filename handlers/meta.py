@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 
 import aiohttp_jinja2
 import orjson
 from aiohttp import web
 
+from server.auth import bearer_token, token_matches
 from server.keys import CONFIG, METRICS
 from server.openapi import build_spec
 
@@ -34,8 +34,7 @@ async def docs(request: web.Request) -> web.Response:
 
 def _may_read_metrics(request: web.Request, token: str) -> bool:
     if token:
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+        return token_matches(bearer_token(request.headers.get("Authorization")), token)
     if any(h in request.headers for h in _FORWARDED) or request.remote is None:
         return False
     try:
