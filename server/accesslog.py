@@ -38,7 +38,10 @@ class JsonAccessLogger(AbstractAccessLogger):
         self._sink = next((h for h in logger.handlers if isinstance(h, BufferedLineHandler)), None)
 
     def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
-        match_info = getattr(request, "match_info", None)  # a web.Request has one, a bare BaseRequest not
+        # not request.match_info: for a request the parser refused (a 400 aiohttp answers
+        # itself) that property fails an assert, and the line would be lost to a traceback;
+        # a bare BaseRequest has no match info at all
+        match_info = getattr(request, "_match_info", None)
         route = match_info.route.name if match_info is not None and match_info.route is not None else None
         line = orjson.dumps(
             {

@@ -9,7 +9,7 @@ import jinja2
 from aiohttp import web
 
 from handlers.routes import setup_routes
-from server import compression
+from server import compression, logs
 from server.config import Config, load_config
 from server.keys import COMPRESSION, CONFIG, LARGE_DATASET, METRICS, NEGOTIATOR
 from server.large_dataset import LargeDataset
@@ -38,6 +38,7 @@ def create_app(config: Config) -> web.Application:
     # route (see middlewares/__init__.py for why).
     app = web.Application(client_max_size=config.server.client_max_size)
     app[CONFIG] = config
+    logs.quiet_malformed_requests()  # a client's garbage is one INFO line, not a traceback
     app[NEGOTIATOR] = Negotiator(OFFERS)
     mcfg = config.metrics
     app[METRICS] = Metrics(Path(mcfg.shared_dir) if mcfg.shared_dir else None) if mcfg.enabled else None

@@ -7,6 +7,7 @@ import os
 import sys
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -36,3 +37,49 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs every request its parser refuses (bad request line, header, length...)
+    at ERROR with a traceback, although it is the client's error and aiohttp has answered
+    it with a 400 already. This filter, on the `aiohttp.server` logger, turns each into one
+    INFO line without the traceback, at most one a second (a flood of them is one line a
+    second, counting what it left out), so nobody can fill the log by sending garbage."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._next = 0.0
+        self._skipped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if record.created < self._next:
+            self._skipped += 1
+            return False
+        self._next = record.created + self.interval
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        reason = " ".join(str(exc.message).split())[:200] if exc.message else type(exc).__name__
+        more = f" (+{self._skipped} more since the last line)" if self._skipped else ""
+        self._skipped = 0
+        record.msg, record.args = (
+            "refused a malformed request from %s with %d: %s%s",
+            (
+                remote,
+                exc.code,
+                reason,
+                more,
+            ),
+        )
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_malformed_requests() -> None:
+    """Put one MalformedRequestFilter on aiohttp's server logger (once per process)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in logger.filters):
+        logger.addFilter(MalformedRequestFilter())
