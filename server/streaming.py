@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 
+from server.render import FORMULA_START
+
 # ---------------------------------------------------------------- synthetic records (API.md)
 # Every field is ASCII made from an integer, so the JSON and CSV text is formatted directly:
 # no dict per record, no escaping needed, and the output is byte-for-byte what orjson and
@@ -60,8 +62,10 @@ def synthetic_csv(count: int, batch: int) -> Iterator[bytes]:
 
 # ---------------------------------------------------------------- users export (PostgreSQL)
 
-# Formula-injection guard done by PostgreSQL for CSV: cells starting = + - @ tab CR get a '
-_GUARD = "CASE WHEN {c} ~ '^[=+@\\t\\r-]' THEN '''' || {c} ELSE {c} END AS {c}"
+# Formula-injection guard done by PostgreSQL for CSV: a cell that starts like a formula
+# (render.FORMULA_START) gets a leading '. In the regex class "-" goes last, where it is literal.
+_FORMULA_CLASS = "".join(c for c in FORMULA_START if c != "-").replace("\t", "\\t").replace("\r", "\\r") + "-"
+_GUARD = "CASE WHEN {c} ~ '^[" + _FORMULA_CLASS + "]' THEN '''' || {c} ELSE {c} END AS {c}"
 EXPORT_COLUMNS = "id, name, email, created_at, updated_at"
 SQL_EXPORT_JSON = (
     "SELECT row_to_json(u)::text FROM "

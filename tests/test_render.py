@@ -131,7 +131,23 @@ def test_csv_round_trip_with_quotes_commas_newlines() -> None:
     assert rows[1]["extra"] == "only here" and rows[1]["price"] == ""
 
 
-@pytest.mark.parametrize("cell", ["=1+1", "+1", "-1+cmd", "@SUM(A1)", "\tTAB", "\rCR", '=HYPERLINK("x")'])
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "=1+1",
+        "+1",
+        "-1+cmd",
+        "@SUM(A1)",
+        "\tTAB",
+        "\rCR",
+        '=HYPERLINK("x")',
+        "＝1+1",
+        "＋1",
+        "－1",
+        "＠SUM(A1)",
+        "﹫x",
+    ],
+)
 def test_csv_formula_injection_is_defused(cell: str) -> None:
     body = render.render(render.CSV, {"items": [{"v": cell}]}, COLL).decode()
     rows = list(csv.reader(io.StringIO(body, newline="")))

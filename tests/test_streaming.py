@@ -80,6 +80,12 @@ HOSTILE = [
     ("-minus", "e@example.com"),
     ("@at", "f@example.com"),
     ("Zoë ☃", "g@example.com"),
+    ("＝HYPERLINK(1)", "h@example.com"),  # fullwidth: spreadsheets read it as =
+    ("＋1", "i@example.com"),
+    ("－1", "j@example.com"),
+    ("＠SUM(1)", "k@example.com"),
+    ("﹦1", "l@example.com"),
+    ("\tTAB", "m@example.com"),
 ]
 
 
@@ -115,6 +121,9 @@ async def test_users_export_in_each_format(client: Any, cfg: Any) -> None:
     assert names["c@example.com"] == '\'=HYPERLINK("x")'  # formula-like cells defused
     assert names["d@example.com"] == "'+1 plus" and names["e@example.com"] == "'-minus"
     assert names["f@example.com"] == "'@at" and names["g@example.com"] == "Zoë ☃"
+    assert names["h@example.com"] == "'＝HYPERLINK(1)" and names["i@example.com"] == "'＋1"
+    assert names["j@example.com"] == "'－1" and names["k@example.com"] == "'＠SUM(1)"
+    assert names["l@example.com"] == "'﹦1" and names["m@example.com"] == "'\tTAB"
     empty = await client.get("/users/export?since=2999-01-01")
     assert await empty.json() == []
     assert (await client.get("/users/export?since=yesterday")).status == 422
