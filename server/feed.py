@@ -32,7 +32,7 @@ CHANNELS: tuple[str, ...] = ("ticker", "users", "tasks")
 # An event name goes on an `event:` line: no newlines, nothing a client could trip on.
 EVENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
 # Redis stream ids: "<ms>-<seq>" (a bare "<ms>" means "<ms>-0").
-_EVENT_ID = re.compile(r"(\d{1,19})(?:-(\d{1,19}))?\Z")
+_EVENT_ID = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?\Z")  # ASCII only: \d takes any Nd digit
 # WHATWG: a line ends at CRLF, LF or CR; each line of the data becomes its own data: field.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _READ_BLOCK_MS = 5000

@@ -139,7 +139,7 @@ _EVENT_STREAM = {
                 "type": "object",
                 "required": ["data"],
                 "properties": {
-                    "id": {"type": "string", "pattern": r"^\d{1,19}-\d{1,19}$"},
+                    "id": {"type": "string", "pattern": r"^[0-9]{1,19}-[0-9]{1,19}$"},
                     "event": {"type": "string"},
                     "data": {"type": "string", "description": "JSON (ticker: timestamp, value, status)"},
                     "retry": {"type": "integer", "minimum": 0},
@@ -158,13 +158,13 @@ _STREAM_PARAMS = [
     {
         "name": "last_event_id",
         "in": "query",
-        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"},
+        "schema": {"type": "string", "pattern": r"^[0-9]{1,19}(-[0-9]{1,19})?$"},
         "description": "resume after this id (the Last-Event-ID header wins when both are sent)",
     },
     {
         "name": "Last-Event-ID",
         "in": "header",
-        "schema": {"type": "string", "pattern": r"^\d{1,19}(-\d{1,19})?$"},
+        "schema": {"type": "string", "pattern": r"^[0-9]{1,19}(-[0-9]{1,19})?$"},
         "description": "resume after this id (sent by EventSource when it reconnects)",
     },
 ]
