@@ -34,6 +34,8 @@ from server.urls import mask_url
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from server.supervisor import Board
+
 log = logging.getLogger("hotpath")
 
 EXIT_CONFIG = 2
@@ -53,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # write one byte into once this worker listens.
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # ... and the board where workers say they are at their connection cap, with our slot on it.
+    parser.add_argument("--board-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -144,16 +149,20 @@ def with_embedded(config: Config, embedded: Any) -> Config | None:
 
 
 def run_server(
-    config: Config, listening: str, sock: socket.socket | None = None, ready_fd: int | None = None
+    config: Config,
+    listening: str,
+    sock: socket.socket | None = None,
+    ready_fd: int | None = None,
+    board: Board | None = None,
 ) -> int:
     """One server process: on config's host and port, or on an inherited socket."""
-    from aiohttp import web
-
     from server.accesslog import JsonAccessLogger
     from server.app import create_app
+    from server.connections import run
     from server.errors import StartupError
+    from server.supervisor import listening_socket
 
-    def started(*_: Any) -> None:
+    def started() -> None:
         log.info("%s", listening)
         if ready_fd is not None:  # tell the supervisor we accept connections now
             os.write(ready_fd, b"R")
@@ -164,20 +173,19 @@ def run_server(
     loop = new_loop()
     asyncio.set_event_loop(loop)
     try:
+        if sock is None:
+            sock = listening_socket(srv.host, srv.port, srv.backlog, inheritable=False)
         app = create_app(config)
         app.on_startup.append(freeze_startup_heap)  # after every cleanup context has opened
-        web.run_app(
+        run(
             app,
-            host=srv.host if sock is None else None,
-            port=srv.port if sock is None else None,
-            sock=sock,
-            backlog=srv.backlog,
-            keepalive_timeout=srv.keepalive_timeout,
-            shutdown_timeout=srv.shutdown_timeout,
+            sock,
+            config,
+            loop=loop,
+            board=board,
             access_log=access_logger() if srv.access_log else None,
             access_log_class=JsonAccessLogger,
-            print=started,
-            loop=loop,
+            on_listening=started,
         )
     except StartupError as exc:
         log.error("%s", exc)
@@ -188,12 +196,17 @@ def run_server(
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
         return EXIT_STARTUP
+    finally:
+        if not loop.is_closed():  # the listen failed before the loop ran
+            loop.close()
+        if sock is not None:
+            sock.close()
     return 0
 
 
 def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
     """Bind once, then keep `count` worker processes serving on that socket."""
-    from server.supervisor import Supervisor, listening_socket
+    from server.supervisor import Board, Supervisor, listening_socket
 
     srv = config.server
     try:
@@ -201,6 +214,7 @@ def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", srv.host, srv.port, exc.strerror or exc)
         return EXIT_STARTUP
+    board_fd = Board.create(count)
     env = dict(os.environ)
     # Workers use the servers this process resolved (embedded ones included), and the
     # in-process rate-limit fallback splits each limit between them unless told otherwise.
@@ -223,7 +237,13 @@ def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
     if args.config is not None:
         argv += ["--config", str(Path(args.config).resolve())]
     supervisor = Supervisor(
-        argv, count, sock, env=env, shutdown_timeout=srv.shutdown_timeout, start_timeout=srv.start_timeout
+        argv,
+        count,
+        sock,
+        env=env,
+        shutdown_timeout=srv.shutdown_timeout,
+        start_timeout=srv.start_timeout,
+        board_fd=board_fd,
     )
     log.info(
         "hotpath supervisor (pid %d) on http://%s:%s, %d workers", os.getpid(), srv.host, srv.port, count
@@ -232,22 +252,24 @@ def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
         return asyncio.run(supervisor.run())
     finally:
         sock.close()
+        os.close(board_fd)
         if temporary:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
     from server.embedded import EmbeddedServices
-    from server.supervisor import resolve_workers
+    from server.supervisor import Board, resolve_workers
 
     if args.listen_fd is not None:  # a worker of a supervisor: URLs come resolved, socket inherited
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP means "roll" to the supervisor, not to us
         sock = socket.socket(fileno=args.listen_fd)
         host, port = sock.getsockname()[:2]
         name = f"hotpath worker (pid {os.getpid()}) listening on http://{host}:{port}"
-        return run_server(config, name, sock=sock, ready_fd=args.ready_fd)
+        board = Board(args.board_fd, args.slot) if args.board_fd is not None else None
+        return run_server(config, name, sock=sock, ready_fd=args.ready_fd, board=board)
 
-    # Until run_app installs its own handlers, SIGTERM unwinds through `finally` like
+    # Until the server installs its own handlers, SIGTERM unwinds through `finally` like
     # Ctrl-C does, so embedded servers that were started are stopped.
     signal.signal(signal.SIGTERM, _raise_exit)
     embedded: EmbeddedServices | None = None

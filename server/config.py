@@ -45,6 +45,9 @@ class ServerConfig:
     backlog: int = field(default=1024, metadata=_range(1, 65535))
     keepalive_timeout: float = field(default=75.0, metadata=_range(0))
     start_timeout: float = field(default=60.0, metadata=_range(1))
+    client_header_timeout: float = field(default=10.0, metadata=_range(0.01))
+    client_body_timeout: float = field(default=30.0, metadata=_range(0.01))
+    max_connections: int = field(default=0, metadata=_range(0, 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,10 @@ _USER_ID = {
     "description": "numeric user id",
 }
 _USER = {"$ref": "#/components/schemas/User"}
+# run.py's server (server/connections.py) gives a request body server.client_body_timeout.
+_SLOW_BODY = {"408": _problem("the body did not arrive within server.client_body_timeout")}
 _BODY_ERRORS = {
+    **_SLOW_BODY,
     "400": _problem("missing or malformed body, or unknown ?format="),
     "406": _problem("nothing in Accept can be produced"),
     "413": _problem("body larger than server.client_max_size"),
@@ -203,6 +206,7 @@ _FEED_PATHS: dict[str, Any] = {
                 "400": _problem("missing or malformed body"),
                 "401": _problem("no bearer token"),
                 "403": _problem("wrong token, or publishing over HTTP is disabled"),
+                **_SLOW_BODY,
                 "413": _problem("body larger than server.client_max_size"),
                 "415": _problem("body is not JSON, msgpack or YAML"),
                 "422": _problem("unknown channel, bad event name, missing data"),
@@ -362,6 +366,7 @@ _TASK_PATHS: dict[str, Any] = {
                 "409": _problem("the Idempotency-Key was used for a different request"),
                 "400": _problem("missing or malformed body, or unknown ?format="),
                 "406": _problem("nothing in Accept can be produced"),
+                **_SLOW_BODY,
                 "413": _problem("more records than jobs.bulk_max_rows, or a body too large"),
                 "415": _problem("body is neither JSON nor CSV"),
                 "422": _problem("no records, or a bad Idempotency-Key"),
@@ -772,6 +777,7 @@ def build_spec() -> dict[str, Any]:
                     "responses": {
                         "200": _json("one result per URL", {"$ref": "#/components/schemas/FetchResponse"}),
                         "400": _problem("missing or malformed body"),
+                        **_SLOW_BODY,
                         "413": _problem("body larger than server.client_max_size"),
                         "415": _problem("body is not JSON, msgpack or YAML"),
                         "422": _problem("not an array of URLs, too many URLs, or a bad timeout"),

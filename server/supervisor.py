@@ -5,19 +5,23 @@ hands the same file descriptor to N `run.py serve --listen-fd` children, so the 
 accept queue feeds them all: when a worker stops accepting (shutdown, restart), connections
 already queued wait for the others instead of being reset, which SO_REUSEPORT's per-socket
 queues would not give us. Workers are fresh interpreters (not forks), so no loop, pool or
-client ever crosses a fork.
+client ever crosses a fork. A `Board` shared the same way tells each worker which others are
+at their connection cap (server/connections.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import mmap
 import os
 import signal
 import socket
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from server.embedded import die_with_parent
@@ -29,12 +33,63 @@ log = logging.getLogger("hotpath.supervisor")
 FATAL_AT_START = {1, 2}
 
 
-def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+def listening_socket(host: str, port: int, backlog: int, *, inheritable: bool = True) -> socket.socket:
     """The one socket every worker accepts on, inheritable by children."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=backlog)
-    sock.set_inheritable(True)
+    sock.set_inheritable(inheritable)
     return sock
+
+
+class Board:
+    """One byte per worker slot, in a file the supervisor shares with its workers: 1 = full.
+
+    A worker reaching its cap marks its byte and reads the others under one lock, so of two
+    workers filling at once exactly one sees that everybody is full (and answers 503s). A
+    worker without a supervisor has a board of its own, one byte long.
+    """
+
+    def __init__(self, fd: int | None = None, slot: int = 0) -> None:
+        self._fd = fd
+        self._slot = slot
+        self._bytes: bytearray | mmap.mmap = bytearray(1) if fd is None else mmap.mmap(fd, 0)
+
+    @staticmethod
+    def create(slots: int) -> int:
+        """A new board file for `slots` workers, everybody accepting: its descriptor."""
+        fd = os.memfd_create("hotpath-board") if hasattr(os, "memfd_create") else _temporary_fd()
+        os.ftruncate(fd, slots)
+        return fd
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._fd is None:
+            yield
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def mark(self, full: bool) -> bool:
+        """Set this worker's byte; True when every worker is full now."""
+        with self._locked():
+            self._bytes[self._slot] = 1 if full else 0
+            return self.everyone_full()
+
+    def everyone_full(self) -> bool:
+        return self._bytes.find(b"\0") == -1
+
+    def close(self) -> None:
+        if isinstance(self._bytes, mmap.mmap):
+            self._bytes.close()
+
+
+def _temporary_fd() -> int:  # pragma: no cover - platforms without memfd_create
+    fd, path = tempfile.mkstemp(prefix="hotpath-board-")
+    os.unlink(path)
+    return fd
 
 
 @dataclass(eq=False)
@@ -71,8 +126,10 @@ class Supervisor:
         start_timeout: float = 60.0,
         crash_limit: int = 5,
         crash_window: float = 60.0,
+        board_fd: int | None = None,
     ) -> None:
         self.worker_argv = list(worker_argv)
+        self.board_fd = board_fd
         self.count = count
         self.sock = sock
         self.env = env
@@ -91,10 +148,14 @@ class Supervisor:
     async def _spawn(self, slot: int) -> Worker:
         read_fd, write_fd = os.pipe()
         argv = [*self.worker_argv, "--listen-fd", str(self.sock.fileno()), "--ready-fd", str(write_fd)]
+        fds = [self.sock.fileno(), write_fd]
+        if self.board_fd is not None:  # where this worker says it is at its connection cap
+            argv += ["--board-fd", str(self.board_fd), "--slot", str(slot)]
+            fds.append(self.board_fd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                pass_fds=(self.sock.fileno(), write_fd),
+                pass_fds=fds,
                 env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 preexec_fn=die_with_parent,  # a kill -9 of the supervisor takes the workers along
