@@ -31,12 +31,15 @@ import sys
 import time
 from collections.abc import Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, cast
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from server.config import Config
@@ -223,6 +226,29 @@ class GuardedRequestHandler(RequestHandler):
                 self._body_timed_out(body)
         if upcoming and self.transport is not None:
             self._arm(min(upcoming))
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused (or to an error no middleware
+        caught) as a problem document instead of text/plain; still closing the connection."""
+        super().handle_error(request, status, exc, message)  # logs it (server/logs.py filters)
+        if isinstance(exc, HttpProcessingError) and exc.message:
+            lines = str(exc.message).strip().splitlines()
+            detail = lines[0][:200] if lines else "malformed request"
+        elif status < 500:
+            detail = "malformed request"
+        else:
+            detail = "the server could not answer this request"
+        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        body = orjson.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+        resp = web.Response(status=status, body=body, content_type="application/problem+json")
+        resp.force_close()
+        return resp
 
     def _head_timed_out(self, started: bool) -> None:
         if started and self.transport is not None:

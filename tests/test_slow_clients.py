@@ -354,3 +354,30 @@ async def test_one_worker_without_a_supervisor_applies_the_same_cap(
 
         await until(served, "a new connection served after one closed")
         assert (await refused(srv))[0] == 503  # full again
+
+
+# ------------------------------------------------------------------ requests the parser refuses
+
+
+async def test_a_malformed_request_gets_a_problem_and_one_log_line(
+    base_config: Config, tmp_path: Path
+) -> None:
+    """aiohttp answers what its parser refuses itself; through run.py that answer is a problem
+    document too, the connection closes, and the log holds one line, no traceback."""
+    async with run_py(base_config, tmp_path, 1, access_log="true") as srv:
+        for raw in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n\r\n",
+        ):
+            sock = await srv.connect()
+            await send(sock, raw)
+            answer = await until_closed(sock)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ", 2)[1] in (b"400", b"414", b"431"), head
+            assert b"Content-Type: application/problem+json" in head
+            doc = orjson.loads(body)
+            assert doc["status"] == int(head.split(b" ", 2)[1]) and doc["detail"]
+        await until(lambda: srv.lines('"status":400') >= 1, "the access log line")
+    text = srv.log.read_text()
+    assert "Traceback" not in text and "refused a malformed request" in text
