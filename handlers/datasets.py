@@ -13,8 +13,9 @@ from aiohttp import web
 
 from handlers.common import kept_response, negotiate, not_modified, render_options
 from middlewares.streaming import EncodedStream, stream_headers
-from server import negotiation, render, streaming
+from server import bounds, negotiation, render, streaming
 from server.compression import no_transform
+from server.db import local_statement_timeout
 from server.errors import EncodingNotAcceptable, ValidationFailed
 from server.keys import COMPRESSION, CONFIG, DB, LARGE_DATASET
 from server.render import Shape
@@ -122,6 +123,8 @@ def _export_type(request: web.Request) -> str:
 
 
 def _since(request: web.Request) -> dt.datetime | None:
+    """?since= in UTC, within server.bounds' range: checked here, before any SQL, so a value
+    asyncpg cannot encode (past year 9999 once in UTC) is a 422, not a failed stream."""
     raw = request.query.get("since")
     if not raw:
         return None
@@ -131,22 +134,29 @@ def _since(request: web.Request) -> dt.datetime | None:
         raise ValidationFailed(
             [{"field": "since", "message": "must be an ISO 8601 date or datetime"}]
         ) from None
-    return since if since.tzinfo else since.replace(tzinfo=dt.UTC)
+    utc = bounds.utc_instant(since)
+    if utc is None:
+        raise ValidationFailed([{"field": "since", "message": f"must be {bounds.RANGE_TEXT} (UTC)"}])
+    return utc
 
 
 async def export_users(request: web.Request) -> web.StreamResponse:
     media = _export_type(request)
     since = _since(request)
     cfg = request.app[CONFIG].streaming
+    timeout = cfg.export_timeout
     ext = {"application/json": "json", NDJSON: "ndjson", "text/csv": "csv"}[media]
     # one snapshot for the whole export: rows inserted meanwhile are not half-included
     async with (
         request.app[DB].acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
+        # an export runs as long as the client reads: the pool's statement_timeout is for requests
+        await local_statement_timeout(conn, timeout)
         if media != "text/csv":
+            array = media == "application/json"
             rows = streaming.export_json_lines(
-                conn, since, cfg.fetch_rows, cfg.chunk_size, array=media == "application/json"
+                conn, since, cfg.fetch_rows, cfg.chunk_size, array=array, timeout=timeout
             )
             return await _send(request, media, f"users.{ext}", rows)
         resp = await _open(request, "text/csv; charset=utf-8; header=present", "users.csv")
@@ -155,7 +165,7 @@ async def export_users(request: web.Request) -> web.StreamResponse:
             await _write(resp, chunk, cfg.write_timeout)
 
         try:
-            await streaming.export_csv(conn, since, write)
+            await streaming.export_csv(conn, since, write, timeout=timeout)
             await resp.write_eof()
         except (ConnectionError, _Stalled) as exc:
             return _gone(request, resp, exc)

@@ -1,7 +1,9 @@
 """Every error leaves as application/problem+json (RFC 9457); unexpected ones leak nothing.
 
 problem_for() is called by the outermost middleware (request_context), which catches what
-every layer below it raises."""
+every layer below it raises. A failure after the response's headers went out cannot be
+answered any more: abort_started() ends the connection instead (the client sees a truncated
+body, never a second response inside the first), and only the log tells what happened."""
 
 from __future__ import annotations
 
@@ -117,3 +119,40 @@ def problem_for(request: web.Request, exc: Exception) -> web.Response:
         extra={"request_id": rid},
         accept=request.headers.get("Accept"),
     )
+
+
+def response_began(request: web.Request) -> bool:
+    """True once bytes of this request's response are on their way: a handler's own prepare()
+    of a StreamResponse sends the headers at once. aiohttp's own error path asks the same."""
+    return request.writer.output_size > 0
+
+
+def abort_started(request: web.Request, exc: Exception) -> web.Response:
+    """A failure after the response began: log it with the request id and abort the
+    connection. The answer is a stand-in that never reaches the wire: aiohttp finds the
+    transport closed when it tries to send it, and drops the connection without a word. No
+    chunked terminator is written, so the client knows the body is incomplete."""
+    rid = request.get(REQUEST_ID, "-")
+    if isinstance(exc, web.HTTPException | DomainError) or as_unavailable(exc) is not None:
+        log.warning(
+            "request %s %s %s failed after its response began, connection aborted: %s: %s",
+            rid,
+            request.method,
+            request.path,
+            type(exc).__name__,
+            exc,
+        )
+    else:
+        log.error(
+            "request %s %s %s failed after its response began, connection aborted",
+            rid,
+            request.method,
+            request.path,
+            exc_info=exc,
+        )
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    stand_in = web.Response(status=500)
+    stand_in.force_close()
+    return stand_in

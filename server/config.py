@@ -56,6 +56,8 @@ class DatabaseConfig:
     min_size: int = field(default=2, metadata=_range(0, 1000))
     max_size: int = field(default=10, metadata=_range(1, 1000))
     command_timeout: float = field(default=5.0, metadata=_range(0.001))
+    statement_timeout: float = field(default=6.0, metadata=_range(0))
+    temp_file_limit: int = field(default=1024 * 1024 * 1024, metadata=_range(0))
     acquire_timeout: float = field(default=2.0, metadata=_range(0.001))
     statement_cache_size: int = field(default=256, metadata=_range(0))
     max_inactive_lifetime: float = field(default=300.0, metadata=_range(0))
@@ -136,6 +138,7 @@ class StreamingConfig:
     fetch_rows: int = field(default=2000, metadata=_range(1, 1_000_000))
     chunk_size: int = field(default=64 * 1024, metadata=_range(1024))
     write_timeout: float = field(default=30.0, metadata=_range(0.01))
+    export_timeout: float = field(default=3600.0, metadata=_range(0.01))
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,7 @@ class JobsConfig:
     )
     backoff_max: float = field(default=3600.0, metadata=_range(0))
     bulk_max_rows: int = field(default=10000, metadata=_range(1, 1_000_000))
+    bulk_timeout: float = field(default=60.0, metadata=_range(0.01))
 
     def attempts_for(self, kind: str) -> int:
         return int(self.max_attempts.get(kind, self.max_attempts.get("default", "3")))

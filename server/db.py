@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +11,22 @@ from typing import Any
 import asyncpg
 
 from server.errors import Unavailable
+
+# Parameterised so the statement stays constant (and cached); `true`: for this transaction only.
+SQL_LOCAL_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
+
+
+def milliseconds(seconds: float) -> str:
+    """A duration setting of PostgreSQL in ms; rounded up so a tiny limit never becomes 0 (none)."""
+    return str(math.ceil(seconds * 1000)) if seconds > 0 else "0"
+
+
+async def local_statement_timeout(conn: asyncpg.Connection, seconds: float) -> None:
+    """Give the transaction open on `conn` a statement_timeout of its own (the pool's applies
+    again after it): for work that is meant to take long, such as exports and imports. The
+    caller passes the same `seconds` as asyncpg's timeout of those statements, whose default
+    (database.command_timeout) would otherwise cut them short on the client's side."""
+    await conn.execute(SQL_LOCAL_TIMEOUT, milliseconds(seconds))
 
 
 class Database:

@@ -107,13 +107,14 @@ def as_unavailable(exc: BaseException) -> Unavailable | None:
     """Classify a driver exception that means "backing service unreachable" (→ 503), else None."""
     if isinstance(exc, redis_exc.ConnectionError | redis_exc.TimeoutError):
         return Unavailable("Redis is unavailable, retry shortly")
+    if isinstance(exc, asyncpg.QueryCanceledError):  # database.statement_timeout, or an operator
+        return Unavailable("the database cancelled the query (statement timeout), retry shortly")
     if isinstance(
         exc,
         asyncpg.PostgresConnectionError
         | asyncpg.CannotConnectNowError
         | asyncpg.TooManyConnectionsError
         | asyncpg.exceptions.OperatorInterventionError
-        | asyncpg.QueryCanceledError
         | asyncpg.ConnectionDoesNotExistError
         # asyncpg's protocol tripping over a server that went away mid-statement (its FATAL
         # between Parse and Bind: "cannot switch to state 12; another operation (2) is in
@@ -123,6 +124,10 @@ def as_unavailable(exc: BaseException) -> Unavailable | None:
         return Unavailable("the database is unavailable, retry shortly")
     if isinstance(exc, TimeoutError | ConnectionError):
         return Unavailable("a backing service did not answer in time, retry shortly")
+    if isinstance(exc, asyncpg.InterfaceError) and exc.__context__ is not None:
+        # leaving `async with conn.transaction()` on a connection that just died raises "the
+        # underlying connection is closed", which hides the reason it closed
+        return as_unavailable(exc.__context__)
     return None
 
 

@@ -23,8 +23,9 @@ from typing import Any
 import aiosmtplib
 import orjson
 
+from server.bounds import DATE_MIN, RANGE_TEXT, date_in_range
 from server.config import Config, SmtpConfig
-from server.db import Database
+from server.db import Database, local_statement_timeout
 from server.errors import NotFound, ValidationFailed
 from server.jobs import Handler, JobContext, PermanentError
 from server.users import is_email, validate_user_fields
@@ -36,6 +37,7 @@ CONTENT_MAX = 100_000
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # what jsonb and UTF-8 refuse
 BULK_CHUNK = 1000
+REPORT_MAX_DAYS = 3660  # a signups report spans at most 10 years (3661 rows)
 
 # ---------------------------------------------------------------- validation (request time)
 
@@ -74,21 +76,32 @@ def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
     return clean
 
 
-def _date(value: Any, name: str, errors: list[dict[str, str]]) -> str | None:
+def _date(value: Any, name: str, errors: list[dict[str, str]]) -> dt.date | None:
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
-            return dt.date.fromisoformat(value).isoformat()
+            day = dt.date.fromisoformat(value)
         except ValueError:
             pass
+        else:
+            if date_in_range(day):
+                return day
+            errors.append({"field": name, "message": f"must be a date {RANGE_TEXT}"})
+            return None
     errors.append({"field": name, "message": "must be a date (YYYY-MM-DD)"})
+    return None
+
+
+def _span_error(start: dt.date, end: dt.date) -> str | None:
+    if start > end or (end - start).days > REPORT_MAX_DAYS:
+        return "start <= end, at most 10 years apart"
     return None
 
 
 async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, Any]:
     """report_type (signups | user-activity), user_id (user-activity: an existing user),
-    start/end dates (signups; default the last 30 days)."""
+    start/end dates (signups; default the last 30 days), each within server.bounds' range."""
     errors: list[dict[str, str]] = []
     for key in data:
         if key not in ("report_type", "user_id", "start", "end"):
@@ -115,13 +128,11 @@ async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, An
     if errors:
         raise ValidationFailed(errors)
     if report_type == "signups":
-        end_d = dt.date.fromisoformat(end) if end else dt.datetime.now(dt.UTC).date()
-        try:
-            start_d = dt.date.fromisoformat(start) if start else end_d - dt.timedelta(days=29)
-        except OverflowError:  # end within 29 days of 0001-01-01
-            start_d = dt.date.min
-        if start_d > end_d or (end_d - start_d).days > 3660:
-            raise ValidationFailed([{"field": "start", "message": "start <= end, at most 10 years apart"}])
+        end_d = end or dt.datetime.now(dt.UTC).date()
+        start_d = start or max(DATE_MIN, end_d - dt.timedelta(days=29))
+        problem = _span_error(start_d, end_d)
+        if problem is not None:
+            raise ValidationFailed([{"field": "start", "message": problem}])
         return {"report_type": report_type, "start": start_d.isoformat(), "end": end_d.isoformat()}
     assert user_id is not None
     if await db.fetchval("SELECT 1 FROM users WHERE id = $1", user_id) is None:
@@ -292,11 +303,13 @@ async def generate_report(ctx: JobContext, payload: dict[str, Any]) -> Any:
     report_type = payload["report_type"]
     await ctx.progress(0, 2, "querying")
     if report_type == "signups":
+        start, end = dt.date.fromisoformat(payload["start"]), dt.date.fromisoformat(payload["end"])
+        # a job queued before these bounds were checked at request time must not run forever
+        if not (date_in_range(start) and date_in_range(end)) or _span_error(start, end):
+            raise PermanentError(f"dates out of range: {payload['start']} .. {payload['end']}")
         rows = [
             {"day": r["day"].isoformat(), "signups": r["signups"]}
-            for r in await ctx.db.fetch(
-                SQL_SIGNUPS, dt.date.fromisoformat(payload["start"]), dt.date.fromisoformat(payload["end"])
-            )
+            for r in await ctx.db.fetch(SQL_SIGNUPS, start, end)
         ]
         summary: dict[str, Any] = {
             "total": sum(r["signups"] for r in rows),
@@ -389,12 +402,17 @@ async def bulk_process(ctx: JobContext, payload: dict[str, Any]) -> Any:
         good.append((index, clean["name"], clean["email"]))
     await ctx.progress(0, total, f"{len(errors)} invalid rows; importing {len(good)}")
     written = 0
+    # The pool's limits are for short requests; an upsert may wait for rows that requests hold.
+    timeout = ctx.config.jobs.bulk_timeout
     for start in range(0, len(good), BULK_CHUNK):
         chunk = good[start : start + BULK_CHUNK]
         async with ctx.db.acquire() as conn, conn.transaction():
+            await local_statement_timeout(conn, timeout)
             await conn.execute(SQL_BULK_TEMP)
-            await conn.copy_records_to_table("bulk_users", records=[(n, e) for _i, n, e in chunk])
-            status = await conn.execute(SQL_BULK_UPSERT)
+            await conn.copy_records_to_table(
+                "bulk_users", records=[(n, e) for _i, n, e in chunk], timeout=timeout
+            )
+            status = await conn.execute(SQL_BULK_UPSERT, timeout=timeout)
         written += int(status.rsplit(" ", 1)[1])
         done = chunk[-1][0]
         await ctx.progress(done, total, f"imported {start + len(chunk)} of {len(good)} valid rows")

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import asyncpg
 
+from server.db import local_statement_timeout
+
 log = logging.getLogger("hotpath.migrations")
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 # Any constant works; it only has to be the same in every hotpath process.
 ADVISORY_LOCK_ID = 0x686F7470617468  # "hotpath"
+# Seconds a migration step may take: the wait for the advisory lock while another process
+# migrates, and each migration's statements (an index built on a large table). A constant, not
+# a setting: `run.py migrate` (a connection of its own) and the pool at start must agree, and
+# the pool's statement_timeout (database.statement_timeout, seconds) is far too short for both.
+MIGRATION_TIMEOUT = 600.0
 _NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
 
 _CREATE_TABLE = """
@@ -56,16 +63,23 @@ def discover(sql_dir: Path = SQL_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def apply_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[int]:
+async def apply_migrations(
+    conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, timeout: float = MIGRATION_TIMEOUT
+) -> list[int]:
     """Apply pending migrations; return the versions applied by this call.
 
     A session advisory lock serialises concurrent callers (several workers starting at
     once): the second waits, then finds everything applied. Each migration runs in its
-    own transaction together with its bookkeeping row.
+    own transaction together with its bookkeeping row. The lock wait and each migration
+    get `timeout` seconds, on the server (SET LOCAL statement_timeout: the connection's own
+    limit is back once each transaction ends) and in asyncpg.
     """
     migrations = discover(sql_dir)
     applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_ID)
+    # taken inside a transaction only to scope the longer limit: a session lock outlives it
+    async with conn.transaction():
+        await local_statement_timeout(conn, timeout)
+        await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_ID, timeout=timeout)
     try:
         await conn.execute(_CREATE_TABLE)
         rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
@@ -79,7 +93,8 @@ async def apply_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) ->
                     )
                 continue
             async with conn.transaction():
-                await conn.execute(m.sql)
+                await local_statement_timeout(conn, timeout)
+                await conn.execute(m.sql, timeout=timeout)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     m.version,

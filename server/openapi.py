@@ -342,8 +342,8 @@ _TASK_PATHS: dict[str, Any] = {
         [
             _q("report_type", "signups or user-activity"),
             _q("user_id", "the user (user-activity)"),
-            _q("start", "first day (signups, YYYY-MM-DD)"),
-            _q("end", "last day (signups, YYYY-MM-DD)"),
+            _q("start", "first day (signups, YYYY-MM-DD, 1970-01-01 to 2999-12-31)"),
+            _q("end", "last day (signups, YYYY-MM-DD, same range, at most 10 years after start)"),
         ],
     ),
     "/bulk-process": {
@@ -835,7 +835,8 @@ def build_spec() -> dict[str, Any]:
                             "name": "since",
                             "in": "query",
                             "schema": {"type": "string"},
-                            "description": "only users created at or after this ISO 8601 date/time",
+                            "description": "only users created at or after this ISO 8601 date/time "
+                            "(1970-01-01 to 2999-12-31 in UTC; naive values are UTC)",
                         },
                         _DOWNLOAD,
                     ],
@@ -850,7 +851,7 @@ def build_spec() -> dict[str, Any]:
                         },
                         "400": _problem("unknown format"),
                         "406": _problem("Accept names none of the export's types"),
-                        "422": _problem("since is not a date"),
+                        "422": _problem("since is not a date, or outside 1970-01-01 .. 2999-12-31"),
                         **_UNAVAILABLE,
                     },
                 }

@@ -71,19 +71,38 @@ SQL_EXPORT_JSON = (
     "SELECT row_to_json(u)::text FROM "
     f"(SELECT {EXPORT_COLUMNS} FROM users WHERE created_at >= $1 ORDER BY id) u"
 )
+# COPY takes no parameters: `since` is inlined (see _timestamptz)
 SQL_EXPORT_CSV = (
     f"SELECT id, {_GUARD.format(c='name')}, {_GUARD.format(c='email')}, created_at, updated_at "
-    "FROM users WHERE created_at >= $1 ORDER BY id"
+    "FROM users WHERE created_at >= {since} ORDER BY id"
 )
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+def _timestamptz(value: dt.datetime) -> str:
+    """`value` as a timestamptz literal, for the one statement that cannot bind it. asyncpg's
+    stand-in for parameters of COPY (prepare the query to learn its types, quote the values in
+    a second query) costs two round trips, and runs under the pool's short command timeout, so
+    an export waiting for a lock on users failed there. The ISO form of an aware datetime holds
+    only digits and -:T+. : there is nothing to quote."""
+    if value.tzinfo is None:
+        raise ValueError("an aware datetime is required")
+    return f"'{value.isoformat()}'::timestamptz"
+
+
 async def export_json_lines(
-    conn: asyncpg.Connection, since: dt.datetime | None, fetch_rows: int, chunk_size: int, *, array: bool
+    conn: asyncpg.Connection,
+    since: dt.datetime | None,
+    fetch_rows: int,
+    chunk_size: int,
+    *,
+    array: bool,
+    timeout: float,
 ) -> AsyncIterator[bytes]:
     """Users as a JSON array (array=True) or NDJSON, formatted by PostgreSQL, read through a
-    server-side cursor `fetch_rows` at a time. Must run inside a transaction."""
-    cursor = await conn.cursor(SQL_EXPORT_JSON, since or EPOCH)
+    server-side cursor `fetch_rows` at a time. Must run inside a transaction; each step of the
+    cursor may take `timeout` seconds (the pool's command timeout is for short requests)."""
+    cursor = await conn.cursor(SQL_EXPORT_JSON, since or EPOCH, timeout=timeout)
     sep = "," if array else "\n"
     first = True
     if array:
@@ -91,7 +110,7 @@ async def export_json_lines(
     pending: list[str] = []
     size = 0
     while True:
-        rows = await cursor.fetch(fetch_rows)
+        rows = await cursor.fetch(fetch_rows, timeout=timeout)
         if not rows:
             break
         for (text,) in rows:
@@ -109,8 +128,14 @@ async def export_json_lines(
 
 
 async def export_csv(
-    conn: asyncpg.Connection, since: dt.datetime | None, write: Callable[[bytes], Awaitable[None]]
+    conn: asyncpg.Connection,
+    since: dt.datetime | None,
+    write: Callable[[bytes], Awaitable[None]],
+    *,
+    timeout: float,
 ) -> None:
     """Users as CSV with a header, formatted by PostgreSQL (COPY ... TO STDOUT), each chunk
-    handed to `write` as it arrives."""
-    await conn.copy_from_query(SQL_EXPORT_CSV, since or EPOCH, output=write, format="csv", header=True)
+    handed to `write` as it arrives. `timeout` covers the whole COPY, the client's reading
+    included (asyncpg times the output callback too)."""
+    query = SQL_EXPORT_CSV.format(since=_timestamptz(since or EPOCH))
+    await conn.copy_from_query(query, output=write, format="csv", header=True, timeout=timeout)

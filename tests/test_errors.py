@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -53,7 +54,14 @@ def small_app() -> web.Application:
         await resp.write(b"chunk")
         return resp
 
+    async def stream_fails(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"first part")
+        raise Unavailable("the database went away mid-stream")
+
     app = web.Application(middlewares=[request_context_middleware])
+    app.router.add_get("/stream-fails", stream_fails)
     app.router.add_get("/boom", boom)
     app.router.add_get("/conflict", conflict)
     app.router.add_get("/invalid", invalid)
@@ -125,6 +133,28 @@ def test_as_unavailable_classifies_asyncpg_internal_client_errors() -> None:
         assert found is not None and found.status == 503 and found.headers == {"Retry-After": "1"}
         assert "database" in found.detail
     assert as_unavailable(asyncpg.InterfaceError("cannot perform operation: misuse")) is None
+
+
+def test_as_unavailable_sees_through_a_closed_connection_and_names_statement_timeouts() -> None:
+    # what leaving `async with conn.transaction()` raises when its connection just died
+    closed = asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the connection is closed")
+    closed.__context__ = asyncpg.ConnectionDoesNotExistError("connection was closed mid-operation")
+    found = as_unavailable(closed)
+    assert found is not None and found.status == 503
+    cancelled = as_unavailable(asyncpg.QueryCanceledError("canceling statement due to statement timeout"))
+    assert cancelled is not None and cancelled.status == 503 and "statement timeout" in cancelled.detail
+
+
+async def test_failure_after_prepare_aborts_instead_of_a_second_response(
+    small: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="hotpath.errors"):
+        resp = await small.get("/stream-fails", headers={"X-Request-ID": "mid-stream-1"})
+        assert resp.status == 200  # the headers had gone out
+        with pytest.raises(aiohttp.ClientPayloadError):  # a truncated chunked body
+            await resp.read()
+    logged = [r.getMessage() for r in caplog.records if "mid-stream-1" in r.getMessage()]
+    assert len(logged) == 1 and "connection aborted" in logged[0] and "went away" in logged[0]
 
 
 async def test_http_exceptions_keep_detail_and_routing_errors_are_problems(small: Any) -> None:

@@ -29,6 +29,7 @@ from server.config import Config
 from server.db import Database
 from server.job_kinds import KINDS
 from server.jobs import FINAL, Engine, JobContext, PermanentError, Runner
+from server.keys import JOBS
 from tests.conftest import PYTHON, ROOT, free_port, replace, until
 
 FAST = {"lease": 2.0, "heartbeat_interval": 0.3, "poll_interval": 0.2, "shutdown_timeout": 2.0}
@@ -380,9 +381,52 @@ async def test_user_activity_report_and_bad_requests(aiohttp_client: Any, jcfg: 
         assert resp.status == 422, bad
         assert resp.content_type == "application/problem+json"
     assert (await client.get("/reports/424242")).status == 404
-    # the earliest dates there are: a report, not an overflow
-    resp = await client.post("/generate-report", params={"report_type": "signups", "end": "0001-01-05"})
-    assert resp.status == 202
+
+
+# asyncpg sends 0001-01-01 and 9999-12-31 as -infinity and infinity: generate_series never ends
+OUT_OF_RANGE = [
+    ({"start": "0001-01-01", "end": "0001-01-05"}, {"start", "end"}),
+    ({"start": "9999-12-31", "end": "9999-12-31"}, {"start", "end"}),
+    ({"start": "0001-01-01"}, {"start"}),
+    ({"end": "9999-12-31"}, {"end"}),
+    ({"end": "0001-01-05"}, {"end"}),  # the default start would be before it
+    ({"start": "1969-12-31", "end": "1970-01-02"}, {"start"}),
+    ({"start": "2999-12-31", "end": "3000-01-01"}, {"end"}),
+]
+
+
+@pytest.mark.parametrize(("dates", "fields"), OUT_OF_RANGE)
+async def test_report_dates_out_of_range_are_422_and_enqueue_nothing(
+    client: Any, jobs_clean: None, pg: asyncpg.Pool, dates: dict[str, str], fields: set[str]
+) -> None:
+    resp = await client.post("/generate-report", params={"report_type": "signups", **dates})
+    assert resp.status == 422 and resp.content_type == "application/problem+json"
+    doc = await resp.json(content_type=None)
+    assert {e["field"] for e in doc["errors"]} == fields
+    assert all("1970-01-01 and 2999-12-31" in e["message"] for e in doc["errors"])
+    assert await pg.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_report_at_the_edges_of_the_range_completes(client: Any, jobs_clean: None) -> None:
+    for params, days in (
+        ({"start": "1970-01-01", "end": "1970-01-05"}, 5),
+        ({"end": "1970-01-03"}, 3),  # the default 30 days, cut at the start of the range
+        ({"start": "2999-12-22", "end": "2999-12-31"}, 10),
+    ):
+        resp = await client.post("/generate-report", params={"report_type": "signups", **params})
+        assert resp.status == 202, await resp.text()
+        done = await wait_task(client, (await resp.json())["task_id"])
+        assert done["status"] == "completed" and done["result"]["rows"] == days, done
+
+
+async def test_a_report_queued_with_infinite_dates_fails_at_once(client: Any, jobs_clean: None) -> None:
+    """A job accepted before the bounds existed (or written by hand) is refused by the worker
+    too, on its first attempt: no query to infinity, no retries."""
+    payload = {"report_type": "signups", "start": "9999-12-30", "end": "9999-12-31"}
+    job, _ = await client.app[JOBS].enqueue("generate_report", payload)
+    done = await wait_task(client, job.id)
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert "out of range" in done["error"]
 
 
 # ---------------------------------------------------------------- bulk_process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import secrets
 import subprocess
@@ -12,9 +13,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.migrations import ADVISORY_LOCK_ID, MigrationError, apply_migrations, discover
+from server.migrations import ADVISORY_LOCK_ID, MIGRATION_TIMEOUT, MigrationError, apply_migrations, discover
 from server.urls import with_database
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, until
 
 
 @pytest.fixture
@@ -104,3 +105,42 @@ async def test_two_processes_migrating_at_once(fresh_db: str, redis_url: str) ->
         assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(discover())
     finally:
         await conn.close()
+
+
+# A pool like the app's, with limits far shorter than what a migration is allowed to take.
+SHORT_LIMITS = {"statement_timeout": "200"}  # ms
+
+
+async def test_migrations_keep_their_longer_limit_on_a_short_pool(fresh_db: str, tmp_path: Path) -> None:
+    (tmp_path / "001_slow.sql").write_text(
+        "SELECT pg_sleep(0.6);"  # three times the pool's statement_timeout
+        "CREATE TABLE probe AS SELECT current_setting('statement_timeout')::interval AS inside;"
+    )
+    pool = await asyncpg.create_pool(
+        fresh_db, min_size=1, max_size=2, command_timeout=0.2, server_settings=SHORT_LIMITS
+    )
+    holder = await asyncpg.connect(fresh_db)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_ID)  # another process migrating
+        async with pool.acquire() as conn:
+            migrating = asyncio.ensure_future(apply_migrations(conn, tmp_path))
+
+            async def lock_waited_long() -> bool:
+                await holder.execute("SELECT pg_stat_clear_snapshot()")
+                return bool(
+                    await holder.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%pg_advisory_lock%' AND pid <> pg_backend_pid() "
+                        "AND clock_timestamp() - query_start > interval '1 second'"
+                    )
+                )
+
+            await until(lock_waited_long, "the advisory-lock wait to outlast the pool's limits")
+            await holder.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_ID)
+            assert await migrating == [1]
+            inside = await conn.fetchval("SELECT inside FROM probe")
+            assert inside == dt.timedelta(seconds=MIGRATION_TIMEOUT)
+            assert await conn.fetchval("SHOW statement_timeout") == "200ms"  # the pool's again
+    finally:
+        await holder.close()
+        await pool.close()

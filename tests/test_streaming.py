@@ -17,6 +17,7 @@ import pytest
 
 from server import streaming
 from server.app import create_app
+from server.db import Database
 from server.keys import DB
 from tests.conftest import replace, until
 
@@ -131,6 +132,41 @@ async def test_users_export_in_each_format(client: Any, cfg: Any) -> None:
     assert (await client.get("/users/export", headers={"Accept": "image/png"})).status == 406
 
 
+SINCE_OUT_OF_RANGE = [
+    "9999-12-31T23:59:59-23:59",  # past year 9999 in UTC: asyncpg cannot encode it (was a 500 mid-stream)
+    "0001-01-01T00:00:00+23:59",  # before year 1 in UTC
+    "0001-01-01",  # asyncpg's -infinity
+    "9999-12-31T23:59:59.999999",  # asyncpg's infinity
+    "1969-12-31T23:59:59Z",
+    "2999-12-31T23:00:00-01:00",  # 3000-01-01 in UTC
+]
+
+
+@pytest.mark.parametrize("since", SINCE_OUT_OF_RANGE)
+async def test_export_since_out_of_range_is_422_before_any_sql(
+    client: Any, monkeypatch: pytest.MonkeyPatch, since: str
+) -> None:
+    def no_sql(self: Database) -> Any:
+        raise AssertionError("the export reached the database")
+
+    monkeypatch.setattr(Database, "acquire", no_sql)
+    for fmt in ("json", "csv"):
+        resp = await client.get("/users/export", params={"since": since, "format": fmt})
+        assert resp.status == 422 and resp.content_type == "application/problem+json"
+        doc = await resp.json(content_type=None)
+        assert doc["errors"][0]["field"] == "since" and "1970-01-01" in doc["errors"][0]["message"]
+
+
+async def test_export_since_at_the_edges_of_the_range(client: Any, cfg: Any) -> None:
+    await seed(cfg, [("Edge", "edge@example.com")])
+    everyone = await client.get("/users/export", params={"since": "1970-01-01T00:00:00Z"})
+    assert [u["email"] for u in await everyone.json()] == ["edge@example.com"]
+    assert await (await client.get("/users/export", params={"since": "2999-12-31T23:59:59Z"})).json() == []
+    for since, rows in (("1970-01-01T01:00:00+01:00", 2), ("2999-12-31", 1)):  # header + users
+        resp = await client.get("/users/export", params={"since": since, "format": "csv"})
+        assert len((await resp.text()).splitlines()) == rows
+
+
 async def test_export_is_one_snapshot_under_concurrent_inserts(client: Any, cfg: Any) -> None:
     await seed(cfg, [(f"P{i}", f"p{i}@example.com") for i in range(3000)])
     conn = await asyncpg.connect(cfg.database.url)
@@ -206,3 +242,171 @@ async def test_stalled_client_is_dropped(
         assert received < 90_000_000  # it did not send the whole 90 MB body
     finally:
         sock.close()
+
+
+# ---------------------------------------------------------------- failures after prepare()
+
+
+async def raw_exchange(port: int, request: bytes, timeout: float = 30.0) -> bytes:
+    """Send one raw HTTP/1.1 request (keep-alive: the client does not ask for a close) and read
+    until the server closes the connection. A server that keeps it open fails the wait."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        received = bytearray()
+
+        async def drain() -> None:
+            while True:
+                try:
+                    data = await reader.read(65536)
+                except ConnectionResetError:
+                    return
+                if not data:
+                    return
+                received.extend(data)
+
+        await asyncio.wait_for(drain(), timeout)  # a bound for a hung server, not a timing claim
+        return bytes(received)
+    finally:
+        writer.close()
+
+
+def assert_aborted(raw: bytes, rid: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One response only, whose chunked body was cut off, and the failure logged with its id."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.1 200 "), raw[:300]
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body, "the stream had started: some of its body arrived"
+    assert b"HTTP/1.1" not in body and b"problem+json" not in body  # no second response inside
+    assert not body.endswith(b"0\r\n\r\n")  # never a clean end of the chunked body
+    logged = [r for r in caplog.records if rid in r.getMessage() and "connection aborted" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+
+
+def get(path: str, rid: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: {rid}\r\n\r\n".encode()
+
+
+def failing_chunks(chunks: list[bytes]) -> Any:
+    async def gen(*args: Any, **kwargs: Any) -> Any:
+        for chunk in chunks:
+            yield chunk
+        raise RuntimeError("injected failure after the stream began")
+
+    return gen
+
+
+def failing_sync_chunks(chunks: list[bytes]) -> Any:
+    def gen(*args: Any, **kwargs: Any) -> Any:
+        yield from chunks
+        raise RuntimeError("injected failure after the stream began")
+
+    return gen
+
+
+async def failing_csv(conn: Any, since: Any, write: Any, **kwargs: Any) -> None:
+    await write(b"id,name,email,created_at,updated_at\r\n")
+    await write(b"1,A,a@example.com,2026-01-01,2026-01-01\r\n")
+    raise RuntimeError("injected failure after the stream began")
+
+
+async def failing_pump(sub: Any, resp: Any, timeout: float) -> None:
+    raise RuntimeError("injected failure after the stream began")
+
+
+async def huge_then_unencodable(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    big = "x" * (300 * 1024)  # past the size at which /process-urls streams
+    return [{"url": "http://a.test/", "bytes": len(big), "data": big}, {"url": "b", "data": object()}]
+
+
+JSON_PARTS = failing_chunks([b"[", b'{"id":1}'])
+FAILURES = [  # name, what is patched, with what, the route
+    ("export-json", "server.streaming.export_json_lines", JSON_PARTS, "/users/export"),
+    ("export-ndjson", "server.streaming.export_json_lines", JSON_PARTS, "/users/export?format=ndjson"),
+    ("export-csv", "server.streaming.export_csv", failing_csv, "/users/export?format=csv"),
+    ("stream-json", "server.streaming.synthetic_json", failing_sync_chunks([b"[", b"{}"]), "/stream-json/5"),
+    (
+        "stream-csv",
+        "server.streaming.synthetic_csv",
+        failing_sync_chunks([b"id\r\n", b"1\r\n"]),
+        "/stream-csv/5",
+    ),
+    ("events", "handlers.feed._pump", failing_pump, "/events?channels=users"),
+]
+
+
+@pytest.mark.parametrize(("name", "target", "replacement", "path"), FAILURES, ids=[f[0] for f in FAILURES])
+async def test_failure_after_prepare_aborts_the_connection(
+    client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    target: str,
+    replacement: Any,
+    path: str,
+) -> None:
+    monkeypatch.setattr(target, replacement)
+    caplog.set_level(logging.WARNING)
+    rid = f"abort-{name}"
+    assert_aborted(await raw_exchange(client.port, get(path, rid)), rid, caplog)
+    assert (await client.get("/health")).status == 200  # the server itself carries on
+
+
+async def test_process_urls_failing_mid_stream_aborts_the_connection(
+    client: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("handlers.fetch.fetch_all_cached", huge_then_unencodable)
+    caplog.set_level(logging.WARNING)
+    body = b'["http://a.test/", "http://b.test/"]'
+    request = (
+        b"POST /process-urls HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: abort-fetch\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    assert_aborted(await raw_exchange(client.port, request), "abort-fetch", caplog)
+
+
+async def test_export_whose_database_connection_dies_mid_stream_is_cut_off(
+    client: Any, cfg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No patching: the export's PostgreSQL backend is terminated while the client is reading."""
+    caplog.set_level(logging.WARNING)
+    admin = await asyncpg.connect(cfg.database.url)
+    try:
+        await admin.execute(  # ~25 MB of NDJSON: far more than the socket buffers hold
+            "INSERT INTO users (name, email) "
+            "SELECT 'User ' || g, 'user' || g || '@example.com' FROM generate_series(1, 200000) g"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(get("/users/export?format=ndjson", "abort-terminated"))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await reader.readexactly(4096)  # the stream is under way; now the client stops reading
+
+        async def export_backend() -> Any:
+            return await admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND query LIKE '%row_to_json%'"
+            )
+
+        pid = await until(export_backend, "the export's backend")
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        received = bytearray()
+
+        async def drain() -> None:
+            while data := await reader.read(65536):
+                received.extend(data)
+
+        await asyncio.wait_for(drain(), 60)  # the server must close the connection
+        writer.close()
+    finally:
+        await admin.close()
+    assert b"HTTP/1.1" not in received
+    assert not received.endswith(b"0\r\n\r\n")
+    lines = received.split(b"\r\n")
+    assert len(lines) < 200000  # cut off, not complete
+    logged = [r for r in caplog.records if "abort-terminated" in r.getMessage()]
+    assert len(logged) == 1 and "connection aborted" in logged[0].getMessage()
+    await wait_idle(client.app[DB].pool)
+    assert (await client.get("/users?limit=1")).status == 200  # the pool replaced the connection
