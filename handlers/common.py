@@ -12,10 +12,18 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL
 
-from server import compression, conditional, render
-from server.errors import DomainError, EncodingNotAcceptable, NotAcceptable, NotFound, ValidationFailed
-from server.keys import COMPRESSION, CONFIG, NEGOTIATOR
+from server import bodies, compression, conditional, render
+from server.errors import (
+    DomainError,
+    EncodingNotAcceptable,
+    NotAcceptable,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
+from server.keys import COMPRESSION, CONFIG, NEGOTIATOR, YAML_PROCESS
 from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
+from server.yaml_process import YamlUnavailable
 
 JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1
@@ -25,7 +33,7 @@ _NEGOTIATED_HEADERS: dict[str, CIMultiDict[str]] = {
     media: CIMultiDict({"Content-Type": fmt.content_type, "Vary": "Accept"})
     for media, fmt in BY_MEDIA.items()
 }
-_BODY_TYPES = ", ".join(render.BODY_TYPES)
+_BODY_TYPES = ", ".join(bodies.BODY_TYPES)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -114,11 +122,16 @@ def page_link(request: web.Request, route: str, **query: str) -> str:
 def path_id(request: web.Request, name: str, what: str) -> int:
     """A numeric id from the path (the route already restricts it to digits).
 
-    Ids beyond PostgreSQL's bigint cannot exist, so they are a 404, not a driver error.
+    Ids beyond PostgreSQL's bigint cannot exist, so they are a 404, not a driver error (nor
+    a ValueError: int() refuses more than 4,300 digits, and `{id:\\d+}` takes any number).
     """
-    value = int(request.match_info[name])
+    raw = request.match_info[name]
+    try:
+        value = int(raw)
+    except ValueError:  # more than 4,300 digits
+        value = PG_BIGINT_MAX + 1
     if value > PG_BIGINT_MAX:
-        raise NotFound(f"{what} {request.match_info[name]} does not exist")
+        raise NotFound(f"{what} {raw[:40]}{'...' if len(raw) > 40 else ''} does not exist")
     return value
 
 
@@ -140,29 +153,49 @@ def query_int(
     return value
 
 
-async def read_body(request: web.Request) -> Any:
+_REQUIRED: Any = object()
+
+
+async def read_body(request: web.Request, *, empty: Any = _REQUIRED) -> Any:
     """The decoded request body: JSON (also when no Content-Type is sent), msgpack or YAML.
 
-    415 for any other type, 400 when absent or malformed, 413 (raised by aiohttp) when
-    longer than server.client_max_size.
+    415 for any other type; 400 when malformed, or when absent unless `empty` is given (then
+    returned); 413 beyond the route's limit (server.client_max_size; YAML: server.yaml_max_size,
+    as sent and as decompressed) or server.body_max_containers. YAML bodies above
+    bodies.YAML_INLINE_MAX are parsed in the app's YAML child process, off the event loop.
     """
     media = request.content_type if "Content-Type" in request.headers else JSON_TYPE
-    if media not in render.PARSERS and not media.endswith("+json"):
+    if not bodies.readable(media):
+        if empty is not _REQUIRED and not request.body_exists:
+            return empty
         accept_header = "Accept-Patch" if request.method == "PATCH" else "Accept-Post"
         raise web.HTTPUnsupportedMediaType(
             text=f"send the body as one of {_BODY_TYPES}, not {media}", headers={accept_header: _BODY_TYPES}
         )
-    body = await _read_decoded(request)
+    cfg = request.app[CONFIG].server
+    if media in bodies.YAML_TYPES:
+        limit, setting = min(cfg.yaml_max_size, cfg.client_max_size), "server.yaml_max_size"
+    else:
+        limit, setting = cfg.client_max_size, "server.client_max_size"
+    body = await read_limited(request, limit, setting)
     if not body.strip():
+        if empty is not _REQUIRED:
+            return empty
         raise web.HTTPBadRequest(text="a request body is required")
     try:
-        return render.parse_body(media, body)
-    except render.BodyError as exc:
+        if media in bodies.YAML_TYPES and len(body) > bodies.YAML_INLINE_MAX:
+            return await request.app[YAML_PROCESS].parse(body)
+        return bodies.parse_body(media, body, max_containers=cfg.body_max_containers)
+    except bodies.BodyTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except bodies.BodyError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+    except YamlUnavailable as exc:
+        raise Unavailable(str(exc)) from None
 
 
 # Content codings aiohttp's parser decodes as the body arrives (br and zstd only when their
-# libraries are installed); read_body() counts the decoded bytes and stops at the cap.
+# libraries are installed); read_limited() counts the decoded bytes and stops at the cap.
 _DECODED = frozenset({"gzip", "x-gzip", "deflate", *compression.available()})
 _ACCEPT_ENCODING = ", ".join(sorted(_DECODED - {"x-gzip"}))
 
@@ -183,39 +216,54 @@ class UnsupportedEncoding(DomainError):
         super().__init__(detail, headers={"Accept-Encoding": _ACCEPT_ENCODING})
 
 
-async def _read_decoded(request: web.Request) -> bytes:
-    """The request body, decoded when it came with a Content-Encoding we support.
-
-    The decoded size is capped (compression.request_max_size, 413 beyond): aiohttp inflates
-    a bounded amount per read, and reading stops at the cap, so a zip bomb costs at most the
-    cap in memory. A coding we cannot decode (or a stack of codings) is 415.
-    """
+def content_coding(request: web.Request) -> str | None:
+    """The request body's content coding (None: identity); 415 for one we cannot decode or a
+    stack of codings."""
     header = request.headers.get("Content-Encoding")
     if header is None:
-        return await request.read()
+        return None
     codings = [c for c in (p.strip().lower() for p in header.split(",")) if c and c != "identity"]
     if not codings:
-        return await request.read()
+        return None
     if len(codings) > 1 or codings[0] not in _DECODED:
         raise UnsupportedEncoding(f"cannot decode a body with Content-Encoding {header!r}")
-    cap = request.app[CONFIG].compression.request_max_size
-    wire_cap = request.app[CONFIG].server.client_max_size
-    if (request.content_length or 0) > wire_cap:
-        raise web.HTTPRequestEntityTooLarge(max_size=wire_cap, actual_size=request.content_length or 0)
+    return codings[0]
+
+
+async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
+    """The request body, decoded when it came with a Content-Encoding we support, at most
+    `limit` bytes as sent and as decoded: 413 beyond (naming `setting`), before reading it
+    when Content-Length says so. A decoded body also stops at compression.request_max_size.
+
+    aiohttp inflates a bounded amount per read and reading stops at the cap, so a zip bomb
+    costs at most the cap in memory. Bad coded data is 400.
+    """
+    coding = content_coding(request)
+    cap, cap_setting = limit, setting
+    ceiling = request.app[CONFIG].compression.request_max_size
+    if coding is not None and ceiling < limit:
+        cap, cap_setting = ceiling, "compression.request_max_size"
+    sent = request.content_length or 0
+    if sent > limit:
+        raise _too_large(limit, setting, sent)
     parts: list[bytes] = []
     size = 0
     try:
         while chunk := await request.content.readany():
             size += len(chunk)
             if size > cap:
-                raise PayloadTooLarge(
-                    f"the decoded body exceeds {cap} bytes (compression.request_max_size)",
-                    extra={"max_size": cap},
-                )
+                raise _too_large(cap, cap_setting, None, decoded=coding is not None)
             parts.append(chunk)
     except RequestPayloadError:
-        raise web.HTTPBadRequest(text=f"the body is not valid {codings[0]} data") from None
+        what = f"valid {coding} data" if coding else "complete"
+        raise web.HTTPBadRequest(text=f"the body is not {what}") from None
     return b"".join(parts)
+
+
+def _too_large(cap: int, setting: str, sent: int | None, *, decoded: bool = False) -> PayloadTooLarge:
+    body = "the decoded body" if decoded else "the body"
+    size = f" ({sent} bytes)" if sent is not None else ""
+    return PayloadTooLarge(f"{body}{size} exceeds {cap} bytes ({setting})", extra={"max_size": cap})
 
 
 # ------------------------------------------------------------------ kept bodies, encoded once

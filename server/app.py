@@ -29,6 +29,7 @@ from server.resources import (
     redis_ctx,
     task_publisher_ctx,
     user_batcher_ctx,
+    yaml_process_ctx,
 )
 
 
@@ -36,7 +37,9 @@ def create_app(config: Config) -> web.Application:
     """Build the application; resources open when it starts and close in reverse order."""
     # No app-level middlewares: handlers/routes.py binds middlewares.MIDDLEWARES onto each
     # route (see middlewares/__init__.py for why).
-    app = web.Application(client_max_size=config.server.client_max_size)
+    app = web.Application(
+        client_max_size=config.server.client_max_size, client_max_fields=config.server.form_max_fields
+    )
     app[CONFIG] = config
     app[NEGOTIATOR] = Negotiator(OFFERS)
     mcfg = config.metrics
@@ -50,6 +53,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(yaml_process_ctx)
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it

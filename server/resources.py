@@ -36,6 +36,7 @@ from server.keys import (
     RATE_LIMITER,
     REDIS,
     USER_BATCHER,
+    YAML_PROCESS,
 )
 from server.metrics import Family
 from server.migrations import apply_migrations
@@ -45,6 +46,7 @@ from server.resp import RespConnection
 from server.task_events import publish_task
 from server.urls import mask_url
 from server.users import get_users_by_ids
+from server.yaml_process import YamlProcess
 
 log = logging.getLogger("hotpath.resources")
 
@@ -237,6 +239,16 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP_CLIENT] = session
     yield
     await session.close()
+
+
+async def yaml_process_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The YAML child process: started by the first YAML body too big to parse on the loop,
+    ended here."""
+    cfg = app[CONFIG].server
+    parser = YamlProcess(timeout=cfg.yaml_timeout, max_containers=cfg.body_max_containers)
+    app[YAML_PROCESS] = parser
+    yield
+    await parser.close()
 
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:

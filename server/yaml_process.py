@@ -1,0 +1,180 @@
+"""YAML bodies too big to parse on the event loop go to a child process of their own.
+
+Within server.yaml_max_size (64 KiB) a YAML body costs up to ~100 ms of CPU (libyaml composes
+in C but holds the GIL throughout, and resolving and constructing each value is Python), so a
+thread would stop the loop as surely as parsing in place. The child (`python -m
+server.yaml_process`, started on first use, one per worker process) takes one body at a time
+over a pipe and answers with the value as msgpack; a body that takes longer than
+server.yaml_timeout gets the child killed (and a 413), so a hostile document costs a bounded
+amount of one other core, never the worker's loop. The child leaves when its stdin closes,
+which is also what happens when the worker dies.
+
+Frames: the child first writes one READY byte (its imports done: the timeout is the parse's
+alone). Then parent -> child: 4-byte big-endian length, body; child -> parent: 1 byte kind
+(OK, BAD, TOO_LARGE), 4-byte length, payload (the packed value, or the error message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import struct
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from server import bodies
+
+log = logging.getLogger("hotpath.yaml")
+
+_LENGTH = struct.Struct(">I")
+_ANSWER = struct.Struct(">BI")
+OK, BAD, TOO_LARGE = 0, 1, 2
+READY = b"R"
+_START_TIMEOUT = 30.0  # a cold interpreter on a loaded machine; a child never ready is killed
+_ROOT = Path(__file__).resolve().parent.parent  # where `server` is importable from
+
+
+class YamlTimeout(bodies.BodyTooLarge):
+    """The body took longer than the timeout to parse (the child was killed)."""
+
+
+class YamlUnavailable(Exception):
+    """The child process could not be started (the server's fault, not the body's: 503)."""
+
+
+class YamlProcess:
+    """The child process that parses YAML bodies for one app, started when first needed."""
+
+    def __init__(self, *, timeout: float, max_containers: int) -> None:
+        self.timeout = timeout
+        self.max_containers = max_containers
+        self.started = 0  # children started so far (a killed one is replaced on next use)
+        self.parsed = 0  # bodies the child answered
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def parse(self, body: bytes) -> Any:
+        """The value of a YAML body, parsed in the child under bodies.parse_yaml's bounds.
+
+        BodyError / BodyTooLarge as parse_yaml raises them; YamlTimeout (a BodyTooLarge) when the
+        child does not answer within the timeout; BodyError when it died on the body;
+        YamlUnavailable when no child could be started.
+        """
+        async with self._lock:
+            proc = await self._child()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    proc.stdin.write(_LENGTH.pack(len(body)) + body)
+                    await proc.stdin.drain()
+                    kind, size = _ANSWER.unpack(await proc.stdout.readexactly(_ANSWER.size))
+                    payload = await proc.stdout.readexactly(size)
+            except TimeoutError:
+                await self._kill()
+                raise YamlTimeout(
+                    f"the YAML body takes more than {self.timeout:g} s to parse (server.yaml_timeout)"
+                ) from None
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                await self._kill()
+                log.error("the YAML child process died on a body of %d bytes: %r", len(body), exc)
+                raise bodies.BodyError("the YAML body could not be parsed") from None
+            except BaseException:
+                # cancelled mid-exchange: the child's answer would be read as the next body's
+                await self._kill()
+                raise
+            self.parsed += 1
+        if kind == OK:
+            return bodies.unpack_value(payload)
+        error = bodies.BodyTooLarge if kind == TOO_LARGE else bodies.BodyError
+        raise error(payload.decode("utf-8", "replace"))
+
+    async def _child(self) -> asyncio.subprocess.Process:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc
+        if self._proc is not None:
+            await self._kill()  # reap the one that died
+        self._proc = proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server.yaml_process",
+            str(self.max_containers),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=_ROOT,
+        )
+        self.started += 1
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                ready = await proc.stdout.readexactly(len(READY))
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            await self._kill()
+            log.error("the YAML child process did not start: %r", exc)
+            raise YamlUnavailable("YAML parsing is unavailable, retry shortly") from None
+        except BaseException:
+            await self._kill()
+            raise
+        if ready != READY:  # pragma: no cover - something else wrote to the child's stdout
+            await self._kill()
+            raise YamlUnavailable(f"the YAML child process started with {ready!r}")
+        return proc
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        # shielded: a cancelled request still reaps the child it had killed
+        await asyncio.shield(proc.wait())
+
+    async def close(self) -> None:
+        """End the child: EOF on its stdin, then a kill if it does not leave within 5 s."""
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+# ---------------------------------------------------------------- the child
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO, max_containers: int) -> None:
+    """Answer every body read from `stdin` until it closes."""
+    stdout.write(READY)
+    stdout.flush()
+    while True:
+        head = stdin.read(_LENGTH.size)
+        if len(head) < _LENGTH.size:
+            return
+        (size,) = _LENGTH.unpack(head)
+        body = stdin.read(size)
+        try:
+            kind, payload = OK, bodies.pack_value(bodies.parse_yaml(body, max_containers=max_containers))
+        except bodies.BodyTooLarge as exc:
+            kind, payload = TOO_LARGE, str(exc).encode()
+        except bodies.BodyError as exc:
+            kind, payload = BAD, str(exc).encode()
+        stdout.write(_ANSWER.pack(kind, len(payload)) + payload)
+        stdout.flush()
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group: the worker above decides when this one ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
