@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import hdrs, web
+from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
-from yarl import URL
+from yarl import URL, query_to_pairs
 
 from server import bodies, compression, conditional, render
 from server.errors import (
@@ -21,9 +23,9 @@ from server.errors import (
     Unavailable,
     ValidationFailed,
 )
-from server.keys import COMPRESSION, CONFIG, NEGOTIATOR, YAML_PROCESS
+from server.keys import COMPRESSION, CONFIG, NEGOTIATOR, PARSER_PROCESS
+from server.parser_process import ParserUnavailable
 from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
-from server.yaml_process import YamlUnavailable
 
 JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1
@@ -161,8 +163,10 @@ async def read_body(request: web.Request, *, empty: Any = _REQUIRED) -> Any:
 
     415 for any other type; 400 when malformed, or when absent unless `empty` is given (then
     returned); 413 beyond the route's limit (server.client_max_size; YAML: server.yaml_max_size,
-    as sent and as decompressed) or server.body_max_containers. YAML bodies above
-    bodies.YAML_INLINE_MAX are parsed in the app's YAML child process, off the event loop.
+    as sent and as decompressed), beyond server.body_max_containers or body_max_items, or for
+    an object of more than server.body_max_fields members (no route reads more than a few,
+    and each is looked at). YAML bodies above bodies.YAML_INLINE_MAX are parsed in the app's
+    parser process, off the event loop.
     """
     media = request.content_type if "Content-Type" in request.headers else JSON_TYPE
     if not bodies.readable(media):
@@ -182,21 +186,31 @@ async def read_body(request: web.Request, *, empty: Any = _REQUIRED) -> Any:
         if empty is not _REQUIRED:
             return empty
         raise web.HTTPBadRequest(text="a request body is required")
+    limits = body_limits(request)
     try:
         if media in bodies.YAML_TYPES and len(body) > bodies.YAML_INLINE_MAX:
-            return await request.app[YAML_PROCESS].parse(body)
-        return bodies.parse_body(media, body, max_containers=cfg.body_max_containers)
+            value = await request.app[PARSER_PROCESS].yaml(body, limits)
+        else:
+            value = bodies.parse_body(media, body, limits)
     except bodies.BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
     except bodies.BodyError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    except YamlUnavailable as exc:
+    except ParserUnavailable as exc:
         raise Unavailable(str(exc)) from None
+    if isinstance(value, dict) and len(value) > cfg.body_max_fields:
+        raise PayloadTooLarge(f"the body has more than {cfg.body_max_fields} fields (server.body_max_fields)")
+    return value
 
 
-# Content codings aiohttp's parser decodes as the body arrives (br and zstd only when their
-# libraries are installed); read_limited() counts the decoded bytes and stops at the cap.
-_DECODED = frozenset({"gzip", "x-gzip", "deflate", *compression.available()})
+def body_limits(request: web.Request) -> bodies.Limits:
+    cfg = request.app[CONFIG].server
+    return bodies.Limits(containers=cfg.body_max_containers, items=cfg.body_max_items)
+
+
+# Content codings read_limited() decodes (compression.BodyDecoder: br and zstd only when
+# their libraries are installed), never past the reader's cap.
+_DECODED = frozenset(compression.REQUEST_CODINGS)
 _ACCEPT_ENCODING = ", ".join(sorted(_DECODED - {"x-gzip"}))
 
 
@@ -235,8 +249,9 @@ async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
     `limit` bytes as sent and as decoded: 413 beyond (naming `setting`), before reading it
     when Content-Length says so. A decoded body also stops at compression.request_max_size.
 
-    aiohttp inflates a bounded amount per read and reading stops at the cap, so a zip bomb
-    costs at most the cap in memory. Bad coded data is 400.
+    The app leaves bodies undecoded (create_app: auto_decompress=False) and they are decoded
+    here, never past the cap, so a zip bomb costs at most the cap, and the rest of a refused
+    body is drained by aiohttp as the raw bytes it is. Bad coded data is 400.
     """
     coding = content_coding(request)
     cap, cap_setting = limit, setting
@@ -246,18 +261,94 @@ async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
     sent = request.content_length or 0
     if sent > limit:
         raise _too_large(limit, setting, sent)
+    decoder = compression.BodyDecoder(coding) if coding is not None else None
     parts: list[bytes] = []
-    size = 0
+    raw = size = 0
     try:
         while chunk := await request.content.readany():
+            raw += len(chunk)
+            if raw > limit:  # chunked: no Content-Length to judge by
+                raise _too_large(limit, setting, None)
+            if decoder is not None:
+                chunk = decoder.decode(chunk, cap - size)
             size += len(chunk)
             if size > cap:
                 raise _too_large(cap, cap_setting, None, decoded=coding is not None)
             parts.append(chunk)
+        if decoder is not None:
+            decoder.finish()
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"the body is not valid {coding} data: {exc}") from None
     except RequestPayloadError:
-        what = f"valid {coding} data" if coding else "complete"
-        raise web.HTTPBadRequest(text=f"the body is not {what}") from None
+        raise web.HTTPBadRequest(text="the body is incomplete") from None
     return b"".join(parts)
+
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """The text fields of an x-www-form-urlencoded or multipart/form-data body (the last value
+    of a repeated name). Bounded like read_body: server.client_max_size as sent and decoded,
+    at most server.body_max_fields fields (413 beyond, counted before parsing); malformed is
+    400. A multipart file part counts as a field but is read past, never spooled to a file
+    (aiohttp's request.post() left its spooled files open when a later part was refused).
+    """
+    cfg = request.app[CONFIG].server
+    limit, max_fields = cfg.client_max_size, cfg.body_max_fields
+    too_many = PayloadTooLarge(f"more than {max_fields} form fields (server.body_max_fields)")
+    charset = request.charset or "utf-8"
+    if request.content_type != "multipart/form-data":
+        # yarl decodes UTF-8 percent-escapes in C (1 MiB of them: 1.6 ms, against
+        # urllib's 58 ms); other charsets would take urllib's way, so they are refused
+        if _codec(charset) not in ("utf-8", "ascii"):
+            raise web.HTTPUnsupportedMediaType(text=f"send the form in UTF-8, not {charset}")
+        body = (await read_limited(request, limit, "server.client_max_size")).rstrip()
+        if body and body.count(b"&") + 1 > max_fields:
+            raise too_many
+        try:
+            return dict(query_to_pairs(body.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
+    if content_coding(request) is not None:
+        raise UnsupportedEncoding("a multipart body is not decoded: send it without Content-Encoding")
+    if (request.content_length or 0) > limit:
+        raise _too_large(limit, "server.client_max_size", request.content_length)
+    fields: dict[str, str] = {}
+    parts = 0
+    try:
+        reader = await request.multipart()  # part headers bounded by aiohttp (max_field_size)
+        while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > max_fields:
+                raise too_many
+            if not isinstance(part, BodyPartReader):
+                raise web.HTTPBadRequest(text="malformed form body: a nested multipart")
+            if part.filename is not None:  # not a field of ours: read past it, within the limit
+                while await part.read_chunk():
+                    if request.content.total_bytes > limit:
+                        raise _too_large(limit, "server.client_max_size", None)
+                continue
+            data = await part.read(decode=True)  # one part: at most client_max_size
+            if request.content.total_bytes > limit:
+                raise _too_large(limit, "server.client_max_size", None)
+            if part.name is None:
+                raise web.HTTPBadRequest(text="malformed form body: a part without a name")
+            fields[part.name] = bytes(data).decode(part.get_charset(default=charset))
+    # a missing or wrong boundary, truncated or headerless parts, bad bytes, charsets or
+    # transfer encodings (aiohttp raises RuntimeError for an unknown one)
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError, RequestPayloadError) as exc:
+        raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
+    except web.HTTPRequestEntityTooLarge:  # one part over client_max_size
+        raise _too_large(limit, "server.client_max_size", None) from None
+    return fields
+
+
+def _codec(charset: str) -> str:
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return charset
 
 
 def _too_large(cap: int, setting: str, sent: int | None, *, decoded: bool = False) -> PayloadTooLarge:

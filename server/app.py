@@ -24,12 +24,12 @@ from server.resources import (
     http_client_ctx,
     jobs_ctx,
     metrics_ctx,
+    parser_process_ctx,
     pg_pool_ctx,
     ratelimit_ctx,
     redis_ctx,
     task_publisher_ctx,
     user_batcher_ctx,
-    yaml_process_ctx,
 )
 
 
@@ -38,7 +38,11 @@ def create_app(config: Config) -> web.Application:
     # No app-level middlewares: handlers/routes.py binds middlewares.MIDDLEWARES onto each
     # route (see middlewares/__init__.py for why).
     app = web.Application(
-        client_max_size=config.server.client_max_size, client_max_fields=config.server.form_max_fields
+        client_max_size=config.server.client_max_size,
+        client_max_fields=config.server.body_max_fields,
+        # request bodies are decoded by their readers, bounded (handlers/common.read_limited):
+        # aiohttp would inflate the unread rest of a refused one in full
+        handler_args={"auto_decompress": False},
     )
     app[CONFIG] = config
     app[NEGOTIATOR] = Negotiator(OFFERS)
@@ -53,7 +57,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
-    app.cleanup_ctx.append(yaml_process_ctx)
+    app.cleanup_ctx.append(parser_process_ctx)
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it

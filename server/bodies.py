@@ -1,23 +1,27 @@
-"""Request-body parsers (JSON, msgpack, YAML), each under a size, a depth and a CPU bound.
+"""Request-body parsers (JSON, msgpack, YAML, bulk CSV), each under a size, a depth and a CPU bound.
 
 Size is the caller's (handlers read at most the route's limit). Here every parser refuses
-more than `max_containers` arrays/objects (what parsing costs is mostly the Python objects it
-builds: ~0.1 µs each, against ~2 ns a byte for strings and numbers), more than MAX_BODY_DEPTH
-levels, and anything JSON cannot hold, so every handler can echo, store or publish what it
-was given. Failures are BodyError (400) or BodyTooLarge (413), never anything else.
+more arrays/objects and more values than its Limits (what parsing costs is the Python objects
+it builds: ~0.1 µs an array or object, ~10-50 ns a number or string, against ~2 ns a byte of
+text), more than MAX_BODY_DEPTH levels, and anything JSON cannot hold, so every handler can
+echo, store or publish what it was given. Failures are BodyError (400) or BodyTooLarge (413).
 
 YAML is the costly one (libyaml composes, but resolving and constructing each value is
 Python: ~1.5 ms per KiB), so it is checked on its raw bytes before any YAML parser sees it
 (precheck_yaml), then composed, then checked node by node before a single value is built.
-Bodies above YAML_INLINE_MAX are parsed in a child process (server/yaml_process.py).
+YAML bodies above YAML_INLINE_MAX, and bulk CSV above CSV_INLINE_MAX, are parsed in a child
+process (server/parser_process.py).
 
-No aiohttp here: the YAML child process imports this module.
+No aiohttp here: the parser process imports this module.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -33,8 +37,15 @@ MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack"})
 # Deepest nesting a request body may have. Ours need three or four levels; orjson writes at
 # most 254 (and reads 1024), so a deeper body echoed or stored would fail on the way out.
 MAX_BODY_DEPTH = 64
-# Arrays/objects a body may hold unless the caller says otherwise (server.body_max_containers).
-DEFAULT_MAX_CONTAINERS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one body may hold: arrays/objects (server.body_max_containers) and values, the
+    items of arrays and members of objects (server.body_max_items)."""
+
+    containers: int = 4096
+    items: int = 65536
 
 
 class BodyError(ValueError):
@@ -107,16 +118,23 @@ def _too_many(max_containers: int) -> BodyTooLarge:
     return BodyTooLarge(f"the body holds more than {max_containers} arrays/objects")
 
 
+def _too_many_items(max_items: int) -> BodyTooLarge:
+    return BodyTooLarge(f"the body holds more than {max_items} values")
+
+
 # ---------------------------------------------------------------- JSON
 
 
-def parse_json(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> Any:
-    """orjson under our bounds. Every '[' and '{' byte counts towards `max_containers`, those
-    inside strings too (an upper bound found at memchr speed, before a single object is
-    built); orjson itself refuses more than 1024 levels and numbers beyond a double."""
+def parse_json(body: bytes, limits: Limits = Limits()) -> Any:
+    """orjson under our bounds, counted on the bytes before a single object is built (at
+    memchr speed): every '[' and '{' counts as an array/object and every ',' as a value, those
+    inside strings too. orjson itself refuses more than 1024 levels and numbers beyond a
+    double."""
     brackets = body.count(b"[") + body.count(b"{")
-    if brackets > max_containers:
-        raise _too_many(max_containers)
+    if brackets > limits.containers:
+        raise _too_many(limits.containers)
+    if body.count(b",") > limits.items:  # values = commas + non-empty arrays/objects
+        raise _too_many_items(limits.items)
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -131,28 +149,41 @@ def parse_json(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> 
 # ---------------------------------------------------------------- msgpack
 
 
-def parse_msgpack(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> Any:
+def parse_msgpack(body: bytes, limits: Limits = Limits()) -> Any:
     """msgpack's C unpacker (its own stack stops at 1024 levels; lengths are checked against
-    the buffer, so a header claiming 2^32 items allocates nothing), counting containers as
-    they are built and stopping at the first one over the bound."""
-    count = 0
+    the buffer, so a header claiming 2^32 items allocates nothing). No array or map may
+    announce more than `limits.items` values (refused before it is built), and arrays/objects
+    and values are counted as they are built, stopping at the first one over a bound."""
+    containers = items = 0
 
     def counted(container: Any) -> Any:
-        nonlocal count
-        count += 1
-        if count > max_containers:
-            raise _too_many(max_containers)
+        nonlocal containers, items
+        containers += 1
+        items += len(container)
+        if containers > limits.containers:
+            raise _too_many(limits.containers)
+        if items > limits.items:
+            raise _too_many_items(limits.items)
         return container
 
     try:
         value = msgpack.unpackb(
-            body, raw=False, strict_map_key=True, timestamp=3, list_hook=counted, object_hook=counted
+            body,
+            raw=False,
+            strict_map_key=True,
+            timestamp=3,
+            list_hook=counted,
+            object_hook=counted,
+            max_array_len=limits.items,
+            max_map_len=limits.items,
         )
     except BodyError:
         raise
     except msgpack.StackError:
         raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep") from None
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
+            raise _too_many_items(limits.items) from None
         raise BodyError(f"the body is not valid msgpack: {exc}") from None
     check_json_like(value)
     return value
@@ -197,12 +228,12 @@ _BRACKET_RUNS = re.compile(rb"\[+|\]+")
 _TOO_DEEP_RUN = b"[" * (MAX_BODY_DEPTH + 1)
 
 
-def precheck_yaml(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> None:
+def precheck_yaml(body: bytes, limits: Limits = Limits()) -> None:
     """Bound a YAML body on its raw bytes, before any YAML parser sees it (linear, ~1 ms for
     64 KiB at worst, nearly all of it in C).
 
     Flow nesting: every '[' or '{' counts as an opener (an upper bound on the flow
-    collections, so it is refused past `max_containers`: it also bounds any depth a parser can
+    collections, so it is refused past `limits.containers`: it also bounds any depth a parser can
     reach), and the running depth (openers minus closers, never below 0, quoting ignored) may
     not pass MAX_BODY_DEPTH. Block nesting: see _DEEP_BLOCK. Also refused: anchors, aliases
     and tags where a token may start, directives, integers longer than 64 bits, non-UTF-8.
@@ -218,8 +249,8 @@ def precheck_yaml(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) 
     openers = brackets.count(b"[")
     if _TOO_DEEP_RUN in brackets:
         raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
-    if openers > max_containers:
-        raise _too_many(max_containers)
+    if openers > limits.containers:
+        raise _too_many(limits.containers)
     if openers > MAX_BODY_DEPTH:  # else the running depth cannot pass it: no walk
         depth = 0
         for run in _BRACKET_RUNS.finditer(brackets):  # at most 2 * openers + 1 runs
@@ -255,12 +286,13 @@ _ALLOWED_TAGS = frozenset(
 _MAX_INT_TEXT = 24
 
 
-def _check_nodes(root: yaml.Node, max_containers: int) -> None:
+def _check_nodes(root: yaml.Node, limits: Limits) -> None:
     """The exact rules, on the composed document before any value is built: no node reached
     twice (aliases: a billion laughs is small as nodes but exponential as values), only the
-    tags above, string keys, integers of at most 64 bits' length, depth and container count."""
+    tags above, string keys, integers of at most 64 bits' length, depth, and the counts of
+    collections and of values."""
     seen: set[int] = set()
-    containers = 0
+    containers = items = 0
     stack: list[tuple[yaml.Node, int]] = [(root, 1)]
     while stack:
         node, depth = stack.pop()
@@ -274,8 +306,11 @@ def _check_nodes(root: yaml.Node, max_containers: int) -> None:
                 raise BodyError("an integer in the body is outside the 64-bit range")
             continue
         containers += 1
-        if containers > max_containers:
-            raise _too_many(max_containers)
+        items += len(node.value)
+        if containers > limits.containers:
+            raise _too_many(limits.containers)
+        if items > limits.items:
+            raise _too_many_items(limits.items)
         if depth > MAX_BODY_DEPTH:
             raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
         if isinstance(node, yaml.MappingNode):
@@ -288,16 +323,16 @@ def _check_nodes(root: yaml.Node, max_containers: int) -> None:
             stack.extend((child, depth + 1) for child in node.value)
 
 
-def parse_yaml(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> Any:
+def parse_yaml(body: bytes, limits: Limits = Limits()) -> Any:
     """A YAML body through precheck_yaml, the (C) safe loader and _check_nodes; then the value
     passes check_json_like like every other format's."""
-    precheck_yaml(body, max_containers=max_containers)
+    precheck_yaml(body, limits)
     loader = _YamlLoaderBase(body)
     try:
         node = loader.get_single_node()
         if node is None:  # a document of comments only
             return None
-        _check_nodes(node, max_containers)
+        _check_nodes(node, limits)
         value = loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise BodyError(f"the body is not valid YAML: {' '.join(str(exc).split())}") from None
@@ -312,19 +347,19 @@ def parse_yaml(body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> 
 # ---------------------------------------------------------------- by media type
 
 
-def parse_body(media_type: str, body: bytes, *, max_containers: int = DEFAULT_MAX_CONTAINERS) -> Any:
+def parse_body(media_type: str, body: bytes, limits: Limits = Limits()) -> Any:
     """Decode a request body by its media type (`+json` suffixes count as JSON).
 
     Whatever the format, the result is data JSON can hold nested at most MAX_BODY_DEPTH deep,
-    with at most `max_containers` arrays/objects. Raises KeyError for a type we do not read,
-    BodyError (BodyTooLarge) for a malformed body or one outside those bounds.
+    within `limits`. Raises KeyError for a type we do not read, BodyError (BodyTooLarge) for
+    a malformed body or one outside those bounds.
     """
     if media_type == JSON or media_type.endswith("+json"):
-        return parse_json(body, max_containers=max_containers)
+        return parse_json(body, limits)
     if media_type in MSGPACK_TYPES:
-        return parse_msgpack(body, max_containers=max_containers)
+        return parse_msgpack(body, limits)
     if media_type in YAML_TYPES:
-        return parse_yaml(body, max_containers=max_containers)
+        return parse_yaml(body, limits)
     raise KeyError(media_type)
 
 
@@ -335,6 +370,53 @@ def readable(media_type: str) -> bool:
 
 _READABLE = frozenset({JSON, *MSGPACK_TYPES, *YAML_TYPES})
 BODY_TYPES: tuple[str, ...] = (JSON, MSGPACK, YAML)
+
+
+# ---------------------------------------------------------------- bulk CSV
+
+# Bulk CSV bodies up to this size are parsed where they are read: ~0.7 µs a row (the csv
+# module's and the dict's), so 4 KiB of the shortest rows (",\n") take ~1.4 ms; bigger ones
+# go to the parser process.
+CSV_INLINE_MAX = 4 * 1024
+# Columns a bulk CSV row may have (records need two: name, email). The csv module builds
+# every field of a row before we can count them: a 2 MiB row of commas costs ~20 ms, which
+# only the parser process (or an inline body of at most CSV_INLINE_MAX) ever pays.
+CSV_MAX_COLUMNS = 32
+
+
+def parse_csv_records(body: bytes, max_rows: int) -> list[dict[str, str]]:
+    """Records from a CSV document whose header row names the fields (as csv.DictReader
+    gives them: fields past the header dropped, missing ones left out, blank lines skipped).
+
+    BodyError when it is not UTF-8 CSV or a row has more than CSV_MAX_COLUMNS columns;
+    BodyTooLarge past 2 * (max_rows + 1) lines. At most max_rows + 1 records are built: the
+    caller answers more than max_rows with 413.
+    """
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BodyError("CSV must be UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[dict[str, str]] = []
+    max_lines = 2 * (max_rows + 1)  # blank lines are skipped, but not for free
+    try:
+        header = next(reader, None)
+        if not header:
+            raise BodyError("CSV needs a header row (name,email)")
+        if len(header) > CSV_MAX_COLUMNS:
+            raise BodyError(f"a CSV row has more than {CSV_MAX_COLUMNS} columns")
+        for row in reader:
+            if reader.line_num > max_lines:
+                raise BodyTooLarge(f"the CSV has more than {max_lines} lines")
+            if len(row) > CSV_MAX_COLUMNS:
+                raise BodyError(f"a CSV row has more than {CSV_MAX_COLUMNS} columns")
+            if row:
+                rows.append(dict(zip(header, row, strict=False)))
+                if len(rows) > max_rows:
+                    break
+    except csv.Error as exc:
+        raise BodyError(f"malformed CSV: {exc}") from None
+    return rows
 
 
 # ---------------------------------------------------------------- values across a pipe

@@ -41,9 +41,10 @@ class ServerConfig:
     access_log: bool = False
     client_max_size: int = field(default=1024 * 1024, metadata=_range(1024))
     yaml_max_size: int = field(default=64 * 1024, metadata=_range(1024))
-    yaml_timeout: float = field(default=2.0, metadata=_range(0.01))
+    parser_timeout: float = field(default=2.0, metadata=_range(0.01))
     body_max_containers: int = field(default=4096, metadata=_range(1))
-    form_max_fields: int = field(default=16, metadata=_range(1))
+    body_max_items: int = field(default=65536, metadata=_range(1))
+    body_max_fields: int = field(default=16, metadata=_range(1))
     shutdown_timeout: float = field(default=10.0, metadata=_range(0))
     workers: int = field(default=0, metadata=_range(0, 1024))
     backlog: int = field(default=1024, metadata=_range(1, 65535))

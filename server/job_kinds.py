@@ -8,10 +8,8 @@ under its job id (a retry overwrites it); a bulk import upserts by email.
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
 import email.utils
-import io
 import os
 import re
 import ssl
@@ -127,49 +125,25 @@ async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, An
     return {"report_type": report_type, "user_id": user_id}
 
 
-# Columns a bulk CSV may have (records need two: name, email): a longer row costs the csv
-# module its every field before we could look at it, so rows are measured on the bytes first.
-BULK_MAX_COLUMNS = 32
-_WIDE_CSV_ROW = re.compile(rb"(?:\A|[\r\n])(?:[^,\r\n]*,){%d}" % BULK_MAX_COLUMNS)
+def bulk_limits(max_rows: int, limits: bodies.Limits) -> bodies.Limits:
+    """A bulk body's allowance: an object and a few values per record beside the usual one."""
+    return bodies.Limits(containers=max_rows + limits.containers, items=8 * max_rows + limits.items)
 
 
-def parse_bulk(content_type: str, body: bytes, max_rows: int, max_containers: int | None = None) -> list[Any]:
+def parse_bulk(
+    content_type: str, body: bytes, max_rows: int, limits: bodies.Limits | None = None
+) -> list[Any]:
     """Records from a JSON array or a CSV document (header row naming the fields).
 
-    ValueError for a body that is neither; bodies.BodyTooLarge (a ValueError) for one holding
-    more than `max_containers` arrays/objects (default: max_rows plus the usual allowance) or
-    CSV lines beyond twice max_rows. At most max_rows + 1 records are built; the caller maps
-    more than max_rows to 413. JSON records pass bodies' depth and JSON-ability checks, so
-    whatever is accepted here can be stored as the job's payload.
+    bodies.BodyError (a ValueError) for a body that is neither or breaks a bound,
+    bodies.BodyTooLarge beyond `limits` (default: bulk_limits over bodies' defaults). At most
+    max_rows + 1 CSV records are built; the caller maps more than max_rows to 413. JSON records
+    pass bodies' depth and JSON-ability checks, so what is accepted here can be stored as the
+    job's payload.
     """
     if content_type == "text/csv":
-        try:
-            text = body.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ValueError("CSV must be UTF-8") from None
-        if _WIDE_CSV_ROW.search(body):  # commas inside quoted fields count too
-            raise ValueError(f"a CSV row has more than {BULK_MAX_COLUMNS} columns")
-        reader = csv.reader(io.StringIO(text, newline=""))
-        rows: list[Any] = []
-        max_lines = 2 * (max_rows + 1)  # blank lines are skipped, but not for free
-        try:
-            header = next(reader, None)
-            if not header:
-                raise ValueError("CSV needs a header row (name,email)")
-            for row in reader:
-                if reader.line_num > max_lines:
-                    raise bodies.BodyTooLarge(f"the CSV has more than {max_lines} lines")
-                if not row:
-                    continue
-                # fields past the header are dropped, missing ones left out (as csv.DictReader)
-                rows.append(dict(zip(header, row, strict=False)))
-                if len(rows) > max_rows:
-                    break
-        except csv.Error as exc:
-            raise ValueError(f"malformed CSV: {exc}") from None
-        return rows
-    containers = max_rows + bodies.DEFAULT_MAX_CONTAINERS if max_containers is None else max_containers
-    data = bodies.parse_json(body, max_containers=containers)  # BodyError is a ValueError
+        return bodies.parse_csv_records(body, max_rows)
+    data = bodies.parse_json(body, limits or bulk_limits(max_rows, bodies.Limits()))
     if isinstance(data, dict) and isinstance(data.get("records"), list) and len(data) == 1:
         data = data["records"]
     if not isinstance(data, list):

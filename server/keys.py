@@ -19,9 +19,9 @@ from server.jobs import Engine, Runner
 from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
+from server.parser_process import ParserProcess
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
-from server.yaml_process import YamlProcess
 
 CONFIG = web.AppKey("hotpath.config", Config)
 DB = web.AppKey("hotpath.db", Database)
@@ -37,8 +37,8 @@ HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 FEED = web.AppKey("hotpath.feed", Feed)
-# Parses YAML bodies above bodies.YAML_INLINE_MAX off the event loop (a child process).
-YAML_PROCESS = web.AppKey("hotpath.yaml_process", YamlProcess)
+# Parses YAML and bulk CSV bodies too costly for the event loop (a child process).
+PARSER_PROCESS = web.AppKey("hotpath.parser_process", ParserProcess)
 
 # None when metrics.enabled is off: the request middleware then counts nothing.
 METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")

@@ -33,20 +33,20 @@ from server.keys import (
     FETCH_GUARD,
     HTTP_CLIENT,
     METRICS,
+    PARSER_PROCESS,
     RATE_LIMITER,
     REDIS,
     USER_BATCHER,
-    YAML_PROCESS,
 )
 from server.metrics import Family
 from server.migrations import apply_migrations
+from server.parser_process import ParserProcess
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
 from server.resp import RespConnection
 from server.task_events import publish_task
 from server.urls import mask_url
 from server.users import get_users_by_ids
-from server.yaml_process import YamlProcess
 
 log = logging.getLogger("hotpath.resources")
 
@@ -241,12 +241,11 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def yaml_process_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The YAML child process: started by the first YAML body too big to parse on the loop,
-    ended here."""
-    cfg = app[CONFIG].server
-    parser = YamlProcess(timeout=cfg.yaml_timeout, max_containers=cfg.body_max_containers)
-    app[YAML_PROCESS] = parser
+async def parser_process_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The parser process: started by the first body too costly to parse on the loop, ended
+    here."""
+    parser = ParserProcess(timeout=app[CONFIG].server.parser_timeout)
+    app[PARSER_PROCESS] = parser
     yield
     await parser.close()
 
