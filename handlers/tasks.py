@@ -132,7 +132,8 @@ async def bulk_process(request: web.Request) -> web.Response:
     except ParserUnavailable as exc:
         raise Unavailable(str(exc)) from None
     if len(records) > max_rows:
-        raise web.HTTPRequestEntityTooLarge(max_size=max_rows, actual_size=len(records))
+        detail = f"more than {max_rows} records (jobs.bulk_max_rows)"
+        raise PayloadTooLarge(detail, extra={"max_rows": max_rows})
     if not records:
         raise ValidationFailed([{"field": "", "message": "no records"}], "no records to import")
     estimate = round(0.5 + len(records) / 20000, 1)
