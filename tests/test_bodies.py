@@ -23,6 +23,7 @@ from server import bodies, compression
 from server.app import create_app
 from server.config import Config
 from server.keys import PARSER_PROCESS
+from server.parser_process import ParserProcess
 from tests.conftest import replace
 
 YAML = {"Content-Type": "application/yaml"}
@@ -361,3 +362,23 @@ async def test_forms_in_other_charsets_are_415(client: Any) -> None:
     await problem(
         await client.post("/send-notification", data=b"recipient=a%40example.com", headers=headers), 415
     )
+
+
+async def test_a_parse_cancelled_midway_does_not_confuse_the_next() -> None:
+    """The child's answer to a cancelled request must not be read as the next one's: the child
+    is killed, and the next body gets a new one."""
+    parser = ParserProcess(timeout=30.0)
+    try:
+        padded = b"a: 1\n" + b"#" * 2000
+        assert await parser.yaml(padded, bodies.Limits()) == {"a": 1}  # the child is up
+        slow = asyncio.ensure_future(parser.yaml(b"[" + b"1," * 30000 + b"1]", bodies.Limits()))
+        for _ in range(3):  # the body goes out; the child takes ~0.1 s over it
+            await asyncio.sleep(0)
+        assert not slow.done()
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert await parser.yaml(padded, bodies.Limits()) == {"a": 1}
+        assert parser.started == 2 and parser.parsed == 2
+    finally:
+        await parser.close()
