@@ -206,14 +206,26 @@ def _deep(value: Any, fmt: str) -> bytes:
     return b"".join(opening) + inner + b"".join(reversed(closing))
 
 
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def encode(fmt: str, value: Any) -> tuple[str, bytes]:
     """(Content-Type, body) for `value` in `fmt`; the encoders are the lenient ones (NaN,
-    integers of any size), so what reaches the server is whatever a client could send."""
-    try:
-        return _encode(fmt, value)
-    except RecursionError:
+    integers of any size), so what reaches the server is whatever a client could send.
+    Values too deep for the encoders' recursion are written by hand: a RecursionError caught
+    in C code unsettles CPython 3.11 (later compiles fail with "AST constructor recursion
+    depth mismatch")."""
+    if _depth(value) > 100:
         types = {"msgpack": "application/vnd.msgpack", "yaml": "application/yaml"}
         return types.get(fmt, "application/json"), _deep(value, fmt)
+    return _encode(fmt, value)
 
 
 def _encode(fmt: str, value: Any) -> tuple[str, bytes]:
