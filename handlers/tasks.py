@@ -7,13 +7,25 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
-from server import job_kinds
-from server.errors import ValidationFailed
+from handlers.common import (
+    FORM_TYPES,
+    PayloadTooLarge,
+    body_limits,
+    negotiate,
+    page_link,
+    path_id,
+    query_int,
+    read_body,
+    read_form,
+    read_limited,
+    represent,
+)
+from server import bodies, job_kinds
+from server.errors import Unavailable, ValidationFailed
 from server.jobs import STATES, Job
-from server.keys import CONFIG, DB, JOBS
+from server.keys import CONFIG, DB, JOBS, PARSER_PROCESS
+from server.parser_process import ParserUnavailable
 from server.render import Shape
 
 TASK = Shape("task")
@@ -21,12 +33,12 @@ TASKS = Shape("tasks", rows="items")
 REPORT = Shape("report", rows="rows")
 PAGE_DEFAULT = 50
 PAGE_MAX = 200
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 # Visible ASCII, 1-255 characters (what Stripe and the IETF draft accept in practice).
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _CSV = "text/csv"
 # Rough seconds per job kind for `estimated_time` (a hint for pollers, not a promise).
 _ESTIMATE = {"send_notification": 1, "generate_report": 2}
+_NO_BODY: Any = object()
 
 
 def _status_url(request: web.Request, job_id: int) -> str:
@@ -50,17 +62,13 @@ async def _fields(request: web.Request) -> dict[str, Any]:
     fields: dict[str, Any] = {k: v for k, v in request.query.items() if k not in ("format", "pretty")}
     if not request.body_exists:
         return fields
-    if request.content_type in _FORM_TYPES:  # before read(): multipart streams the body itself
-        try:
-            form = await request.post()
-        # a missing or wrong boundary, truncated or headerless parts, bad bytes or charsets
-        except (ValueError, LookupError, HttpProcessingError) as exc:
-            raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
-        fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+    if request.content_type in FORM_TYPES:
+        fields.update(await read_form(request))
         return fields
-    if not (await request.read()).strip():  # an empty body beside query parameters (old clients)
+    # an empty body beside query parameters is what the old clients send
+    body = await read_body(request, empty=_NO_BODY)
+    if body is _NO_BODY:
         return fields
-    body = await read_body(request)  # read() keeps the bytes: this parses the same body
     if not isinstance(body, Mapping):
         detail = "the body must be an object"
         raise ValidationFailed([{"field": "", "message": detail}], detail)
@@ -100,22 +108,32 @@ async def generate_report(request: web.Request) -> web.Response:
 
 async def bulk_process(request: web.Request) -> web.Response:
     media = negotiate(request)
-    max_rows = request.app[CONFIG].jobs.bulk_max_rows
+    config = request.app[CONFIG]
+    max_rows = config.jobs.bulk_max_rows
     ctype = request.content_type if "Content-Type" in request.headers else "application/json"
     if ctype not in ("application/json", _CSV):
         raise web.HTTPUnsupportedMediaType(
             text=f"send a JSON array or text/csv, not {ctype}",
             headers={"Accept-Post": f"application/json, {_CSV}"},
         )
-    body = await request.read()
+    body = await read_limited(request, config.jobs.bulk_max_size, "jobs.bulk_max_size")
     if not body.strip():
         raise web.HTTPBadRequest(text="a request body is required")
     try:
-        records = job_kinds.parse_bulk(ctype, body, max_rows)
+        if ctype == _CSV and len(body) > bodies.CSV_INLINE_MAX:  # Python per row: off the loop
+            records: list[Any] = await request.app[PARSER_PROCESS].csv(body, max_rows)
+        else:  # orjson: ~8 ms for 2 MiB of records, in C (a thread would not free the loop)
+            limits = job_kinds.bulk_limits(max_rows, body_limits(request))
+            records = job_kinds.parse_bulk(ctype, body, max_rows, limits)
+    except bodies.BodyTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+    except ParserUnavailable as exc:
+        raise Unavailable(str(exc)) from None
     if len(records) > max_rows:
-        raise web.HTTPRequestEntityTooLarge(max_size=max_rows, actual_size=len(records))
+        detail = f"more than {max_rows} records (jobs.bulk_max_rows)"
+        raise PayloadTooLarge(detail, extra={"max_rows": max_rows})
     if not records:
         raise ValidationFailed([{"field": "", "message": "no records"}], "no records to import")
     estimate = round(0.5 + len(records) / 20000, 1)

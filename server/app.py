@@ -24,6 +24,7 @@ from server.resources import (
     http_client_ctx,
     jobs_ctx,
     metrics_ctx,
+    parser_process_ctx,
     pg_pool_ctx,
     ratelimit_ctx,
     redis_ctx,
@@ -36,7 +37,13 @@ def create_app(config: Config) -> web.Application:
     """Build the application; resources open when it starts and close in reverse order."""
     # No app-level middlewares: handlers/routes.py binds middlewares.MIDDLEWARES onto each
     # route (see middlewares/__init__.py for why).
-    app = web.Application(client_max_size=config.server.client_max_size)
+    app = web.Application(
+        client_max_size=config.server.client_max_size,
+        client_max_fields=config.server.body_max_fields,
+        # request bodies are decoded by their readers, bounded (handlers/common.read_limited):
+        # aiohttp would inflate the unread rest of a refused one in full
+        handler_args={"auto_decompress": False},
+    )
     app[CONFIG] = config
     logs.quiet_malformed_requests()  # a client's garbage is one INFO line, not a traceback
     app[NEGOTIATOR] = Negotiator(OFFERS)
@@ -51,6 +58,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
+    app.cleanup_ctx.append(parser_process_ctx)
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it

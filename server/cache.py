@@ -156,11 +156,21 @@ def _hit(entry: Entry, source: str, raise_missing: bool) -> Hit[Any]:
     return Hit(None, source, entry.etag, entry.missing)
 
 
+def _normal_param(value: object) -> str:
+    # isdecimal, what a route's \\d matches (isdigit also takes "²", which int() refuses)
+    if isinstance(value, str) and value.isdecimal():
+        try:
+            return str(int(value))
+        except ValueError:  # beyond int()'s 4,300 digits: no id is that long, it stays as sent
+            return value
+    return str(value)
+
+
 def response_group(route: str, **params: object) -> str:
     """The group of every cached variant (representation, query, encoding) of one route's
     response for these path parameters: what a write invalidates."""
     # "007" and "7" are the same user: digits are normalised, or a write would miss a variant
-    values = {k: str(int(v)) if isinstance(v, str) and v.isdigit() else str(v) for k, v in params.items()}
+    values = {k: _normal_param(v) for k, v in params.items()}
     return route + ":" + ",".join(f"{k}={values[k]}" for k in sorted(values))
 
 

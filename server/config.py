@@ -40,6 +40,11 @@ class ServerConfig:
     port: int = field(default=8080, metadata=_range(1, 65535))
     access_log: bool = False
     client_max_size: int = field(default=1024 * 1024, metadata=_range(1024))
+    yaml_max_size: int = field(default=64 * 1024, metadata=_range(1024))
+    parser_timeout: float = field(default=2.0, metadata=_range(0.01))
+    body_max_containers: int = field(default=4096, metadata=_range(1))
+    body_max_items: int = field(default=65536, metadata=_range(1))
+    body_max_fields: int = field(default=16, metadata=_range(1))
     shutdown_timeout: float = field(default=10.0, metadata=_range(0))
     workers: int = field(default=0, metadata=_range(0, 1024))
     backlog: int = field(default=1024, metadata=_range(1, 65535))
@@ -219,6 +224,7 @@ class JobsConfig:
     backoff_max: float = field(default=3600.0, metadata=_range(0))
     bulk_max_rows: int = field(default=10000, metadata=_range(1, 1_000_000))
     bulk_timeout: float = field(default=60.0, metadata=_range(0.01))
+    bulk_max_size: int = field(default=2 * 1024 * 1024, metadata=_range(1024))
 
     def attempts_for(self, kind: str) -> int:
         return int(self.max_attempts.get(kind, self.max_attempts.get("default", "3")))

@@ -8,10 +8,8 @@ under its job id (a retry overwrites it); a bulk import upserts by email.
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
 import email.utils
-import io
 import os
 import re
 import ssl
@@ -23,6 +21,7 @@ from typing import Any
 import aiosmtplib
 import orjson
 
+from server import bodies
 from server.bounds import DATE_MIN, RANGE_TEXT, date_in_range
 from server.config import Config, SmtpConfig
 from server.db import Database, local_statement_timeout
@@ -140,32 +139,25 @@ async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, An
     return {"report_type": report_type, "user_id": user_id}
 
 
-def parse_bulk(content_type: str, body: bytes, max_rows: int) -> list[Any]:
+def bulk_limits(max_rows: int, limits: bodies.Limits) -> bodies.Limits:
+    """A bulk body's allowance: an object and a few values per record beside the usual one."""
+    return bodies.Limits(containers=max_rows + limits.containers, items=8 * max_rows + limits.items)
+
+
+def parse_bulk(
+    content_type: str, body: bytes, max_rows: int, limits: bodies.Limits | None = None
+) -> list[Any]:
     """Records from a JSON array or a CSV document (header row naming the fields).
 
-    ValueError for a body that is neither; the caller maps sizes beyond max_rows to 413.
+    bodies.BodyError (a ValueError) for a body that is neither or breaks a bound,
+    bodies.BodyTooLarge beyond `limits` (default: bulk_limits over bodies' defaults). At most
+    max_rows + 1 CSV records are built; the caller maps more than max_rows to 413. JSON records
+    pass bodies' depth and JSON-ability checks, so what is accepted here can be stored as the
+    job's payload.
     """
     if content_type == "text/csv":
-        try:
-            text = body.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ValueError("CSV must be UTF-8") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows: list[Any] = []
-        try:
-            if not reader.fieldnames:
-                raise ValueError("CSV needs a header row (name,email)")
-            for record in reader:
-                rows.append({k: v for k, v in record.items() if k is not None and v is not None})
-                if len(rows) > max_rows:
-                    break
-        except csv.Error as exc:
-            raise ValueError(f"malformed CSV: {exc}") from None
-        return rows
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
+        return bodies.parse_csv_records(body, max_rows)
+    data = bodies.parse_json(body, limits or bulk_limits(max_rows, bodies.Limits()))
     if isinstance(data, dict) and isinstance(data.get("records"), list) and len(data) == 1:
         data = data["records"]
     if not isinstance(data, list):

@@ -19,6 +19,7 @@ from server.jobs import Engine, Runner
 from server.large_dataset import LargeDataset
 from server.metrics import Metrics
 from server.negotiation import Negotiator
+from server.parser_process import ParserProcess
 from server.products import Catalogue
 from server.ratelimit import Decision, RateLimiter
 
@@ -36,6 +37,8 @@ HTTP_CLIENT = web.AppKey("hotpath.http_client", aiohttp.ClientSession)
 FETCH_GUARD = web.AppKey("hotpath.fetch_guard", Guard)
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
 FEED = web.AppKey("hotpath.feed", Feed)
+# Parses YAML and bulk CSV bodies too costly for the event loop (a child process).
+PARSER_PROCESS = web.AppKey("hotpath.parser_process", ParserProcess)
 
 # None when metrics.enabled is off: the request middleware then counts nothing.
 METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")

@@ -111,12 +111,19 @@ _USER_ID = {
 _USER = {"$ref": "#/components/schemas/User"}
 # run.py's server (server/connections.py) gives a request body server.client_body_timeout.
 _SLOW_BODY = {"408": _problem("the body did not arrive within server.client_body_timeout")}
+_TOO_LARGE = (
+    "body beyond server.client_max_size (YAML: server.yaml_max_size) as sent or decompressed, or "
+    "holding more than server.body_max_containers arrays/objects, server.body_max_items values or "
+    "server.body_max_fields fields"
+)
 _BODY_ERRORS = {
     **_SLOW_BODY,
-    "400": _problem("missing or malformed body, or unknown ?format="),
+    "400": _problem(
+        "missing or malformed body (nested over 64 deep, an integer over 64 bits), or unknown ?format="
+    ),
     "406": _problem("nothing in Accept can be produced"),
-    "413": _problem("body larger than server.client_max_size"),
-    "415": _problem("body is not JSON, msgpack or YAML"),
+    "413": _problem(_TOO_LARGE),
+    "415": _problem("body is not JSON, msgpack or YAML, or a Content-Encoding that is not decoded"),
     "422": _problem("invalid fields; `errors` lists each one"),
 }
 _UNAVAILABLE = {"503": _problem("database or Redis unavailable; see Retry-After")}
@@ -207,7 +214,7 @@ _FEED_PATHS: dict[str, Any] = {
                 "401": _problem("no bearer token"),
                 "403": _problem("wrong token, or publishing over HTTP is disabled"),
                 **_SLOW_BODY,
-                "413": _problem("body larger than server.client_max_size"),
+                "413": _problem(_TOO_LARGE),
                 "415": _problem("body is not JSON, msgpack or YAML"),
                 "422": _problem("unknown channel, bad event name, missing data"),
                 **_UNAVAILABLE,
@@ -367,7 +374,7 @@ _TASK_PATHS: dict[str, Any] = {
                 "400": _problem("missing or malformed body, or unknown ?format="),
                 "406": _problem("nothing in Accept can be produced"),
                 **_SLOW_BODY,
-                "413": _problem("more records than jobs.bulk_max_rows, or a body too large"),
+                "413": _problem("more records than jobs.bulk_max_rows, or a body beyond jobs.bulk_max_size"),
                 "415": _problem("body is neither JSON nor CSV"),
                 "422": _problem("no records, or a bad Idempotency-Key"),
                 **_UNAVAILABLE,
@@ -778,7 +785,7 @@ def build_spec() -> dict[str, Any]:
                         "200": _json("one result per URL", {"$ref": "#/components/schemas/FetchResponse"}),
                         "400": _problem("missing or malformed body"),
                         **_SLOW_BODY,
-                        "413": _problem("body larger than server.client_max_size"),
+                        "413": _problem(_TOO_LARGE),
                         "415": _problem("body is not JSON, msgpack or YAML"),
                         "422": _problem("not an array of URLs, too many URLs, or a bad timeout"),
                     },

@@ -1,4 +1,4 @@
-"""Representations: one table from media type to renderer, and one from media type to body parser.
+"""Representations: one table from media type to renderer (request bodies: server/bodies.py).
 
 Every renderer takes plain data (dicts, lists, str, int, float, bool, None, datetime, date,
 Decimal, UUID, Enum) and a Shape, and returns bytes. None of them sees a web.Request.
@@ -22,6 +22,8 @@ import jinja2
 import msgpack
 import orjson
 import yaml
+
+from server import bodies
 
 JSON = "application/json"
 MSGPACK = "application/vnd.msgpack"
@@ -48,10 +50,6 @@ class Shape:
 class RenderOptions:
     pretty: bool = False
     templates: jinja2.Environment | None = None
-
-
-class BodyError(ValueError):
-    """A request body that cannot be decoded in its declared format."""
 
 
 # ---------------------------------------------------------------- plain values
@@ -162,16 +160,6 @@ def render_yaml(data: Any, shape: Shape, opts: RenderOptions) -> bytes:
         data, Dumper=_YamlDumper, allow_unicode=True, sort_keys=False, default_flow_style=False, width=120
     )
     return text.encode()
-
-
-class _NoAliasSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases: a small body must not expand into a huge one."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(None, None, "aliases are not accepted", event.start_mark)
-        return super().compose_node(parent, index)
 
 
 # ---------------------------------------------------------------- XML
@@ -361,84 +349,10 @@ def render(media_type: str, data: Any, shape: Shape, opts: RenderOptions = Rende
 
 # ---------------------------------------------------------------- request bodies
 
-
-def _parse_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BodyError(f"the body is not valid JSON: {exc}") from None
-
-
-def _parse_msgpack(body: bytes) -> Any:
-    try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, timestamp=3)
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
-        raise BodyError(f"the body is not valid msgpack: {exc}") from None
-
-
-def _parse_yaml(body: bytes) -> Any:
-    try:
-        return yaml.load(body, Loader=_NoAliasSafeLoader)
-    except yaml.YAMLError as exc:
-        raise BodyError(f"the body is not valid YAML: {' '.join(str(exc).split())}") from None
-
-
-PARSERS: dict[str, Callable[[bytes], Any]] = {
-    JSON: _parse_json,
-    MSGPACK: _parse_msgpack,
-    "application/x-msgpack": _parse_msgpack,
-    YAML: _parse_yaml,
-    "application/x-yaml": _parse_yaml,
-    "text/yaml": _parse_yaml,
-}
-BODY_TYPES: tuple[str, ...] = (JSON, MSGPACK, YAML)
-
-
-# Deepest nesting a request body may have. Ours need three or four levels; orjson writes at
-# most 254 (and reads 1024), so a deeper body echoed or stored would fail on the way out.
-MAX_BODY_DEPTH = 64
-_SCALARS = (str, float, bool, type(None), dt.datetime, dt.date)
-_INT_RANGE = range(-(2**63), 2**64)  # what orjson writes
-
-
-def parse_body(media_type: str, body: bytes) -> Any:
-    """Decode a request body by its media type (`+json` suffixes count as JSON).
-
-    Whatever the format, the result is data JSON can hold (objects with string keys, arrays,
-    strings, 64-bit integers, floats, booleans, null, and the timestamps YAML and msgpack
-    have) nested at most MAX_BODY_DEPTH deep, so every handler can echo, store or publish
-    what it was given. Raises KeyError for a type we do not read, BodyError for a malformed
-    body or one outside those bounds.
-    """
-    parser = PARSERS.get(media_type)
-    if parser is None and media_type.endswith("+json"):
-        parser = _parse_json
-    if parser is None:
-        raise KeyError(media_type)
-    value = parser(body)
-    # a JSON body with fewer brackets than the limit can neither nest too deep nor hold
-    # anything but JSON: no walk over it (the common case, a small object)
-    if parser is not _parse_json or body.count(b"[") + body.count(b"{") > MAX_BODY_DEPTH:
-        _check_json_like(value)
-    return value
-
-
-def _check_json_like(value: Any) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > MAX_BODY_DEPTH:
-                raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep")
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    if not isinstance(key, str):
-                        raise BodyError(f"object keys must be strings, not {type(key).__name__}")
-                    stack.append((child, depth + 1))
-            else:
-                stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            if item not in _INT_RANGE:
-                raise BodyError("an integer in the body is outside the 64-bit range")
-        elif not isinstance(item, _SCALARS):
-            raise BodyError(f"the body holds a {type(item).__name__}, which JSON cannot represent")
+# The parsers live in server/bodies.py (the YAML child process imports it without the rest);
+# these names stay here for the callers that know them from this module.
+BodyError = bodies.BodyError
+BodyTooLarge = bodies.BodyTooLarge
+MAX_BODY_DEPTH = bodies.MAX_BODY_DEPTH
+BODY_TYPES = bodies.BODY_TYPES
+parse_body = bodies.parse_body

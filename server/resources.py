@@ -33,12 +33,14 @@ from server.keys import (
     FETCH_GUARD,
     HTTP_CLIENT,
     METRICS,
+    PARSER_PROCESS,
     RATE_LIMITER,
     REDIS,
     USER_BATCHER,
 )
 from server.metrics import Family
 from server.migrations import apply_migrations
+from server.parser_process import ParserProcess
 from server.products import Catalogue
 from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
 from server.resp import RespConnection
@@ -288,6 +290,15 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP_CLIENT] = session
     yield
     await session.close()
+
+
+async def parser_process_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The parser process: started by the first body too costly to parse on the loop, ended
+    here."""
+    parser = ParserProcess(timeout=app[CONFIG].server.parser_timeout)
+    app[PARSER_PROCESS] = parser
+    yield
+    await parser.close()
 
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -176,6 +176,14 @@ async def test_oversized_body_is_refused_by_nginx_as_a_problem(stack: Stack) -> 
         assert r.status == 413
         assert r.headers["Content-Type"] == "application/problem+json"
         assert (await r.json())["status"] == 413
+        # a bulk import may be bigger (jobs.bulk_max_size): nginx passes it, hotpath reads it
+        rows = b"name,email\n" + b"".join(b"User %06d,u%d@example.com\n" % (i, i) for i in range(45_000))
+        assert 1 << 20 < len(rows) < 2 << 20
+        async with session.post(
+            stack.proxied + "/bulk-process", data=io.BytesIO(rows), headers={"Content-Type": "text/csv"}
+        ) as bulk:
+            assert bulk.status == 413  # more rows than jobs.bulk_max_rows: hotpath's answer, not nginx's
+            assert "jobs.bulk_max_rows" in (await bulk.json())["detail"]
 
 
 def test_tls_server_speaks_http2(stack: Stack) -> None:
