@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 from collections.abc import Mapping
 from typing import Any
@@ -85,10 +86,50 @@ def represent(
 ) -> web.Response:
     """`data` in the representation the client prefers, with Vary: Accept. Handlers that
     change state pass `media` from negotiate() called first, so a 406 never follows a write.
-    With `etag`, a strong ETag over the bytes is sent and If-None-Match honoured (304)."""
+    With `etag`, a strong ETag over the bytes is sent and If-None-Match honoured (304).
+    For one object or a short page; a document of many rows goes through represent_rows()."""
     if media is None:
         media = negotiate(request)
     body = render.render(media, data, shape, render_options(request, media))
+    return _represented(request, media, body, status, headers, etag)
+
+
+# The text representations walk the data in Python: a row costs about 20 µs as YAML and 6 µs
+# as XML here (a 3,661-row report: 72 ms and 21 ms), JSON and msgpack 0.1-0.8 µs in C. Beyond
+# OFF_LOOP_ROWS rows a text body is rendered in a thread: the loop takes the GIL back every
+# sys.getswitchinterval() (5 ms), so it keeps answering while the document renders.
+OFF_LOOP_ROWS = 100
+_C_RENDERED = frozenset({render.JSON, render.MSGPACK, "application/x-msgpack"})
+
+
+async def represent_rows(
+    request: web.Request,
+    data: Any,
+    shape: Shape,
+    rows: int,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    etag: bool = False,
+) -> web.Response:
+    """represent() for a document of `rows` rows, rendered off the event loop when large."""
+    media = negotiate(request)
+    opts = render_options(request, media)
+    if rows > OFF_LOOP_ROWS and media not in _C_RENDERED:
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(None, render.render, media, data, shape, opts)
+    else:
+        body = render.render(media, data, shape, opts)
+    return _represented(request, media, body, status, headers, etag)
+
+
+def _represented(
+    request: web.Request,
+    media: str,
+    body: bytes,
+    status: int,
+    headers: Mapping[str, str] | None,
+    etag: bool,
+) -> web.Response:
     if etag:
         tag = conditional.etag_of(body)
         unchanged = not_modified(request, media, tag)

@@ -20,6 +20,7 @@ from handlers.common import (
     read_form,
     read_limited,
     represent,
+    represent_rows,
 )
 from server import bodies, job_kinds
 from server.errors import Unavailable, ValidationFailed
@@ -175,9 +176,11 @@ async def list_tasks(request: web.Request) -> web.Response:
         query = {"after": str(jobs[-1].id), "limit": str(limit), **({"state": state} if state else {})}
         next_url = page_link(request, "tasks", **query)
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return represent(request, {"items": items, "limit": limit, "next": next_url}, TASKS, headers=headers)
+    page = {"items": items, "limit": limit, "next": next_url}
+    return await represent_rows(request, page, TASKS, len(items), headers=headers)
 
 
 async def get_report(request: web.Request) -> web.Response:
     report_id = path_id(request, "report_id", "report")
-    return represent(request, await job_kinds.get_report(request.app[DB], report_id), REPORT)
+    report = await job_kinds.get_report(request.app[DB], report_id)
+    return await represent_rows(request, report, REPORT, len(report.get("rows") or ()))

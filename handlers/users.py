@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent
+from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent, represent_rows
 from server import users
 from server.cache import response_group
 from server.keys import CACHE, CONFIG, DB, FEED, USER_BATCHER
@@ -67,7 +67,8 @@ async def list_users(request: web.Request) -> web.Response:
     if len(items) == limit:
         next_url = page_link(request, "users", after=str(items[-1]["id"]), limit=str(limit))
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return represent(request, {"items": items, "limit": limit, "next": next_url}, USERS, headers=headers)
+    page = {"items": items, "limit": limit, "next": next_url}
+    return await represent_rows(request, page, USERS, len(items), headers=headers)
 
 
 async def get_profile(request: web.Request) -> web.Response:

@@ -21,9 +21,11 @@ from typing import Any
 import asyncpg
 import pytest
 import trustme
+import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+from handlers.common import OFF_LOOP_ROWS
 from server.app import create_app
 from server.config import Config
 from server.db import Database
@@ -354,6 +356,33 @@ async def test_signups_report_matches_the_data(aiohttp_client: Any, jcfg: Config
     rows = list(csv.DictReader(io.StringIO(await resp.text())))
     assert [(r["day"], r["signups"]) for r in rows][:1] == [("2026-03-01", "3")]
     assert len(rows) == 5
+
+
+async def test_a_long_report_renders_in_every_text_format(aiohttp_client: Any, jcfg: Config) -> None:
+    """A ten-year report (3,654 rows) is rendered off the loop in the text formats
+    (handlers/common.py OFF_LOOP_ROWS): the same document, whole, in each."""
+    client = await aiohttp_client(create_app(jcfg))
+    resp = await client.post(
+        "/generate-report", params={"report_type": "signups", "start": "2016-01-01", "end": "2025-12-31"}
+    )
+    assert resp.status == 202
+    done = await wait_task(client, (await resp.json())["task_id"])
+    assert done["status"] == "completed", done
+    url = done["result"]["report_url"]
+    as_json = await (await client.get(url)).json()
+    assert len(as_json["rows"]) == 3653 > OFF_LOOP_ROWS
+    as_yaml = yaml.safe_load(await (await client.get(url, params={"format": "yaml"})).read())
+    assert [(str(r["day"]), r["signups"]) for r in as_yaml["rows"]] == [
+        (r["day"], r["signups"]) for r in as_json["rows"]
+    ]
+    csv_rows = list(
+        csv.DictReader(io.StringIO(await (await client.get(url, params={"format": "csv"})).text()))
+    )
+    assert len(csv_rows) == 3653 and csv_rows[-1]["day"] == "2025-12-31"
+    xml = await (await client.get(url, params={"format": "xml"})).text()
+    assert xml.count("<signups>") == 3653
+    page = await client.get(url, params={"format": "html"})
+    assert page.status == 200 and (await page.text()).count("<tr") >= 3653
 
 
 async def test_user_activity_report_and_bad_requests(aiohttp_client: Any, jcfg: Config) -> None:
