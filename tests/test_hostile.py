@@ -42,12 +42,13 @@ async def test_control_characters_and_surrogates_in_an_email_are_422(client: Any
     ):
         for media in ("application/json", "application/yaml"):
             resp = await client.post("/users", data=body, headers={"Content-Type": media})
-            if resp.status == 400:  # not valid in that format at all: fine, still no 500
+            if resp.status == 400:  # not valid in that format at all (JSON and YAML refuse
+                await problem(resp, 400)  # lone surrogates as they parse): fine, still no 500
                 continue
             doc = await problem(resp, 422)
             assert [e["field"] for e in doc["errors"]] == ["email"]
             refused += 1
-    assert refused >= 1
+    assert refused >= 1 or "\ud800" in email
     assert (await (await client.get("/users")).json())["items"] == []
 
 
@@ -59,6 +60,9 @@ async def test_control_characters_in_a_name_are_422(client: Any, name: str) -> N
         data=f'{{name: "{escaped}", email: a@example.com}}'.encode(),
         headers={"Content-Type": "application/yaml"},
     )
+    if "\udfff" in name:  # the YAML parser refuses the escape itself now
+        await problem(resp, 400)
+        return
     doc = await problem(resp, 422)
     assert [e["field"] for e in doc["errors"]] == ["name"]
 
@@ -70,12 +74,17 @@ async def test_notification_fields_that_cannot_be_stored_are_422(client: Any) ->
         "recipient=a@example.com&subject=a%0Db&content=y",
     ):
         await problem(await client.post(f"/send-notification?{query}"), 422)
+    # a surrogate's UTF-8 form in a query is decoded as U+FFFD (taken), in YAML refused (400)
+    resp = await client.post("/send-notification?recipient=a@example.com&subject=x&content=%ED%A0%80")
+    assert resp.status == 202
+    task = await (await client.get((await resp.json())["status_url"])).json()
+    assert task["status"] in ("queued", "processing", "completed")
     resp = await client.post(
         "/send-notification",
         data=b'{recipient: a@example.com, subject: s, content: "\\uD800"}',
         headers={"Content-Type": "application/yaml"},
     )
-    await problem(resp, 422)
+    await problem(resp, 400)
 
 
 @pytest.mark.parametrize(
