@@ -5,8 +5,9 @@
 wrk's req/s on these shared VMs moves by a third from one minute to the next; this does not
 need a quiet machine to compare two versions of the code. It builds the bare floor app
 (bench/floor.py) and hotpath's app (started for real: PostgreSQL, Redis, the catalogue, the
-cache) in one process, and for each route feeds batches of pipelined requests into an
-aiohttp RequestHandler over an in-memory transport, timing until every response is written.
+cache) in one process, and for each route feeds batches of pipelined requests into aiohttp's
+RequestHandler (for hotpath, the subclass run.py serves with, server/connections.py) over an
+in-memory transport, timing until every response is written.
 That is everything aiohttp and hotpath do per request (parsing, routing, middlewares,
 handler, response headers and body) except the kernel's socket work, which is the same for
 both apps. Routes are measured in turn, round after round; a route's figure is the best of
@@ -97,6 +98,7 @@ class Route:
     runner: web.AppRunner
     path: str
     headers: tuple[str, ...] = ()
+    guarded: bool = True  # through hotpath's own protocol (server/connections.py), as run.py serves
 
     def request(self) -> bytes:
         lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", *self.headers, "", ""]
@@ -107,7 +109,21 @@ async def one_round(route: Route, batches: int = BATCHES) -> float:
     """µs per request: the 10th percentile over `batches` batches of BATCH pipelined requests."""
     server = route.runner.server
     assert server is not None
-    protocol = server()
+    if route.guarded:
+        from server.connections import GuardedRequestHandler
+        from server.keys import CONFIG
+
+        srv = route.runner.app[CONFIG].server
+        protocol: Any = GuardedRequestHandler(
+            server,
+            loop=asyncio.get_running_loop(),
+            site=None,
+            header_timeout=srv.client_header_timeout,
+            body_timeout=srv.client_body_timeout,
+            keepalive_timeout=srv.keepalive_timeout,
+        )
+    else:
+        protocol = server()
     transport = _Transport()
     protocol.connection_made(transport)
     data = route.request() * BATCH
@@ -146,7 +162,7 @@ async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, f
     try:
         await _seed(hot)
         routes = [
-            Route("floor GET /json", floor, "/json"),
+            Route("floor GET /json", floor, "/json", guarded=False),
             Route("hotpath GET /health", hot, "/health"),
             Route("hotpath GET /products JSON", hot, "/products", ("Accept: application/json",)),
             Route("hotpath GET /products msgpack", hot, "/products", ("Accept: application/vnd.msgpack",)),
