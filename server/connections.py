@@ -370,13 +370,17 @@ class GuardedSite(web.BaseSite):
         await super().start()
         manager = self._runner.server
         assert manager is not None  # the runner is set up before a site is made
+        # The protocol gets what aiohttp's own Server.__call__ would give it: the runner's
+        # arguments merged with the app's handler_args (auto_decompress=False among them: a body
+        # is decoded by its reader, never past the route's limit, never inflated by aiohttp).
+        kwargs = {**self._handler_kwargs, **manager._kwargs}
         self._make = functools.partial(
             GuardedRequestHandler,
             manager,
             loop=asyncio.get_running_loop(),
             site=self,
             **self._timeouts,
-            **self._handler_kwargs,
+            **kwargs,
         )
         self._board.mark(False)
         await self._listen()

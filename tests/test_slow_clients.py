@@ -381,3 +381,28 @@ async def test_a_malformed_request_gets_a_problem_and_one_log_line(
         await until(lambda: srv.lines('"status":400') >= 1, "the access log line")
     text = srv.log.read_text()
     assert "Traceback" not in text and "refused a malformed request" in text
+
+
+async def test_compressed_bodies_are_decoded_by_their_reader_under_run_py(
+    base_config: Config, tmp_path: Path
+) -> None:
+    """run.py's protocol gets the app's handler_args (auto_decompress off): a gzip body is
+    decoded once, by the reader that stops at the route's limit, and a bomb is refused."""
+    import gzip
+
+    import aiohttp
+
+    async with run_py(base_config, tmp_path, 1) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        async with aiohttp.ClientSession() as session:
+            body = gzip.compress(orjson.dumps({"name": "Gz", "email": "gz@example.com"}))
+            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            async with session.post(base + "/users", data=body, headers=headers) as resp:
+                assert resp.status in (201, 409), await resp.text()
+            bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]", compresslevel=9)
+            async with session.post(base + "/users", data=bomb, headers=headers) as resp:
+                assert resp.status == 413, await resp.text()
+                assert resp.content_type == "application/problem+json"
+            async with session.get(base + "/health") as resp:
+                assert resp.status == 200
+    assert "Traceback" not in srv.log.read_text()
