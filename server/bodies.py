@@ -181,7 +181,8 @@ def parse_msgpack(body: bytes, limits: Limits = Limits()) -> Any:
         raise
     except msgpack.StackError:
         raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep") from None
-    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+    except (ValueError, OverflowError, msgpack.UnpackException, TypeError) as exc:
+        # OverflowError: a Timestamp extension beyond what datetime holds
         if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
             raise _too_many_items(limits.items) from None
         raise BodyError(f"the body is not valid msgpack: {exc}") from None
@@ -338,6 +339,9 @@ def parse_yaml(body: bytes, limits: Limits = Limits()) -> Any:
         raise BodyError(f"the body is not valid YAML: {' '.join(str(exc).split())}") from None
     except RecursionError:  # pure-Python composer only, beyond the bounds above
         raise BodyError(f"the body is nested more than {MAX_BODY_DEPTH} levels deep") from None
+    except (ValueError, OverflowError, TypeError) as exc:
+        # a value the constructors cannot build: a timestamp like 2001-02-30 or +99:00
+        raise BodyError(f"the body holds a YAML value that cannot be built: {exc}") from None
     finally:
         loader.dispose()
     check_json_like(value)

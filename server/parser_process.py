@@ -186,6 +186,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
             kind, payload = TOO_LARGE, str(exc).encode()
         except bodies.BodyError as exc:
             kind, payload = BAD, str(exc).encode()
+        except Exception as exc:  # one body must never end the process
+            # a parser failing in a way the bounds did not foresee: that body is refused and
+            # the next one is served by this same process
+            kind, payload = BAD, f"the body could not be parsed ({type(exc).__name__})".encode()
         stdout.write(_ANSWER.pack(kind, len(payload)) + payload)
         stdout.flush()
 

@@ -382,3 +382,39 @@ async def test_a_parse_cancelled_midway_does_not_confuse_the_next() -> None:
         assert parser.started == 2 and parser.parsed == 2
     finally:
         await parser.close()
+
+
+async def test_a_form_part_in_another_charset_is_415(client: Any) -> None:
+    """Defect: a part's own charset was used as given: punycode decodes in quadratic time."""
+    for part_type, outer in (("text/plain; charset=punycode", ""), ("text/plain", "; charset=punycode")):
+        body = (
+            b'--zz\r\nContent-Disposition: form-data; name="subject"\r\nContent-Type: '
+            + part_type.encode()
+            + b"\r\n\r\n-"
+            + b"9" * 30_000
+            + b"\r\n--zz--\r\n"
+        )
+        headers = {"Content-Type": "multipart/form-data; boundary=zz" + outer}
+        await problem(await client.post("/send-notification", data=body, headers=headers), 415)
+
+
+@pytest.mark.parametrize(
+    ("ctype", "body"),
+    [
+        ("application/yaml", b"name: 2001-02-30\nemail: a@example.com"),
+        ("application/yaml", b"name: 2001-02-03t25:00:00\nemail: a@example.com"),
+        ("application/yaml", b"name: 2001-02-03 10:00:00 +99:00\nemail: a@example.com"),
+        # the same beyond the inline size: parsed in the child, which must survive it
+        ("application/yaml", b"name: 2001-02-30\nemail: a@example.com\n" + b"# pad\n" * 400),
+        (
+            "application/vnd.msgpack",
+            b"\x81\xa4name\xc7\x0c\xff" + (0).to_bytes(4, "big") + (-(2**63)).to_bytes(8, "big", signed=True),
+        ),
+    ],
+)
+async def test_values_the_constructors_cannot_build_are_400(client: Any, ctype: str, body: bytes) -> None:
+    """Defect: a YAML timestamp like 2001-02-30 (ValueError) or a msgpack Timestamp beyond
+    datetime (OverflowError) was a 500; past the inline size it killed the parser process."""
+    for _ in range(2):
+        await problem(await client.post("/users", data=body, headers={"Content-Type": ctype}), 400)
+    assert client.app[PARSER_PROCESS].started <= 1
