@@ -411,6 +411,7 @@ async def test_a_form_part_in_another_charset_is_415(client: Any) -> None:
             b"\x81\xa4name\xc7\x0c\xff" + (0).to_bytes(4, "big") + (-(2**63)).to_bytes(8, "big", signed=True),
         ),
     ],
+    ids=["feb-30", "hour-25", "offset-99", "feb-30-in-the-child", "msgpack-timestamp"],
 )
 async def test_values_the_constructors_cannot_build_are_400(client: Any, ctype: str, body: bytes) -> None:
     """Defect: a YAML timestamp like 2001-02-30 (ValueError) or a msgpack Timestamp beyond
