@@ -32,8 +32,12 @@ from server.users import is_email, validate_user_fields
 REPORT_TYPES = ("signups", "user-activity")
 SUBJECT_MAX = 998  # RFC 5322 line length
 CONTENT_MAX = 100_000
-# tab allowed in a subject, CR/LF never; unpaired surrogates cannot be encoded at all
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# What a subject or a recipient may not hold, since each becomes a mail header: controls (tab
+# allowed in a subject) and every line break str.splitlines() and the email package know
+# (CR, LF, NEL, LS, PS, ...); unpaired surrogates, which cannot be encoded at all; and "=?",
+# the start of an RFC 2047 encoded word, which the email package decodes when it reads the
+# header, so "=?utf-8?q?a=0D=0ABcc:_x@y?=" became a CR LF and a Bcc header of the client's.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]|=\?")
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # what jsonb and UTF-8 refuse
 BULK_CHUNK = 1000
 REPORT_MAX_DAYS = 3660  # a signups report spans at most 10 years (3661 rows)
@@ -51,7 +55,7 @@ def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
     recipient = data.get("recipient")
     if not isinstance(recipient, str) or not recipient.strip():
         errors.append({"field": "recipient", "message": "is required"})
-    elif not is_email(recipient.strip()):
+    elif not is_email(recipient.strip()) or "=?" in recipient:
         errors.append({"field": "recipient", "message": "must be a valid email address"})
     else:
         clean["recipient"] = recipient.strip()
@@ -59,7 +63,8 @@ def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(subject, str):
         errors.append({"field": "subject", "message": "must be a string"})
     elif len(subject) > SUBJECT_MAX or _CONTROL.search(subject):
-        errors.append({"field": "subject", "message": f"at most {SUBJECT_MAX} characters, no line breaks"})
+        message = f"at most {SUBJECT_MAX} characters, no line breaks or control characters, no '=?'"
+        errors.append({"field": "subject", "message": message})
     else:
         clean["subject"] = subject
     content = data.get("content", "")
@@ -183,6 +188,11 @@ def build_message(smtp: SmtpConfig, payload: Mapping[str, Any], msg_id: str) -> 
     msg["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
     msg["Message-ID"] = msg_id
     msg.set_content(payload.get("content", ""))
+    # A job queued before the rules above (or by other code) must not become headers of its
+    # own: a header that reads back with a line break is refused for good, never retried.
+    for name in ("To", "Subject"):
+        if any(c in str(msg[name]) for c in "\r\n\x85\u2028\u2029"):
+            raise PermanentError(f"the {name} header would hold a line break; not sent")
     return msg
 
 

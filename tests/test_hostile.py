@@ -138,3 +138,32 @@ async def test_a_bearer_token_that_is_not_utf8_is_refused_not_a_500(cfg: Config)
                 assert b"application/problem+json" in answer.split(b"\r\n\r\n", 1)[0]
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["=?utf-8?q?a=0D=0ABcc:_evil@example.com?=", "a\x85Bcc: x@example.com", "a\u2028b", "a\x9bb"],
+)
+async def test_a_subject_cannot_smuggle_mail_headers(client: Any, subject: str) -> None:
+    """Defect: the email package decodes an RFC 2047 encoded word when it reads a header, so
+    that subject became 'a' CR LF 'Bcc: evil@...': a header, and a recipient, of the client's."""
+    body = {"recipient": "victim@example.com", "subject": subject, "content": "x"}
+    doc = await problem(await client.post("/send-notification", json=body), 422)
+    assert [e["field"] for e in doc["errors"]] == ["subject"]
+    body = {"recipient": "=?utf-8?q?a=0D=0A?=@example.com", "subject": "s", "content": "x"}
+    await problem(await client.post("/send-notification", json=body), 422)
+
+
+def test_a_queued_message_that_would_break_a_header_is_never_sent(cfg: Config) -> None:
+    from server.job_kinds import build_message
+    from server.jobs import PermanentError
+
+    payload = {
+        "recipient": "v@example.com",
+        "subject": "=?utf-8?q?a=0D=0ABcc:_e@example.com?=",
+        "content": "x",
+    }
+    with pytest.raises(PermanentError):
+        build_message(cfg.smtp, payload, "<1@hotpath>")
+    ok = build_message(cfg.smtp, {**payload, "subject": "Grüße =? nothing"}, "<2@hotpath>")
+    assert "Bcc" not in ok and str(ok["Subject"]) == "Grüße =? nothing"
