@@ -52,6 +52,7 @@ class ServerConfig:
     start_timeout: float = field(default=60.0, metadata=_range(1))
     client_header_timeout: float = field(default=10.0, metadata=_range(0.01))
     client_body_timeout: float = field(default=30.0, metadata=_range(0.01))
+    send_timeout: float = field(default=60.0, metadata=_range(0))
     max_connections: int = field(default=0, metadata=_range(0, 1_000_000))
 
 

@@ -134,12 +134,15 @@ class GuardedRequestHandler(RequestHandler):
         site: GuardedSite | None,
         header_timeout: float,
         body_timeout: float,
+        send_timeout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._site = site
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
+        self._send_timeout = send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0  # 0: no head being waited for
         self._head_started = False  # bytes of the awaited head arrived (then a 408, else a close)
         self._body: StreamReader | None = None
@@ -156,6 +159,9 @@ class GuardedRequestHandler(RequestHandler):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self._body = None
         site, self._site = self._site, None
         if site is not None:
@@ -226,6 +232,32 @@ class GuardedRequestHandler(RequestHandler):
                 self._body_timed_out(body)
         if upcoming and self.transport is not None:
             self._arm(min(upcoming))
+
+    # A client that stops reading (its window full, our buffer past the high-water mark) would
+    # hold the connection, its handler and its buffered response for ever: pipelined requests
+    # it never reads kept 44 connections, and with them the connection cap, full for minutes.
+    # The transport pauses us at the high-water mark and resumes us below the low one; paused
+    # for server.send_timeout seconds in a row, the connection is aborted (nginx's
+    # send_timeout, for clients that reach hotpath directly).
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timeout and self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is not None:
+            log.info(
+                "a client read nothing for %g s (server.send_timeout); connection aborted", self._send_timeout
+            )
+            transport.abort()
 
     def handle_error(
         self,
@@ -343,6 +375,7 @@ class GuardedSite(web.BaseSite):
         body_timeout: float,
         handler_kwargs: dict[str, Any],
         board: Board | None = None,
+        send_timeout: float = 0.0,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._sock = sock
@@ -351,7 +384,11 @@ class GuardedSite(web.BaseSite):
         self.cap = cap
         self.count = 0
         self.lingering: set[asyncio.BaseTransport] = set()
-        self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+        self._timeouts = {
+            "header_timeout": header_timeout,
+            "body_timeout": body_timeout,
+            "send_timeout": send_timeout,
+        }
         self._handler_kwargs = handler_kwargs
         self._board = board if board is not None else Board()
         self._state = _ACCEPTING
@@ -503,6 +540,7 @@ async def _serve(
         body_timeout=srv.client_body_timeout,
         handler_kwargs=handler_kwargs,
         board=board,
+        send_timeout=srv.send_timeout,
     )
     try:
         await site.start()

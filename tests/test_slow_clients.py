@@ -406,3 +406,21 @@ async def test_compressed_bodies_are_decoded_by_their_reader_under_run_py(
             async with session.get(base + "/health") as resp:
                 assert resp.status == 200
     assert "Traceback" not in srv.log.read_text()
+
+
+async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(
+    base_config: Config, tmp_path: Path
+) -> None:
+    """Pipelined requests whose answers are never read held their connection (and with it a
+    place under the connection cap) for as long as the client liked."""
+    async with run_py(base_config, tmp_path, 1, send_timeout=SHORT) as srv:
+        sock = socket.socket()
+        srv.socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+        await send(sock, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        await until(lambda: srv.lines("server.send_timeout") >= 1, "the send timeout", timeout=BOUND)
+        # what the kernel still held arrives, then the connection is gone
+        await until_closed(sock)
