@@ -28,7 +28,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import update_wrapper
@@ -663,8 +663,14 @@ class Cache:
 
         self.spawn(refresh())
 
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        """Run `coro` as a task owned by this cache (cancelled and awaited by close())."""
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` as a task owned by this cache (cancelled and awaited by close()); once
+        close() has begun, `coro` is dropped unrun."""
+        if self._closing:
+            # A task started now would outlive close(): nobody awaits it, and the Redis
+            # connection it opens (after the pools were closed) is left open when the loop ends.
+            coro.close()
+            return
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

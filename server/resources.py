@@ -534,6 +534,15 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = Cache(client, cache_settings(app, client))
     await cache.start()
     app[CACHE] = cache
-    app[CATALOGUE].on_change.append(lambda: cache.invalidate_group_soon(response_group("products")))
+    on_change = app[CATALOGUE].on_change
+
+    def drop_products() -> None:
+        cache.invalidate_group_soon(response_group("products"))
+
+    on_change.append(drop_products)
     yield
+    # The catalogue closes after the cache and may still reload until then (once its LISTEN
+    # connection is up, late in a short-lived app): the callback would start an invalidation
+    # in a closed cache, whose Redis connection nobody closes.
+    on_change.remove(drop_products)
     await cache.close()

@@ -513,6 +513,28 @@ async def test_product_responses_drop_when_the_catalogue_changes(aiohttp_client:
         await conn.close()
 
 
+def _cache_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("Cache.")]
+
+
+async def test_a_closed_cache_starts_no_background_work(make_cache: Any) -> None:
+    # A task started after close() is awaited by nobody: the Redis connection it opens once the
+    # pools are closed was left open when the loop ended (a ResourceWarning in a later test).
+    cache = await make_cache()
+    await cache.close()
+    cache.invalidate_group_soon("products:")
+    assert _cache_tasks() == []
+
+
+async def test_catalogue_reloads_at_shutdown_reach_no_closed_cache(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(cfg))
+    catalogue = client.app[CATALOGUE]
+    assert len(catalogue.on_change) == 1  # the cache's
+    await client.close()
+    # the catalogue closes after the cache, and until then a reload may still run its callbacks
+    assert catalogue.on_change == []
+
+
 async def test_uncacheable_requests_pass_untouched(client: Any) -> None:
     await new_user(client)
     bad = await client.get("/users/1?format=nonsense")
