@@ -83,12 +83,18 @@ async def test_job_changes_are_published_on_the_tasks_channel(aiohttp_client: An
     resp = await client.get("/events?channels=tasks")
     sse = SSE(resp)
     task_id = (await (await client.post("/send-notification", json=NOTE)).json())["task_id"]
-    seen: list[str] = []
-    while not seen or seen[-1] != "task.completed":
+    seen: list[tuple[str, str]] = []  # (updated_at, event) as they arrive
+    while not seen or "task.completed" not in (e for _, e in seen):
         event = await sse.next(timeout=20)
         assert event is not None
         data = orjson.loads(event["data"])
         assert data["task_id"] == task_id
-        seen.append(event["event"])
-    assert seen[0] == "task.created" and "task.progress" in seen
+        seen.append((data["updated_at"], event["event"]))
+    # The channel carries every change as its publisher sends it: the request's task.created
+    # and the runner's first task.progress race to Redis (each publishes after its own
+    # statement), so they may arrive in either order; updated_at orders them, as
+    # GET /tasks/{id}/events does for its client.
+    in_order = [e for _, e in sorted(seen)]
+    assert in_order[0] == "task.created" and "task.progress" in in_order
+    assert in_order[-1] == "task.completed"
     resp.close()
