@@ -18,7 +18,6 @@ No aiohttp here: the parser process imports this module.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import re
 from dataclasses import dataclass
@@ -421,34 +420,3 @@ def parse_csv_records(body: bytes, max_rows: int) -> list[dict[str, str]]:
     except csv.Error as exc:
         raise BodyError(f"malformed CSV: {exc}") from None
     return rows
-
-
-# ---------------------------------------------------------------- values across a pipe
-
-_DATE, _DATETIME = 1, 2
-
-
-def _to_ext(value: Any) -> Any:
-    # before date: datetime is a date
-    if isinstance(value, dt.datetime):
-        return msgpack.ExtType(_DATETIME, value.isoformat().encode())
-    if isinstance(value, dt.date):
-        return msgpack.ExtType(_DATE, value.isoformat().encode())
-    raise TypeError(f"cannot pack {type(value).__name__}")
-
-
-def _from_ext(code: int, data: bytes) -> Any:
-    if code == _DATETIME:
-        return dt.datetime.fromisoformat(data.decode())
-    if code == _DATE:
-        return dt.date.fromisoformat(data.decode())
-    return msgpack.ExtType(code, data)
-
-
-def pack_value(value: Any) -> bytes:
-    """A parsed body as msgpack, YAML's dates and (naive or zoned) datetimes kept exactly."""
-    return msgpack.packb(value, default=_to_ext, datetime=False)  # type: ignore[no-any-return]
-
-
-def unpack_value(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, ext_hook=_from_ext, strict_map_key=True)

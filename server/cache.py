@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import random
 import secrets
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import update_wrapper
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -38,6 +35,7 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 
+from server.codec import pack, unpack
 from server.errors import NotFound
 
 log = logging.getLogger("hotpath.cache")
@@ -48,10 +46,6 @@ KEY_PREFIX = "hotpath:v1:"
 GROUP_PREFIX = "hotpath:v1:group:"
 
 # msgpack extension codes (stable: they are part of the stored format, "v1" in every key)
-_EXT_DATETIME = 1
-_EXT_DATE = 2
-_EXT_DECIMAL = 3
-_EXT_UUID = 4
 
 # Redis failures that mean "Redis is not there right now": the cache degrades instead of failing.
 REDIS_DOWN: tuple[type[BaseException], ...] = (
@@ -70,44 +64,6 @@ _DROP_GROUP = (
     "for _, k in ipairs(keys) do redis.call('del', k) end "
     "redis.call('del', KEYS[1]) return #keys"
 )
-
-
-# ----------------------------------------------------------------------------- serialization
-
-
-def _default(obj: Any) -> msgpack.ExtType:
-    # datetime before date: datetime is a subclass of date
-    if isinstance(obj, dt.datetime):
-        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
-    if isinstance(obj, dt.date):
-        return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
-    if isinstance(obj, Decimal):
-        return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
-    if isinstance(obj, uuid.UUID):
-        return msgpack.ExtType(_EXT_UUID, obj.bytes)
-    raise TypeError(f"cannot cache a value of type {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _EXT_DATETIME:
-        return dt.datetime.fromisoformat(data.decode())
-    if code == _EXT_DATE:
-        return dt.date.fromisoformat(data.decode())
-    if code == _EXT_DECIMAL:
-        return Decimal(data.decode())
-    if code == _EXT_UUID:
-        return uuid.UUID(bytes=data)
-    raise ValueError(f"unknown msgpack extension type {code}")
-
-
-def pack(value: Any) -> bytes:
-    """msgpack bytes of `value` (TypeError for types the cache does not know; tuples become lists)."""
-    return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
-
-
-def unpack(data: bytes) -> Any:
-    """The value `pack` was given (lists for tuples)."""
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
 def make_key(namespace: str, parts: Any) -> str:
