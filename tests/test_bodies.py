@@ -24,7 +24,7 @@ from server.app import create_app
 from server.config import Config
 from server.keys import PARSER_PROCESS
 from server.parser_process import ParserProcess
-from tests.conftest import replace
+from tests.conftest import replace, until
 
 YAML = {"Content-Type": "application/yaml"}
 TOKEN = "bodies-test-token"
@@ -372,8 +372,8 @@ async def test_a_parse_cancelled_midway_does_not_confuse_the_next() -> None:
         padded = b"a: 1\n" + b"#" * 2000
         assert await parser.yaml(padded, bodies.Limits()) == {"a": 1}  # the child is up
         slow = asyncio.ensure_future(parser.yaml(b"[" + b"1," * 30000 + b"1]", bodies.Limits()))
-        for _ in range(3):  # the body goes out; the child takes ~0.1 s over it
-            await asyncio.sleep(0)
+        # the exchange has begun (the body goes out under the lock); the child takes ~0.1 s over it
+        await until(parser._lock.locked, "the slow body's exchange with the child")
         assert not slow.done()
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
