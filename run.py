@@ -5,7 +5,7 @@ python run.py worker [--config PATH]      background jobs only, no HTTP listener
 python run.py migrate [--config PATH]
 
 With more than one worker this process supervises N `run.py serve --listen-fd` children
-that share its listening socket (server/supervisor.py).
+that share its listening socket (server/runtime/supervisor.py).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from server.config import Config, ConfigError, load_config
-from server.logs import setup_logging
+from server.runtime.logs import setup_logging
 from server.urls import mask_url
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from server.supervisor import Board
+    from server.runtime.supervisor import Board
 
 log = logging.getLogger("hotpath")
 
@@ -91,7 +91,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 def access_logger() -> logging.Logger:
     """`hotpath.access`: bare JSON lines on stderr, not mixed into the application log's format."""
-    from server.accesslog import BufferedLineHandler
+    from server.runtime.accesslog import BufferedLineHandler
 
     logger = logging.getLogger("hotpath.access")
     handler = BufferedLineHandler(sys.stderr.fileno())
@@ -128,7 +128,7 @@ def raise_open_files_limit() -> None:
 
 def with_embedded(config: Config, embedded: Any) -> Config | None:
     """Start embedded PostgreSQL and Redis; the config pointing at them, or None on failure."""
-    from server.embedded import EmbeddedError
+    from server.runtime.embedded import EmbeddedError
 
     started = time.perf_counter()
     try:
@@ -156,11 +156,11 @@ def run_server(
     board: Board | None = None,
 ) -> int:
     """One server process: on config's host and port, or on an inherited socket."""
-    from server.accesslog import JsonAccessLogger
     from server.app import create_app
-    from server.connections import run
     from server.errors import StartupError
-    from server.supervisor import listening_socket
+    from server.runtime.accesslog import JsonAccessLogger
+    from server.runtime.connections import run
+    from server.runtime.supervisor import listening_socket
 
     def started() -> None:
         log.info("%s", listening)
@@ -206,7 +206,7 @@ def run_server(
 
 def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
     """Bind once, then keep `count` worker processes serving on that socket."""
-    from server.supervisor import Board, Supervisor, listening_socket
+    from server.runtime.supervisor import Board, Supervisor, listening_socket
 
     srv = config.server
     try:
@@ -258,8 +258,8 @@ def supervise(config: Config, args: argparse.Namespace, count: int) -> int:
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
-    from server.embedded import EmbeddedServices
-    from server.supervisor import Board, resolve_workers
+    from server.runtime.embedded import EmbeddedServices
+    from server.runtime.supervisor import Board, resolve_workers
 
     if args.listen_fd is not None:  # a worker of a supervisor: URLs come resolved, socket inherited
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # SIGHUP means "roll" to the supervisor, not to us
@@ -299,10 +299,10 @@ def serve(config: Config, args: argparse.Namespace) -> int:
 def migrate(config: Config) -> int:
     import asyncpg
 
-    from server.embedded import EmbeddedServices
     from server.errors import StartupError
-    from server.migrations import MigrationError, apply_migrations
     from server.resources import retry_until
+    from server.runtime.embedded import EmbeddedServices
+    from server.storage.migrations import MigrationError, apply_migrations
 
     async def run(url: str) -> list[int]:
         async def connect() -> asyncpg.Connection:
@@ -344,8 +344,8 @@ def worker(config: Config) -> int:
     from aiohttp import web
 
     from server.app import create_worker_app
-    from server.embedded import EmbeddedError, EmbeddedPostgres
     from server.errors import StartupError
+    from server.runtime.embedded import EmbeddedError, EmbeddedPostgres
 
     if config.jobs.concurrency < 1:
         log.error("configuration error: jobs.concurrency: must be >= 1 for run.py worker")

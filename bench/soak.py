@@ -103,7 +103,7 @@ class PrivateRedis:
     def start(self) -> str:
         binary = shutil.which("redis-server")
         if binary is None:
-            from server.embedded import valkey_binary
+            from server.runtime.embedded import valkey_binary
 
             binary = str(valkey_binary())
         self.proc = subprocess.Popen(

@@ -15,7 +15,6 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL, query_to_pairs
 
-from server import bodies, compression, conditional, render
 from server.errors import (
     DomainError,
     EncodingNotAcceptable,
@@ -24,9 +23,10 @@ from server.errors import (
     Unavailable,
     ValidationFailed,
 )
+from server.http import bodies, compression, conditional, render
+from server.http.parser_process import ParserUnavailable
+from server.http.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
 from server.keys import COMPRESSION, CONFIG, NEGOTIATOR, PARSER_PROCESS
-from server.parser_process import ParserUnavailable
-from server.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
 
 JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1

@@ -12,13 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from handlers.common import kept_response, negotiate, not_modified, render_options
-from middlewares.streaming import EncodedStream, stream_headers
-from server import bounds, negotiation, render, streaming
-from server.compression import no_transform
-from server.db import local_statement_timeout
+from server import datasets
 from server.errors import EncodingNotAcceptable, ValidationFailed
+from server.http import bounds, negotiation, render
+from server.http.compression import no_transform
+from server.http.render import Shape
+from server.http.streams import EncodedStream, stream_headers
 from server.keys import COMPRESSION, CONFIG, DB, LARGE_DATASET
-from server.render import Shape
+from server.storage.db import local_statement_timeout
 
 log = logging.getLogger("hotpath.streaming")
 
@@ -89,12 +90,12 @@ async def stream_json(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt == "ndjson":
         return await _send(
-            request, NDJSON, f"records-{count}.ndjson", streaming.synthetic_ndjson(count, batch)
+            request, NDJSON, f"records-{count}.ndjson", datasets.synthetic_ndjson(count, batch)
         )
     if fmt != "json":
         raise web.HTTPBadRequest(text=f"format must be json or ndjson, not {fmt!r}")
     return await _send(
-        request, "application/json", f"records-{count}.json", streaming.synthetic_json(count, batch)
+        request, "application/json", f"records-{count}.json", datasets.synthetic_json(count, batch)
     )
 
 
@@ -105,7 +106,7 @@ async def stream_csv(request: web.Request) -> web.StreamResponse:
         request,
         "text/csv; charset=utf-8; header=present",
         f"records-{count}.csv",
-        streaming.synthetic_csv(count, batch),
+        datasets.synthetic_csv(count, batch),
     )
 
 
@@ -123,7 +124,7 @@ def _export_type(request: web.Request) -> str:
 
 
 def _since(request: web.Request) -> dt.datetime | None:
-    """?since= in UTC, within server.bounds' range: checked here, before any SQL, so a value
+    """?since= in UTC, within server.http.bounds' range: checked here, before any SQL, so a value
     asyncpg cannot encode (past year 9999 once in UTC) is a 422, not a failed stream."""
     raw = request.query.get("since")
     if not raw:
@@ -155,7 +156,7 @@ async def export_users(request: web.Request) -> web.StreamResponse:
         await local_statement_timeout(conn, timeout)
         if media != "text/csv":
             array = media == "application/json"
-            rows = streaming.export_json_lines(
+            rows = datasets.export_json_lines(
                 conn, since, cfg.fetch_rows, cfg.chunk_size, array=array, timeout=timeout
             )
             return await _send(request, media, f"users.{ext}", rows)
@@ -165,7 +166,7 @@ async def export_users(request: web.Request) -> web.StreamResponse:
             await _write(resp, chunk, cfg.write_timeout)
 
         try:
-            await streaming.export_csv(conn, since, write, timeout=timeout)
+            await datasets.export_csv(conn, since, write, timeout=timeout)
             await resp.write_eof()
         except (ConnectionError, _Stalled) as exc:
             return _gone(request, resp, exc)

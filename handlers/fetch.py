@@ -10,10 +10,10 @@ import orjson
 from aiohttp import web
 
 from handlers.common import JSON_TYPE, read_body
-from middlewares.streaming import stream_headers
 from server.errors import ValidationFailed
-from server.fanout import FetchLimits
-from server.fetch_cache import fetch_all_cached
+from server.fetch.cache import fetch_all_cached
+from server.fetch.client import FetchLimits
+from server.http.streams import stream_headers
 from server.keys import CACHE, CONFIG, FETCH_GUARD, HTTP_CLIENT, METRICS
 
 # Above this many bytes of fetched data the answer is streamed one result at a time: encoding

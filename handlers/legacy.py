@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.common import represent
+from server.http.render import Shape
 from server.keys import RATE_LIMIT
-from server.render import Shape
 
 PROTECTED = Shape("result")
 

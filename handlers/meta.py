@@ -8,9 +8,9 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import web
 
-from server.auth import bearer_token, token_matches
+from server.http.auth import bearer_token, token_matches
+from server.http.openapi import build_spec
 from server.keys import CONFIG, METRICS
-from server.openapi import build_spec
 
 # Built once at import: the document is immutable for the life of the process.
 _SPEC = build_spec()

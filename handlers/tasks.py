@@ -22,12 +22,13 @@ from handlers.common import (
     represent,
     represent_rows,
 )
-from server import bodies, job_kinds
 from server.errors import Unavailable, ValidationFailed
-from server.jobs import STATES, Job
+from server.http import bodies
+from server.http.parser_process import ParserUnavailable
+from server.http.render import Shape
+from server.jobs import kinds
+from server.jobs.runner import STATES, Job
 from server.keys import CONFIG, DB, JOBS, PARSER_PROCESS
-from server.parser_process import ParserUnavailable
-from server.render import Shape
 
 TASK = Shape("task")
 TASKS = Shape("tasks", rows="items")
@@ -97,13 +98,13 @@ async def _accepted(
 
 async def send_notification(request: web.Request) -> web.Response:
     media = negotiate(request)
-    payload = job_kinds.validate_notification(await _fields(request))
+    payload = kinds.validate_notification(await _fields(request))
     return await _accepted(request, media, "send_notification", payload, _ESTIMATE["send_notification"])
 
 
 async def generate_report(request: web.Request) -> web.Response:
     media = negotiate(request)
-    payload = await job_kinds.validate_report(request.app[DB], await _fields(request))
+    payload = await kinds.validate_report(request.app[DB], await _fields(request))
     return await _accepted(request, media, "generate_report", payload, _ESTIMATE["generate_report"])
 
 
@@ -124,8 +125,8 @@ async def bulk_process(request: web.Request) -> web.Response:
         if ctype == _CSV and len(body) > bodies.CSV_INLINE_MAX:  # Python per row: off the loop
             records: list[Any] = await request.app[PARSER_PROCESS].csv(body, max_rows)
         else:  # orjson: ~8 ms for 2 MiB of records, in C (a thread would not free the loop)
-            limits = job_kinds.bulk_limits(max_rows, body_limits(request))
-            records = job_kinds.parse_bulk(ctype, body, max_rows, limits)
+            limits = kinds.bulk_limits(max_rows, body_limits(request))
+            records = kinds.parse_bulk(ctype, body, max_rows, limits)
     except bodies.BodyTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
     except ValueError as exc:
@@ -182,5 +183,5 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def get_report(request: web.Request) -> web.Response:
     report_id = path_id(request, "report_id", "report")
-    report = await job_kinds.get_report(request.app[DB], report_id)
+    report = await kinds.get_report(request.app[DB], report_id)
     return await represent_rows(request, report, REPORT, len(report.get("rows") or ()))

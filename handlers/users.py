@@ -6,9 +6,9 @@ from aiohttp import web
 
 from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent, represent_rows
 from server import users
-from server.cache import response_group
+from server.cache.core import response_group
+from server.http.render import Shape
 from server.keys import CACHE, CONFIG, DB, FEED, USER_BATCHER
-from server.render import Shape
 
 USER = Shape("user")
 USERS = Shape("users", rows="items")

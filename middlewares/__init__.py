@@ -28,7 +28,7 @@ from server.config import Config
 
 MIDDLEWARES: tuple[Middleware, ...] = (
     # Outermost: the request id exists before anything can fail or log, and every exception
-    # below becomes problem+json here (middlewares/errors.py), so the middlewares below
+    # below becomes problem+json here (server/http/problems.py), so the middlewares below
     # see what they raise answered like any other error.
     request_context_middleware,
     # Inside request_context, so a refusal is an ordinary problem response; before cache and

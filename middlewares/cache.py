@@ -1,4 +1,4 @@
-"""Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache.py stores).
+"""Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache/core.py stores).
 
 The key covers the route, its path parameters, the sorted query, the representation Accept
 negotiates and the content coding the compression layer chooses for Accept-Encoding:
@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from middlewares.request_context import Quick
-from server.cache import Cache, Entry, Hit, make_key, response_group
+from server.cache.core import Cache, Entry, Hit, make_key, response_group
 from server.config import Config
 from server.errors import DomainError, NotFound
 from server.keys import CACHE, COMPRESSION, CONFIG, NEGOTIATOR

@@ -1,4 +1,4 @@
-"""Response compression (server/compression.py): what should be compressed is, what must not
+"""Response compression (server/http/compression.py): what should be compressed is, what must not
 be never is, and large bodies are compressed off the event loop.
 
 A response is compressed only when all hold: a 2xx other than 204/206, a compressible media
@@ -10,7 +10,7 @@ not, so a shared cache never hands gzip to a client that did not ask for it.
 A strong ETag becomes weak on a compressed body (the representation is the same, the bytes
 are not), and a 304 answers with the validator the client holds.
 
-Streamed responses prepare themselves inside the handler; middlewares/streaming.py gives them
+Streamed responses prepare themselves inside the handler; server/http/streams.py gives them
 the same decision through stream_headers().
 """
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from server.compression import no_transform, weaken
 from server.config import Config
 from server.errors import EncodingNotAcceptable
+from server.http.compression import no_transform, weaken
 from server.keys import COMPRESSION
 
 # Routes that do not carry the middleware at all: answers that are always tiny, and

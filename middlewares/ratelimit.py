@@ -1,4 +1,4 @@
-"""Rate limiting per route policy (server/ratelimit.py); headers on every answer it shapes."""
+"""Rate limiting per route policy (server/ratelimit/limiter.py); headers on every answer it shapes."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The id is taken from a sane X-Request-ID header or generated, and echoed on every response;
 each request is counted by route, method and status, and timed. Errors raised below become
-problem+json here (middlewares/errors.py builds them), or, when the response's headers already
+problem+json here (server/http/problems.py builds them), or, when the response's headers already
 went out (a stream that failed after prepare()), the connection is aborted instead: every
 streaming route passes through this one place, so none can write a second response into its
 own body. Doing it in this layer rather than in a layer of its own saves a coroutine frame per
@@ -35,9 +35,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import istr
 
-from middlewares.errors import abort_started, problem_for, response_began
+from server.http.problems import abort_started, problem_for, response_began
 from server.keys import METRICS, REQUEST_ID
-from server.metrics import Metrics
+from server.runtime.metrics import Metrics
 
 HEADER = istr("X-Request-ID")
 Quick = Callable[[web.Request], web.Response | None]

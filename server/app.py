@@ -8,14 +8,12 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from handlers.routes import setup_routes
-from server import compression, logs
 from server.config import Config, load_config
+from server.http import compression
+from server.http.negotiation import Negotiator
+from server.http.render import OFFERS
 from server.keys import COMPRESSION, CONFIG, LARGE_DATASET, METRICS, NEGOTIATOR
 from server.large_dataset import LargeDataset
-from server.metrics import Metrics
-from server.negotiation import Negotiator
-from server.render import OFFERS
 from server.resources import (
     cache_ctx,
     catalogue_ctx,
@@ -31,11 +29,14 @@ from server.resources import (
     task_publisher_ctx,
     user_batcher_ctx,
 )
+from server.routes import setup_routes
+from server.runtime import logs
+from server.runtime.metrics import Metrics
 
 
 def create_app(config: Config) -> web.Application:
     """Build the application; resources open when it starts and close in reverse order."""
-    # No app-level middlewares: handlers/routes.py binds middlewares.MIDDLEWARES onto each
+    # No app-level middlewares: server/routes.py binds middlewares.MIDDLEWARES onto each
     # route (see middlewares/__init__.py for why).
     app = web.Application(
         client_max_size=config.server.client_max_size,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.ratelimit import parse_policy
+from server.ratelimit.limiter import parse_policy
 from server.urls import mask_url
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"

@@ -1,4 +1,4 @@
-"""Domain exceptions raised by services; middlewares/errors.py maps them to HTTP problems."""
+"""Domain exceptions raised by services; server/http/problems.py maps them to HTTP problems."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from server.db import Database
+from server.storage.db import Database
 
 
 async def _timed(probe: Callable[[], Awaitable[Any]], timeout: float) -> dict[str, Any]:

@@ -8,20 +8,20 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from server.batching import KeyBatcher
-from server.cache import Cache
-from server.compression import Compression
+from server.cache.core import Cache
 from server.config import Config
-from server.db import Database
-from server.fanout import Guard
-from server.feed import Feed
-from server.jobs import Engine, Runner
+from server.feed.core import Feed
+from server.fetch.client import Guard
+from server.http.compression import Compression
+from server.http.negotiation import Negotiator
+from server.http.parser_process import ParserProcess
+from server.jobs.runner import Engine, Runner
 from server.large_dataset import LargeDataset
-from server.metrics import Metrics
-from server.negotiation import Negotiator
-from server.parser_process import ParserProcess
 from server.products import Catalogue
-from server.ratelimit import Decision, RateLimiter
+from server.ratelimit.limiter import Decision, RateLimiter
+from server.runtime.metrics import Metrics
+from server.storage.batching import KeyBatcher
+from server.storage.db import Database
 
 CONFIG = web.AppKey("hotpath.config", Config)
 DB = web.AppKey("hotpath.db", Database)

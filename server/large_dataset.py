@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from server.compression import Compression, compress
-from server.conditional import etag_of
+from server.http.compression import Compression, compress
+from server.http.conditional import etag_of
 
 RECORDS = 1000
 # (media type, pretty, coding or None for identity)

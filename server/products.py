@@ -17,8 +17,8 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from server.db import Database
-from server.listen import listen_forever
+from server.storage.db import Database
+from server.storage.listen import listen_forever
 
 log = logging.getLogger("hotpath.products")
 

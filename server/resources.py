@@ -17,13 +17,13 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 from aiohttp import web
 
-from server.batching import KeyBatcher
-from server.cache import Cache, CacheSettings, response_group
+from server.cache.core import Cache, CacheSettings, response_group
 from server.config import ConfigError
-from server.db import Database, milliseconds
 from server.errors import StartupError
-from server.fanout import Guard, GuardedResolver
-from server.feed import Feed
+from server.feed.core import Feed
+from server.feed.task_events import publish_task
+from server.fetch.client import Guard, GuardedResolver
+from server.http.parser_process import ParserProcess
 from server.keys import (
     CACHE,
     CATALOGUE,
@@ -38,13 +38,13 @@ from server.keys import (
     REDIS,
     USER_BATCHER,
 )
-from server.metrics import Family
-from server.migrations import apply_migrations
-from server.parser_process import ParserProcess
 from server.products import Catalogue
-from server.ratelimit import ClientIdentity, RateLimiter, RedisWindows, build_policies
-from server.resp import RespConnection
-from server.task_events import publish_task
+from server.ratelimit.limiter import ClientIdentity, RateLimiter, RedisWindows, build_policies
+from server.ratelimit.resp import RespConnection
+from server.runtime.metrics import Family
+from server.storage.batching import KeyBatcher
+from server.storage.db import Database, milliseconds
+from server.storage.migrations import apply_migrations
 from server.urls import mask_url
 from server.users import get_users_by_ids
 
@@ -488,8 +488,8 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     """The job engine under JOBS (enqueue, status, cancel) and, when jobs.concurrency > 0, this
     process's job runner under JOB_RUNNER. Last in cleanup_ctx: at shutdown running jobs finish
     (up to jobs.shutdown_timeout) while the pool and every other resource are still open."""
-    from server.job_kinds import KINDS
-    from server.jobs import Engine, Runner
+    from server.jobs.kinds import KINDS
+    from server.jobs.runner import Engine, Runner
     from server.keys import JOB_RUNNER, JOBS
 
     config = app[CONFIG]

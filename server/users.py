@@ -8,9 +8,9 @@ from typing import Any
 
 import asyncpg
 
-from server.batching import KeyBatcher
-from server.db import Database
 from server.errors import Conflict, NotFound, ValidationFailed
+from server.storage.batching import KeyBatcher
+from server.storage.db import Database
 
 NAME_MAX = 200
 EMAIL_MAX = 254

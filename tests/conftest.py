@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from server.app import create_app
 from server.config import Config, load_config
-from server.embedded import EmbeddedServices
+from server.runtime.embedded import EmbeddedServices
 from server.urls import with_database
 
 ROOT = Path(__file__).resolve().parent.parent

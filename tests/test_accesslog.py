@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from server.accesslog import BufferedLineHandler, JsonAccessLogger
 from server.app import create_app
+from server.runtime.accesslog import BufferedLineHandler, JsonAccessLogger
 
 
 async def test_one_json_line_per_request(
@@ -112,7 +112,7 @@ async def test_a_malformed_request_logs_one_line_and_no_traceback(
 def test_malformed_request_lines_are_one_a_second() -> None:
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from server.logs import MalformedRequestFilter
+    from server.runtime.logs import MalformedRequestFilter
 
     f = MalformedRequestFilter(interval=1.0)
 

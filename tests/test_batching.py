@@ -11,9 +11,9 @@ import pytest
 
 from server import users
 from server.app import create_app
-from server.batching import KeyBatcher
-from server.db import Database
-from server.migrations import apply_migrations
+from server.storage.batching import KeyBatcher
+from server.storage.db import Database
+from server.storage.migrations import apply_migrations
 from tests.conftest import replace
 
 

@@ -19,11 +19,11 @@ import orjson
 import pytest
 import yaml
 
-from server import bodies, codec, compression
 from server.app import create_app
 from server.config import Config
+from server.http import bodies, codec, compression
+from server.http.parser_process import ParserProcess
 from server.keys import PARSER_PROCESS
-from server.parser_process import ParserProcess
 from tests.conftest import replace, until
 
 YAML = {"Content-Type": "application/yaml"}
@@ -278,7 +278,7 @@ async def test_yaml_values_keep_their_types_across_the_child(client: Any) -> Non
 
 
 def _zstd() -> Any:
-    from server.compression import zstd
+    from server.http.compression import zstd
 
     return zstd
 

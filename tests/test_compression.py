@@ -17,9 +17,9 @@ from aiohttp import web
 from middlewares import compose
 from middlewares.compression import compression_middleware
 from middlewares.request_context import request_context_middleware
-from middlewares.streaming import EncodedStream, stream_headers
-from server import compression
-from server.compression import BR, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
+from server.http import compression
+from server.http.compression import BR, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
+from server.http.streams import EncodedStream, stream_headers
 from server.keys import COMPRESSION
 
 try:

@@ -14,9 +14,9 @@ import pytest
 from multidict import CIMultiDict
 
 from server.app import create_app
-from server.compression import Compression
-from server.conditional import etag_of, none_match
 from server.config import Config
+from server.http.compression import Compression
+from server.http.conditional import etag_of, none_match
 from server.keys import COMPRESSION
 from server.large_dataset import LargeDataset, generate
 from tests.conftest import replace

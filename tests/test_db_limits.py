@@ -17,9 +17,9 @@ from yarl import URL
 
 from server.app import create_app
 from server.config import Config
-from server.db import Database
 from server.keys import CONFIG, DB
 from server.resources import create_pg_pool
+from server.storage.db import Database
 from tests.conftest import replace, until
 
 

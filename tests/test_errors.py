@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from middlewares.request_context import _BATCH, RequestIds, request_context_middleware
-from middlewares.streaming import stream_headers
 from server.errors import Conflict, Unavailable, ValidationFailed, as_unavailable
+from server.http.streams import stream_headers
 
 PROBLEM = "application/problem+json"
 

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from server.app import create_app
-from server.fanout import (
+from server.fetch.client import (
     BlockedAddress,
     FetchLimits,
     Guard,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from server.app import create_app
-from server.embedded import EmbeddedRedis
+from server.runtime.embedded import EmbeddedRedis
 from tests.conftest import replace
 
 

@@ -155,8 +155,8 @@ async def test_a_subject_cannot_smuggle_mail_headers(client: Any, subject: str) 
 
 
 def test_a_queued_message_that_would_break_a_header_is_never_sent(cfg: Config) -> None:
-    from server.job_kinds import build_message
-    from server.jobs import PermanentError
+    from server.jobs.kinds import build_message
+    from server.jobs.runner import PermanentError
 
     payload = {
         "recipient": "v@example.com",

@@ -28,10 +28,10 @@ from aiosmtpd.smtp import AuthResult
 from handlers.common import OFF_LOOP_ROWS
 from server.app import create_app
 from server.config import Config
-from server.db import Database
-from server.job_kinds import BULK_ERRORS_KEPT, KINDS
-from server.jobs import FINAL, Engine, JobContext, PermanentError, Runner
+from server.jobs.kinds import BULK_ERRORS_KEPT, KINDS
+from server.jobs.runner import FINAL, Engine, JobContext, PermanentError, Runner
 from server.keys import JOBS
+from server.storage.db import Database
 from tests.conftest import PYTHON, ROOT, free_port, replace, until
 
 FAST = {"lease": 2.0, "heartbeat_interval": 0.3, "poll_interval": 0.2, "shutdown_timeout": 2.0}
@@ -166,7 +166,7 @@ async def test_notification_into_maildir_from_query_parameters(aiohttp_client: A
 async def test_maildir_delivery_is_idempotent(tmp_path: Path) -> None:
     from email.message import EmailMessage
 
-    from server.job_kinds import deliver_maildir
+    from server.jobs.kinds import deliver_maildir
 
     msg = EmailMessage()
     msg["Subject"] = "once"
@@ -986,7 +986,7 @@ def test_bad_jobs_settings_name_the_key(env: dict[str, str], key: str) -> None:
 
 def test_per_kind_attempts_and_backoff() -> None:
     from server.config import load_config
-    from server.jobs import backoff_delay
+    from server.jobs.runner import backoff_delay
 
     cfg = load_config(env={"HOTPATH_JOBS_MAX_ATTEMPTS": '{ default = "4", noop = "1" }'}).jobs
     assert cfg.attempts_for("noop") == 1 and cfg.attempts_for("generate_report") == 4

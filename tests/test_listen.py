@@ -1,4 +1,4 @@
-"""server/listen.py on a real PostgreSQL whose server end of the LISTEN connection is killed."""
+"""server/storage/listen.py on a real PostgreSQL whose server end of the LISTEN connection is killed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from server.config import Config
-from server.listen import listen_forever
+from server.storage.listen import listen_forever
 from tests.conftest import until
 from tests.pgproxy import Relay
 

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.config import Config
-from server.metrics import BUCKETS, Metrics
+from server.runtime.metrics import BUCKETS, Metrics
 from tests.conftest import replace
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.migrations import ADVISORY_LOCK_ID, MIGRATION_TIMEOUT, MigrationError, apply_migrations, discover
+from server.storage.migrations import (
+    ADVISORY_LOCK_ID,
+    MIGRATION_TIMEOUT,
+    MigrationError,
+    apply_migrations,
+    discover,
+)
 from server.urls import with_database
 from tests.conftest import PYTHON, ROOT, until
 

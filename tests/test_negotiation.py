@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.negotiation import MediaRange, Negotiator, choose, parse_accept, quality
-from server.render import OFFERS
+from server.http.negotiation import MediaRange, Negotiator, choose, parse_accept, quality
+from server.http.render import OFFERS
 
 JSON, MSGPACK, YAML, XML = (
     "application/json",

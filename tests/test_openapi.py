@@ -7,8 +7,8 @@ from typing import Any
 
 from openapi_spec_validator import validate
 
-from handlers.routes import ROUTES
-from server.openapi import build_spec
+from server.http.openapi import build_spec
+from server.routes import ROUTES
 
 
 def routes_as_spec_keys() -> set[tuple[str, str, str]]:

@@ -43,7 +43,7 @@ def test_only_the_next_layer_answers_quickly(cfg: Config) -> None:
 
 
 async def test_a_quick_answer_gets_id_metrics_and_problems(aiohttp_client: Any) -> None:
-    from server.metrics import Metrics
+    from server.runtime.metrics import Metrics
 
     calls: list[str] = []
 

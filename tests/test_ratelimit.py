@@ -17,11 +17,10 @@ from aiohttp import web
 from middlewares import chain_for
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
-from middlewares.streaming import stream_headers
 from server.app import create_app
-from server.embedded import EmbeddedRedis
+from server.http.streams import stream_headers
 from server.keys import RATE_LIMITER, REDIS
-from server.ratelimit import (
+from server.ratelimit.limiter import (
     ClientIdentity,
     LocalWindows,
     RateLimiter,
@@ -30,7 +29,8 @@ from server.ratelimit import (
     build_policies,
     parse_policy,
 )
-from server.resp import RespConnection
+from server.ratelimit.resp import RespConnection
+from server.runtime.embedded import EmbeddedRedis
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 # ---------------------------------------------------------------- policies

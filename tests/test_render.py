@@ -17,8 +17,8 @@ import orjson
 import pytest
 import yaml
 
-from server import render
-from server.render import BodyError, RenderOptions, Shape, parse_body
+from server.http import render
+from server.http.render import BodyError, RenderOptions, Shape, parse_body
 
 WHEN = dt.datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
 DAY = dt.date(2024, 1, 2)

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 
-from server.embedded import EmbeddedRedis
-from server.resp import RespConnection
+from server.ratelimit.resp import RespConnection
+from server.runtime.embedded import EmbeddedRedis
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""server/routing.py: DigitsResource matches exactly what aiohttp's regex DynamicResource does."""
+"""server/http/routing.py: DigitsResource matches exactly what aiohttp's regex DynamicResource does."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from aiohttp import web
 from aiohttp.web_urldispatcher import DynamicResource
 
-from handlers.routes import ROUTES
-from server.routing import DigitsResource, number, register
+from server.http.routing import DigitsResource, number, register
+from server.routes import ROUTES
 
 SHAPES = [
     "/users/" + number("user_id", 19),

@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 
 from server.app import create_app
-from server.db import Database
 from server.errors import Unavailable
 from server.keys import DB
+from server.storage.db import Database
 from tests.conftest import replace, until
 from tests.pgproxy import Relay
 

@@ -21,12 +21,12 @@ from typing import Any
 import aiosmtplib
 import orjson
 
-from server import bodies
-from server.bounds import DATE_MIN, RANGE_TEXT, date_in_range
 from server.config import Config, SmtpConfig
-from server.db import Database, local_statement_timeout
 from server.errors import NotFound, ValidationFailed
-from server.jobs import Handler, JobContext, PermanentError
+from server.http import bodies
+from server.http.bounds import DATE_MIN, RANGE_TEXT, date_in_range
+from server.jobs.runner import Handler, JobContext, PermanentError
+from server.storage.db import Database, local_statement_timeout
 from server.users import is_email, validate_user_fields
 
 REPORT_TYPES = ("signups", "user-activity")
@@ -108,7 +108,7 @@ def _span_error(start: dt.date, end: dt.date) -> str | None:
 
 async def validate_report(db: Database, data: Mapping[str, Any]) -> dict[str, Any]:
     """report_type (signups | user-activity), user_id (user-activity: an existing user),
-    start/end dates (signups; default the last 30 days), each within server.bounds' range."""
+    start/end dates (signups; default the last 30 days), each within server.http.bounds' range."""
     errors: list[dict[str, str]] = []
     for key in data:
         if key not in ("report_type", "user_id", "start", "end"):

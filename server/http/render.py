@@ -1,4 +1,4 @@
-"""Representations: one table from media type to renderer (request bodies: server/bodies.py).
+"""Representations: one table from media type to renderer (request bodies: server/http/bodies.py).
 
 Every renderer takes plain data (dicts, lists, str, int, float, bool, None, datetime, date,
 Decimal, UUID, Enum) and a Shape, and returns bytes. None of them sees a web.Request.
@@ -23,7 +23,7 @@ import msgpack
 import orjson
 import yaml
 
-from server import bodies
+from server.http import bodies
 
 JSON = "application/json"
 MSGPACK = "application/vnd.msgpack"
@@ -215,7 +215,7 @@ def render_xml(data: Any, shape: Shape, opts: RenderOptions) -> bytes:
 
 # What makes a spreadsheet read a cell as a formula: = + - @, a tab or CR, and the fullwidth
 # (＝ ＋ － ＠) and small-form (﹦ ﹢ ﹣ ﹫) variants that spreadsheet programs fold to the
-# ASCII ones. server/streaming.py's export guard is built from the same string.
+# ASCII ones. server/datasets.py's export guard is built from the same string.
 FORMULA_START = "=+-@\t\r\uff1d\uff0b\uff0d\uff20\ufe66\ufe62\ufe63\ufe6b"
 _FORMULA_START = tuple(FORMULA_START)
 
@@ -349,7 +349,7 @@ def render(media_type: str, data: Any, shape: Shape, opts: RenderOptions = Rende
 
 # ---------------------------------------------------------------- request bodies
 
-# The parsers live in server/bodies.py (the YAML child process imports it without the rest);
+# The parsers live in server/http/bodies.py (the YAML child process imports it without the rest);
 # these names stay here for the callers that know them from this module.
 BodyError = bodies.BodyError
 BodyTooLarge = bodies.BodyTooLarge

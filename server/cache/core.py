@@ -35,8 +35,8 @@ import msgpack
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 
-from server.codec import pack, unpack
 from server.errors import NotFound
+from server.http.codec import pack, unpack
 
 log = logging.getLogger("hotpath.cache")
 

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from server.cache import Cache
-from server.fanout import FetchLimits, Guard, fetch_all
+from server.cache.core import Cache
+from server.fetch.client import FetchLimits, Guard, fetch_all
 
 NAMESPACE = "fetch"
 

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict, istr
 
-from server.conditional import etag_of
 from server.config import CompressionConfig
+from server.http.conditional import etag_of
 
 GZIP, BR, ZSTD, IDENTITY = "gzip", "br", "zstd", "identity"
 MAX_HEADER = 1024  # longer Accept-Encoding headers are cut here: bounded work per request

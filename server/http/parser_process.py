@@ -4,7 +4,7 @@ Within server.yaml_max_size (64 KiB) a YAML body costs up to ~100 ms of CPU (lib
 in C but holds the GIL throughout, and resolving and constructing each value is Python); 10,000
 rows of bulk CSV ~15-60 ms of Python. A thread would hold the GIL against the loop just the
 same (in a thread the CSV rows delayed GET /health by 48 ms). The child (`python -m
-server.parser_process`, started on first use, one per worker process) takes one body at a
+server.http.parser_process`, started on first use, one per worker process) takes one body at a
 time over a pipe and answers with the value as msgpack, which the loop unpacks in C; a body
 that takes longer than server.parser_timeout gets the child killed (and a 413), so a hostile
 document costs a bounded amount of one other core, never the worker's loop. The child leaves
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from server import bodies, codec
+from server.http import bodies, codec
 
 log = logging.getLogger("hotpath.parser")
 
@@ -37,7 +37,7 @@ YAML, CSV = 1, 2
 OK, BAD, TOO_LARGE = 0, 1, 2
 READY = b"R"
 _START_TIMEOUT = 30.0  # a cold interpreter on a loaded machine; a child never ready is killed
-_ROOT = Path(__file__).resolve().parent.parent  # where `server` is importable from
+_ROOT = Path(__file__).resolve().parents[2]  # where `server` is importable from
 
 
 class ParseTimeout(bodies.BodyTooLarge):
@@ -111,7 +111,7 @@ class ParserProcess:
         self._proc = proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server.parser_process",
+            "server.http.parser_process",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=_ROOT,

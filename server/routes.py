@@ -1,5 +1,5 @@
 """The one route table: every route named, ids canonical numbers (ASCII digits, no leading
-zero, at most as many digits as a bigint has; matched by server/routing.py's DigitsResource,
+zero, at most as many digits as a bigint has; matched by server/http/routing.py's DigitsResource,
 without a regular expression)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from aiohttp import web
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bind, chain_for, compose
 from middlewares.request_context import Quick
-from server import routing
+from server.http import routing
+from server.http.routing import number
 from server.keys import CONFIG
-from server.routing import number
 
 USER_ID = number("user_id", 19)  # a PostgreSQL bigint has at most 19 digits
 TASK_ID = number("task_id", 19)

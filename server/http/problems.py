@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server import negotiation, render
 from server.errors import DomainError, as_unavailable
+from server.http import negotiation, render
 from server.keys import REQUEST_ID
 
 log = logging.getLogger("hotpath.errors")

@@ -1,4 +1,4 @@
-"""The API contract served at /openapi.json (OpenAPI 3.1), kept in step with handlers/routes.py
+"""The API contract served at /openapi.json (OpenAPI 3.1), kept in step with server/routes.py
 by tests/test_openapi.py."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ _RATE_HEADERS = {
 
 
 def _number(digits: int) -> str:
-    """The pattern of a path number as server/routing.py's number() matches it."""
+    """The pattern of a path number as server/http/routing.py's number() matches it."""
     return f"^(0|[1-9][0-9]{{0,{digits - 1}}})$"
 
 
@@ -109,7 +109,7 @@ _USER_ID = {
     "description": "numeric user id",
 }
 _USER = {"$ref": "#/components/schemas/User"}
-# run.py's server (server/connections.py) gives a request body server.client_body_timeout.
+# run.py's server (server/runtime/connections.py) gives a request body server.client_body_timeout.
 _SLOW_BODY = {"408": _problem("the body did not arrive within server.client_body_timeout")}
 _TOO_LARGE = (
     "body beyond server.client_max_size (YAML: server.yaml_max_size) as sent or decompressed, or "

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis.exceptions as redis_exc
 
-from server.resp import RespConnection
+from server.ratelimit.resp import RespConnection
 
 log = logging.getLogger("hotpath.ratelimit")
 

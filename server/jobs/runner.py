@@ -36,9 +36,9 @@ import asyncpg
 import orjson
 
 from server.config import Config, JobsConfig
-from server.db import Database
 from server.errors import Conflict, NotFound, ValidationFailed
-from server.listen import listen_forever
+from server.storage.db import Database
+from server.storage.listen import listen_forever
 
 log = logging.getLogger("hotpath.jobs")
 

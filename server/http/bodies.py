@@ -10,7 +10,7 @@ YAML is the costly one (libyaml composes, but resolving and constructing each va
 Python: ~1.5 ms per KiB), so it is checked on its raw bytes before any YAML parser sees it
 (precheck_yaml), then composed, then checked node by node before a single value is built.
 YAML bodies above YAML_INLINE_MAX, and bulk CSV above CSV_INLINE_MAX, are parsed in a child
-process (server/parser_process.py).
+process (server/http/parser_process.py).
 
 No aiohttp here: the parser process imports this module.
 """

@@ -44,7 +44,7 @@ from aiohttp.web_server import Server
 
 from server.config import Config
 from server.errors import DomainError
-from server.supervisor import Board
+from server.runtime.supervisor import Board
 
 __all__ = (
     "GuardedRequestHandler",
@@ -268,7 +268,7 @@ class GuardedRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         """aiohttp's answer to a request its parser refused (or to an error no middleware
         caught) as a problem document instead of text/plain; still closing the connection."""
-        super().handle_error(request, status, exc, message)  # logs it (server/logs.py filters)
+        super().handle_error(request, status, exc, message)  # logs it (server/runtime/logs.py filters)
         if isinstance(exc, HttpProcessingError) and exc.message:
             lines = str(exc.message).strip().splitlines()
             detail = lines[0][:200] if lines else "malformed request"

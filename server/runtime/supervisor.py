@@ -6,7 +6,7 @@ accept queue feeds them all: when a worker stops accepting (shutdown, restart), 
 already queued wait for the others instead of being reset, which SO_REUSEPORT's per-socket
 queues would not give us. Workers are fresh interpreters (not forks), so no loop, pool or
 client ever crosses a fork. A `Board` shared the same way tells each worker which others are
-at their connection cap (server/connections.py).
+at their connection cap (server/runtime/connections.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from server.embedded import die_with_parent
+from server.runtime.embedded import die_with_parent
 
 log = logging.getLogger("hotpath.supervisor")
 

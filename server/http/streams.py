@@ -14,7 +14,7 @@ import time
 from aiohttp import web
 
 from middlewares.request_context import HEADER as REQUEST_ID_HEADER
-from server.compression import Compression, StreamEncoder, no_transform, stream_encoder
+from server.http.compression import Compression, StreamEncoder, no_transform, stream_encoder
 from server.keys import COMPRESSION, RATE_LIMIT, REQUEST_ID
 
 

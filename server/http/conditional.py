@@ -1,6 +1,6 @@
 """Validators and conditional GETs (RFC 9110 sections 8.8.3 and 13.1.2): strong ETags over a
 representation's bytes and If-None-Match matching. Bodies served again and again hash once
-(server.compression.Compression.kept)."""
+(server.http.compression.Compression.kept)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 
-from server.render import FORMULA_START
+from server.http.render import FORMULA_START
 
 # ---------------------------------------------------------------- synthetic records (API.md)
 # Every field is ASCII made from an integer, so the JSON and CSV text is formatted directly:

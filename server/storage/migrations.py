@@ -1,4 +1,4 @@
-"""Versioned SQL migrations from server/sql/, applied in order under an advisory lock."""
+"""Versioned SQL migrations from server/storage/sql/, applied in order under an advisory lock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from server.db import local_statement_timeout
+from server.storage.db import local_statement_timeout
 
 log = logging.getLogger("hotpath.migrations")
 

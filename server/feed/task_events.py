@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from server.feed import Feed, Frame
+from server.feed.core import Feed, Frame
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -23,7 +23,7 @@ def event_name(snapshot: dict[str, Any]) -> str:
 
 
 async def publish_task(feed: Feed, snapshot: dict[str, Any]) -> None:
-    """A job listener (server.jobs.Engine.listeners): every change goes out on `tasks`.
+    """A job listener (server.jobs.runner.Engine.listeners): every change goes out on `tasks`.
     publish_quietly: a job never fails because the feed could not be told."""
     await feed.publish_quietly("tasks", event_name(snapshot), snapshot)
 

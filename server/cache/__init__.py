@@ -1,0 +1,1 @@
+"""Two-layer cache: in-process LRU over Redis, single flight, invalidation."""

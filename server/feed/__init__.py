@@ -1,0 +1,1 @@
+"""The real-time feed: Redis Stream fan-out to subscribers, task events."""

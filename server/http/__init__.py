@@ -1,0 +1,1 @@
+"""Web layer helpers: negotiation, rendering, compression, problems, bodies, routing, OpenAPI."""

@@ -1,0 +1,1 @@
+"""Background jobs: the queue in PostgreSQL, the runner, the kinds of job."""

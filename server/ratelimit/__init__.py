@@ -1,0 +1,1 @@
+"""Redis-backed rate limiting: policies, windows, local fallback."""

@@ -1,0 +1,1 @@
+"""Running the server: supervisor, embedded servers, logs, access log, metrics, connections."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: the pool, read batching, LISTEN, migrations."""
