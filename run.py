@@ -300,9 +300,9 @@ def migrate(config: Config) -> int:
     import asyncpg
 
     from server.errors import StartupError
-    from server.resources import retry_until
     from server.runtime.embedded import EmbeddedServices
     from server.storage.migrations import MigrationError, apply_migrations
+    from server.storage.retry import retry_until
 
     async def run(url: str) -> list[int]:
         async def connect() -> asyncpg.Connection:

@@ -110,7 +110,7 @@ async def one_round(route: Route, batches: int = BATCHES) -> float:
     server = route.runner.server
     assert server is not None
     if route.guarded:
-        from server.keys import CONFIG
+        from server.config import CONFIG
         from server.runtime.connections import GuardedRequestHandler
 
         srv = route.runner.app[CONFIG].server
@@ -185,7 +185,7 @@ async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, f
 
 async def _seed(runner: web.AppRunner) -> None:
     """User 1, which the L1-hit route reads."""
-    from server.keys import DB
+    from server.storage.pool import DB
 
     db = runner.app[DB]
     await db.execute(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.common import json_response
+from server.cache import CACHE
 from server.calculation import expensive_calculation
+from server.config import CONFIG
 from server.errors import ValidationFailed
-from server.keys import CACHE, CONFIG
 
 
 async def expensive(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from yarl import URL, query_to_pairs
 
+from server.config import CONFIG
 from server.errors import (
     DomainError,
     EncodingNotAcceptable,
@@ -24,9 +25,10 @@ from server.errors import (
     ValidationFailed,
 )
 from server.http import bodies, compression, conditional, render
-from server.http.parser_process import ParserUnavailable
+from server.http.compression import COMPRESSION
+from server.http.negotiation import NEGOTIATOR
+from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
 from server.http.render import BY_MEDIA, BY_NAME, OFFERS, RenderOptions, Shape
-from server.keys import COMPRESSION, CONFIG, NEGOTIATOR, PARSER_PROCESS
 
 JSON_TYPE = "application/json"
 PG_BIGINT_MAX = 2**63 - 1

@@ -12,12 +12,14 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from handlers.common import json_response, path_id, read_body
+from server.config import CONFIG
 from server.errors import ValidationFailed
+from server.feed import FEED
 from server.feed.core import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
 from server.http.streams import stream_headers
-from server.keys import CONFIG, FEED, JOBS
+from server.jobs import JOBS
 
 log = logging.getLogger("hotpath.feed")
 

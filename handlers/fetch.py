@@ -10,11 +10,14 @@ import orjson
 from aiohttp import web
 
 from handlers.common import JSON_TYPE, read_body
+from server.cache import CACHE
+from server.config import CONFIG
 from server.errors import ValidationFailed
+from server.fetch import FETCH_GUARD, HTTP_CLIENT
 from server.fetch.cache import fetch_all_cached
 from server.fetch.client import FetchLimits
 from server.http.streams import stream_headers
-from server.keys import CACHE, CONFIG, FETCH_GUARD, HTTP_CLIENT, METRICS
+from server.runtime.metrics import METRICS
 
 # Above this many bytes of fetched data the answer is streamed one result at a time: encoding
 # 100 MiB in one orjson call would hold the event loop (and the GIL) for ~50 ms.

@@ -7,9 +7,11 @@ import os
 from aiohttp import web
 
 from handlers.common import json_response
+from server.config import CONFIG
 from server.errors import Unavailable
 from server.health import check_readiness
-from server.keys import CONFIG, DB, REDIS
+from server.storage.pool import DB
+from server.storage.redis_client import REDIS
 
 _HEALTH_BODY = b'{"status":"ok"}'
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from handlers.common import represent
 from server.http.render import Shape
-from server.keys import RATE_LIMIT
+from server.ratelimit import RATE_LIMIT
 
 PROTECTED = Shape("result")
 

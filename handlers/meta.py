@@ -8,9 +8,10 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import web
 
+from server.config import CONFIG
 from server.http.auth import bearer_token, token_matches
 from server.http.openapi import build_spec
-from server.keys import CONFIG, METRICS
+from server.runtime.metrics import METRICS
 
 # Built once at import: the document is immutable for the life of the process.
 _SPEC = build_spec()

@@ -8,10 +8,10 @@ from aiohttp import hdrs, web
 
 from handlers.common import negotiate, page_link, query_int, render_options, send_kept, send_kept_now
 from middlewares.request_context import Quick
+from server.config import CONFIG
 from server.http import render
 from server.http.render import Shape
-from server.keys import CATALOGUE, CONFIG
-from server.products import Catalogue
+from server.products import CATALOGUE, Catalogue
 
 PRODUCTS = Shape("products", rows="items")
 

@@ -22,13 +22,14 @@ from handlers.common import (
     represent,
     represent_rows,
 )
+from server.config import CONFIG
 from server.errors import Unavailable, ValidationFailed
 from server.http import bodies
-from server.http.parser_process import ParserUnavailable
+from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
 from server.http.render import Shape
-from server.jobs import kinds
+from server.jobs import JOBS, kinds
 from server.jobs.runner import STATES, Job
-from server.keys import CONFIG, DB, JOBS, PARSER_PROCESS
+from server.storage.pool import DB
 
 TASK = Shape("task")
 TASKS = Shape("tasks", rows="items")

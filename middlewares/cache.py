@@ -18,10 +18,12 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from middlewares.request_context import Quick
+from server.cache import CACHE
 from server.cache.core import Cache, Entry, Hit, make_key, response_group
-from server.config import Config
+from server.config import CONFIG, Config
 from server.errors import DomainError, NotFound
-from server.keys import CACHE, COMPRESSION, CONFIG, NEGOTIATOR
+from server.http.compression import COMPRESSION
+from server.http.negotiation import NEGOTIATOR
 
 # Response headers stored with the body; everything else (request id, rate limit) is per request.
 # A handler's own ETag (a validator of its bytes) is kept; otherwise one is derived from the value.

@@ -21,8 +21,7 @@ from aiohttp.typedefs import Handler
 
 from server.config import Config
 from server.errors import EncodingNotAcceptable
-from server.http.compression import no_transform, weaken
-from server.keys import COMPRESSION
+from server.http.compression import COMPRESSION, no_transform, weaken
 
 # Routes that do not carry the middleware at all: answers that are always tiny, and
 # handlers that serve kept bytes and encode them once themselves (handlers.common.send_kept).

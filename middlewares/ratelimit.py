@@ -7,7 +7,8 @@ from aiohttp.typedefs import Handler
 
 from server.config import Config
 from server.errors import DomainError, RateLimited, Unavailable
-from server.keys import METRICS, RATE_LIMIT, RATE_LIMITER
+from server.ratelimit import RATE_LIMIT, RATE_LIMITER
+from server.runtime.metrics import METRICS
 
 
 def applies(route_name: str, config: Config) -> bool:

@@ -35,9 +35,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import istr
 
-from server.http.problems import abort_started, problem_for, response_began
-from server.keys import METRICS, REQUEST_ID
-from server.runtime.metrics import Metrics
+from server.http.problems import REQUEST_ID, abort_started, problem_for, response_began
+from server.runtime.metrics import METRICS, Metrics
 
 HEADER = istr("X-Request-ID")
 Quick = Callable[[web.Request], web.Response | None]

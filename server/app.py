@@ -8,30 +8,25 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from server.config import Config, load_config
+from server.cache import cache_ctx
+from server.config import CONFIG, Config, load_config
+from server.feed import feed_ctx, feed_shutdown, task_publisher_ctx
+from server.fetch import http_client_ctx
 from server.http import compression
-from server.http.negotiation import Negotiator
+from server.http.compression import COMPRESSION
+from server.http.negotiation import NEGOTIATOR, Negotiator
+from server.http.parser_process import parser_process_ctx
 from server.http.render import OFFERS
-from server.keys import COMPRESSION, CONFIG, LARGE_DATASET, METRICS, NEGOTIATOR
-from server.large_dataset import LargeDataset
-from server.resources import (
-    cache_ctx,
-    catalogue_ctx,
-    feed_ctx,
-    feed_shutdown,
-    http_client_ctx,
-    jobs_ctx,
-    metrics_ctx,
-    parser_process_ctx,
-    pg_pool_ctx,
-    ratelimit_ctx,
-    redis_ctx,
-    task_publisher_ctx,
-    user_batcher_ctx,
-)
+from server.jobs import jobs_ctx
+from server.large_dataset import LARGE_DATASET, LargeDataset
+from server.products import catalogue_ctx, products_cache_ctx
+from server.ratelimit import ratelimit_ctx
 from server.routes import setup_routes
 from server.runtime import logs
-from server.runtime.metrics import Metrics
+from server.runtime.metrics import METRICS, Metrics, metrics_ctx
+from server.storage.pool import pg_pool_ctx
+from server.storage.redis_client import redis_ctx
+from server.users import user_batcher_ctx
 
 
 def create_app(config: Config) -> web.Application:
@@ -64,6 +59,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(feed_ctx)
     app.on_shutdown.append(feed_shutdown)  # streams end before the graceful wait, not after it
     app.cleanup_ctx.append(cache_ctx)
+    app.cleanup_ctx.append(products_cache_ctx)  # cached product answers follow the catalogue
     app.cleanup_ctx.append(jobs_ctx)  # keep last: running jobs finish while the pools are open
     setup_routes(app)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.ratelimit.limiter import parse_policy
+from aiohttp import web
+
 from server.urls import mask_url
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
@@ -28,6 +30,34 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+# The rate grammar of ratelimit policies ("100/hour, 10/minute", "5/30s"): parsed here so a
+# bad policy stops the process at load; server/ratelimit builds its windows from the result.
+_PERIODS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+
+
+def parse_rates(text: str) -> list[tuple[int, int]]:
+    """ "100/hour, 10/minute" → [(limit, seconds), ...] in the written order. Raises ValueError."""
+    rates = []
+    for part in text.split(","):
+        match = _RATE.match(part.lower())
+        if match is None or match.group(3) not in _PERIODS:
+            raise ValueError(f"{part.strip()!r} is not a rate like 100/hour or 5/30s")
+        limit = int(match.group(1))
+        seconds = int(match.group(2) or 1) * _PERIODS[match.group(3)]
+        if limit < 1 or seconds < 1:
+            raise ValueError(f"{part.strip()!r}: limit and period must be positive")
+        rates.append((limit, seconds))
+    if not rates:
+        raise ValueError("a policy needs at least one window")
+    return rates
 
 
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
@@ -420,7 +450,7 @@ def _validate_whole(config: Config) -> None:
     rl = config.ratelimit
     for name, text in [*rl.policies.items(), *([("default", rl.default)] if rl.default.strip() else [])]:
         try:
-            parse_policy(name, text)
+            parse_rates(text)
         except ValueError as exc:
             key = (
                 "ratelimit.default"
@@ -519,3 +549,6 @@ def load_config(
     config = Config(**sections)
     _validate_whole(config)
     return config
+
+
+CONFIG = web.AppKey("hotpath.config", Config)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from aiohttp import web
+
 from server.http.compression import Compression, compress
 from server.http.conditional import etag_of
 
@@ -125,3 +127,7 @@ class LargeDataset:
         self._encoded.setdefault((key[0], key[1], None), identity)
         if encoded is not None:
             self._encoded[key] = encoded
+
+
+# the cached /large-dataset document
+LARGE_DATASET = web.AppKey("hotpath.large_dataset", LargeDataset)

@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from aiohttp import web
 from multidict import CIMultiDict
 
+from server.cache import CACHE
+from server.cache.core import response_group
+from server.config import CONFIG
 from server.storage.db import Database
 from server.storage.listen import listen_forever
+from server.storage.pool import DB
 
 log = logging.getLogger("hotpath.products")
 
@@ -125,3 +130,32 @@ class Catalogue:
                 log.warning("catalogue reload failed (%s: %s); retrying in 1 s", type(exc).__name__, exc)
                 await asyncio.sleep(1.0)
                 self._dirty.set()
+
+
+CATALOGUE = web.AppKey("hotpath.catalogue", Catalogue)
+
+
+async def catalogue_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The product catalogue in memory, kept fresh by LISTEN/NOTIFY."""
+    cfg = app[CONFIG]
+    catalogue = Catalogue(app[DB], cfg.database.url, render_cache_size=cfg.products.render_cache_size)
+    await catalogue.start()
+    app[CATALOGUE] = catalogue
+    yield
+    await catalogue.close()
+
+
+async def products_cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cached product responses are dropped whenever the catalogue reloads (after cache_ctx)."""
+    cache = app[CACHE]
+    on_change = app[CATALOGUE].on_change
+
+    def drop_products() -> None:
+        cache.invalidate_group_soon(response_group("products"))
+
+    on_change.append(drop_products)
+    yield
+    # The catalogue closes after the cache and may still reload until then (once its LISTEN
+    # connection is up, late in a short-lived app): the callback would start an invalidation
+    # in a closed cache, whose Redis connection nobody closes.
+    on_change.remove(drop_products)

@@ -11,9 +11,9 @@ from aiohttp import web
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bind, chain_for, compose
 from middlewares.request_context import Quick
+from server.config import CONFIG
 from server.http import routing
 from server.http.routing import number
-from server.keys import CONFIG
 
 USER_ID = number("user_id", 19)  # a PostgreSQL bigint has at most 19 digits
 TASK_ID = number("task_id", 19)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
+from server.config import CONFIG
 from server.errors import Conflict, NotFound, ValidationFailed
 from server.storage.batching import KeyBatcher
 from server.storage.db import Database
+from server.storage.pool import DB
 
 NAME_MAX = 200
 EMAIL_MAX = 254
@@ -171,3 +175,22 @@ async def get_profile(db: Database, user_id: int) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"user {user_id} does not exist")
     return _record(row)
+
+
+# None when database.batch_reads is off: reads by id then go straight to the pool.
+UserBatcher = KeyBatcher[int, dict[str, Any]]
+USER_BATCHER: web.AppKey[UserBatcher | None] = web.AppKey("hotpath.user_batcher")
+
+
+async def user_batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Coalesces concurrent reads of users by id (database.batch_reads); closed before the pool."""
+    cfg = app[CONFIG].database
+    if not cfg.batch_reads:
+        app[USER_BATCHER] = None
+        yield
+        return
+    db = app[DB]
+    batcher: KeyBatcher[int, dict[str, Any]] = KeyBatcher(partial(get_users_by_ids, db), cfg.batch_max)
+    app[USER_BATCHER] = batcher
+    yield
+    await batcher.close()

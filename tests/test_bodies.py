@@ -22,8 +22,7 @@ import yaml
 from server.app import create_app
 from server.config import Config
 from server.http import bodies, codec, compression
-from server.http.parser_process import ParserProcess
-from server.keys import PARSER_PROCESS
+from server.http.parser_process import PARSER_PROCESS, ParserProcess
 from tests.conftest import replace, until
 
 YAML = {"Content-Type": "application/yaml"}

@@ -18,11 +18,12 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.app import create_app
+from server.cache import CACHE
 from server.cache.core import Cache, CacheSettings, cached, make_key, pack, unpack
 from server.calculation import sum_of_squares
 from server.config import Config, ConfigError, load_config
 from server.errors import NotFound
-from server.keys import CACHE, CATALOGUE
+from server.products import CATALOGUE
 from server.runtime.embedded import EmbeddedRedis
 from tests.conftest import replace, until
 

@@ -18,9 +18,8 @@ from middlewares import compose
 from middlewares.compression import compression_middleware
 from middlewares.request_context import request_context_middleware
 from server.http import compression
-from server.http.compression import BR, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
+from server.http.compression import BR, COMPRESSION, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
 from server.http.streams import EncodedStream, stream_headers
-from server.keys import COMPRESSION
 
 try:
     from compression import zstd  # type: ignore[import-not-found]

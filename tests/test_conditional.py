@@ -15,9 +15,8 @@ from multidict import CIMultiDict
 
 from server.app import create_app
 from server.config import Config
-from server.http.compression import Compression
+from server.http.compression import COMPRESSION, Compression
 from server.http.conditional import etag_of, none_match
-from server.keys import COMPRESSION
 from server.large_dataset import LargeDataset, generate
 from tests.conftest import replace
 from tests.test_compression import decode, zstd

@@ -16,10 +16,9 @@ from aiohttp import web
 from yarl import URL
 
 from server.app import create_app
-from server.config import Config
-from server.keys import CONFIG, DB
-from server.resources import create_pg_pool
+from server.config import CONFIG, Config
 from server.storage.db import Database
+from server.storage.pool import DB, create_pg_pool
 from tests.conftest import replace, until
 
 

@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from server.app import create_app
 from server.config import Config
 from server.errors import Unavailable
+from server.feed import FEED
 from server.feed.core import Feed, encode_event, parse_event_id
-from server.keys import FEED
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 TOKEN = "test-admin-token"

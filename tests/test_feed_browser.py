@@ -11,7 +11,7 @@ from playwright.async_api import Browser, async_playwright
 
 from server.app import create_app
 from server.config import Config
-from server.keys import FEED
+from server.feed import FEED
 from tests.conftest import replace, require_program
 
 CHROMIUM = "/usr/bin/chromium"

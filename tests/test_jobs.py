@@ -28,9 +28,9 @@ from aiosmtpd.smtp import AuthResult
 from handlers.common import OFF_LOOP_ROWS
 from server.app import create_app
 from server.config import Config
+from server.jobs import JOBS
 from server.jobs.kinds import BULK_ERRORS_KEPT, KINDS
 from server.jobs.runner import FINAL, Engine, JobContext, PermanentError, Runner
-from server.keys import JOBS
 from server.storage.db import Database
 from tests.conftest import PYTHON, ROOT, free_port, replace, until
 

@@ -14,8 +14,9 @@ from middlewares.cache import cache_middleware
 from middlewares.compression import compression_middleware
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
-from server.config import Config
-from server.keys import CACHE, CONFIG, METRICS
+from server.cache import CACHE
+from server.config import CONFIG, Config
+from server.runtime.metrics import METRICS
 
 
 def _quick_of(bound: tuple[Any, ...]) -> Any:

@@ -19,7 +19,7 @@ from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
 from server.app import create_app
 from server.http.streams import stream_headers
-from server.keys import RATE_LIMITER, REDIS
+from server.ratelimit import RATE_LIMITER
 from server.ratelimit.limiter import (
     ClientIdentity,
     LocalWindows,
@@ -31,6 +31,7 @@ from server.ratelimit.limiter import (
 )
 from server.ratelimit.resp import RespConnection
 from server.runtime.embedded import EmbeddedRedis
+from server.storage.redis_client import REDIS
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 # ---------------------------------------------------------------- policies

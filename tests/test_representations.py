@@ -14,7 +14,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
-from server.keys import CATALOGUE
+from server.products import CATALOGUE
 from tests.conftest import until
 
 DECODERS = {

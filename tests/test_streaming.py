@@ -17,8 +17,8 @@ import pytest
 
 from server import datasets
 from server.app import create_app
-from server.keys import DB
 from server.storage.db import Database
+from server.storage.pool import DB
 from tests.conftest import replace, until
 
 

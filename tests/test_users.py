@@ -12,8 +12,8 @@ import pytest
 
 from server.app import create_app
 from server.errors import Unavailable
-from server.keys import DB
 from server.storage.db import Database
+from server.storage.pool import DB
 from tests.conftest import replace, until
 from tests.pgproxy import Relay
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
+from aiohttp import web
 from multidict import CIMultiDict, istr
 
 from server.config import CompressionConfig
@@ -559,3 +560,7 @@ def from_config(cfg: CompressionConfig) -> Compression:
         stream_flush_bytes=cfg.stream_flush_bytes,
         stream_flush_interval=cfg.stream_flush_interval,
     )
+
+
+# negotiator, filters, compressed-body cache and ETags of kept bodies
+COMPRESSION = web.AppKey("hotpath.compression", Compression)

@@ -7,6 +7,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aiohttp import web
+
 MAX_HEADER = 4096  # longer Accept headers are cut here: bounded work per request
 MAX_RANGES = 64
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -112,3 +114,6 @@ class Negotiator:
             del self._memo[next(iter(self._memo))]  # oldest first: cheap and bounded
         self._memo[header] = result
         return result
+
+
+NEGOTIATOR = web.AppKey("hotpath.negotiator", Negotiator)

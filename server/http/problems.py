@@ -15,7 +15,6 @@ from aiohttp import web
 
 from server.errors import DomainError, as_unavailable
 from server.http import negotiation, render
-from server.keys import REQUEST_ID
 
 log = logging.getLogger("hotpath.errors")
 
@@ -44,6 +43,7 @@ _KEEP_HEADERS: tuple[str, ...] = (
     "Accept-Post",
     "Accept-Patch",
 )
+
 _KEEP_HEADERS += ("X-Cache",)  # set by the cache middleware on errors of cached routes
 
 
@@ -156,3 +156,6 @@ def abort_started(request: web.Request, exc: Exception) -> web.Response:
     stand_in = web.Response(status=500)
     stand_in.force_close()
     return stand_in
+
+
+REQUEST_ID = web.RequestKey("hotpath.request_id", str)

@@ -14,8 +14,9 @@ import time
 from aiohttp import web
 
 from middlewares.request_context import HEADER as REQUEST_ID_HEADER
-from server.http.compression import Compression, StreamEncoder, no_transform, stream_encoder
-from server.keys import COMPRESSION, RATE_LIMIT, REQUEST_ID
+from server.http.compression import COMPRESSION, Compression, StreamEncoder, no_transform, stream_encoder
+from server.http.problems import REQUEST_ID
+from server.ratelimit import RATE_LIMIT
 
 
 class EncodedStream(web.StreamResponse):

@@ -1,1 +1,52 @@
 """Redis-backed rate limiting: policies, windows, local fallback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+from aiohttp import web
+
+from server.config import CONFIG, ConfigError
+from server.ratelimit.limiter import ClientIdentity, Decision, RateLimiter, RedisWindows, build_policies
+from server.ratelimit.resp import RespConnection
+from server.runtime import metrics
+
+RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
+RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
+
+
+async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The rate limiter under RATE_LIMITER: policies per route name, checks coalesced per loop pass."""
+    cfg = app[CONFIG].ratelimit
+    route_names = sorted({r.name for r in app.router.routes() if r.name})
+    try:
+        policies = build_policies(route_names, cfg.policies, cfg.default, cfg.exempt) if cfg.enabled else {}
+    except ValueError as exc:
+        raise ConfigError("ratelimit.policies", str(exc)) from None
+    limiter = RateLimiter(
+        RedisWindows(
+            RespConnection(app[CONFIG].redis.url, timeout=app[CONFIG].redis.socket_timeout), cfg.max_batch
+        ),
+        policies,
+        ClientIdentity(cfg.trusted_proxies, cfg.key_header, cfg.ipv6_prefix),
+        fail_mode=cfg.fail_mode,
+        processes=cfg.processes,
+        retry_interval=cfg.retry_interval,
+    )
+    app[RATE_LIMITER] = limiter
+    metrics.register(app, partial(_ratelimit_families, limiter))
+    yield
+    await limiter.close()
+
+
+def _ratelimit_families(limiter: RateLimiter) -> list[metrics.Family]:
+    return [
+        metrics.Family(
+            "hotpath_ratelimit_degraded",
+            "counter",
+            "Rate-limit checks answered without Redis, by what happened",
+            ("mode",),
+            {(name,): float(n) for name, n in limiter.stats.items()},
+        )
+    ]

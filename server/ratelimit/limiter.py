@@ -25,7 +25,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,18 +33,12 @@ from typing import Any
 
 import redis.exceptions as redis_exc
 
+from server.config import parse_rates
 from server.ratelimit.resp import RespConnection
 
 log = logging.getLogger("hotpath.ratelimit")
 
 KEY_PREFIX = "hotpath:v1:rl"
-_PERIODS = {
-    "s": 1, "sec": 1, "second": 1, "seconds": 1,
-    "m": 60, "min": 60, "minute": 60, "minutes": 60,
-    "h": 3600, "hour": 3600, "hours": 3600,
-    "d": 86400, "day": 86400, "days": 86400,
-}  # fmt: skip
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
 FAIL_MODES = ("open", "closed", "local")
 
 
@@ -69,19 +62,8 @@ class Policy:
 
 def parse_policy(name: str, text: str) -> Policy:
     """ "100/hour, 10/minute" (also "5/30s", "1000/day") → Policy. Raises ValueError."""
-    windows = []
-    for part in text.split(","):
-        match = _RATE.match(part.lower())
-        if match is None or match.group(3) not in _PERIODS:
-            raise ValueError(f"{part.strip()!r} is not a rate like 100/hour or 5/30s")
-        limit = int(match.group(1))
-        seconds = int(match.group(2) or 1) * _PERIODS[match.group(3)]
-        if limit < 1 or seconds < 1:
-            raise ValueError(f"{part.strip()!r}: limit and period must be positive")
-        windows.append(Window(limit, seconds))
-    if not windows:
-        raise ValueError("a policy needs at least one window")
-    windows.sort(key=lambda w: w.seconds)
+    rates = sorted(parse_rates(text), key=lambda rate: rate[1])
+    windows = [Window(limit, seconds) for limit, seconds in rates]
     header = ", ".join(f'"{name}-{w.seconds}s";q={w.limit};w={w.seconds}' for w in windows)
     return Policy(name, tuple(windows), header)
 

@@ -18,7 +18,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from server.keys import REQUEST_ID
+from server.http.problems import REQUEST_ID
 
 
 class JsonAccessLogger(AbstractAccessLogger):

@@ -12,18 +12,26 @@ backwards after a restart); gauges count only for workers still alive.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from server.config import CONFIG
+from server.storage.db import Database
+from server.storage.pool import DB
 
 # Request duration buckets in seconds, from a cache hit to a slow export.
 BUCKETS: tuple[float, ...] = (
@@ -42,6 +50,7 @@ BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
+
 # Method labels are bounded: aiohttp accepts any token as a method, the catch-all route answers it.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -269,3 +278,59 @@ def _family(fam: Family, samples: dict[tuple[str, ...], float]) -> Metric:
     for labels, value in sorted(samples.items()):
         out.add_metric(list(labels), value)
     return out
+
+
+log = logging.getLogger("hotpath.resources")
+
+# None when metrics.enabled is off: the request middleware then counts nothing.
+METRICS: web.AppKey[Metrics | None] = web.AppKey("hotpath.metrics")
+
+
+def register(app: web.Application, families: Callable[[], list[Family]]) -> None:
+    """Add a feature's gauges to /metrics when metrics are on (each feature's own context
+    calls this, so this module knows none of them)."""
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.sources.append(families)
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Feature gauges for /metrics, and the periodic snapshot other workers' /metrics read."""
+    metrics = app[METRICS]
+    if metrics is None:
+        yield
+        return
+    metrics.sources.append(partial(_pool_families, app[DB]))
+    interval = app[CONFIG].metrics.flush_interval
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            metrics.fold()  # also where no other worker reads snapshots: the pending lists stay short
+            try:
+                metrics.write_snapshot()
+            except OSError as exc:  # a full or vanished directory must not stop serving
+                log.warning("metrics snapshot not written: %s", exc)
+
+    flusher = asyncio.create_task(flush_forever(), name="hotpath-metrics-flush")
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    with contextlib.suppress(OSError):
+        metrics.write_snapshot()  # the final totals stay in the sum after this worker exits
+
+
+def _pool_families(db: Database) -> list[Family]:
+    pool = db.pool
+    return [
+        Family(
+            "hotpath_db_pool_connections",
+            "gauge",
+            "PostgreSQL pool connections, by state",
+            ("state",),
+            {("open",): pool.get_size(), ("idle",): pool.get_idle_size(), ("max",): pool.get_max_size()},
+        ),
+        Family("hotpath_db_pool_waiting", "gauge", "Requests waiting for a connection", (), {(): db.waiting}),
+        Family("hotpath_db_pool_timeouts", "counter", "Checkouts that gave up (503)", (), {(): db.timeouts}),
+    ]
