@@ -33,10 +33,10 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 import msgpack
 import redis.asyncio as aioredis
-import redis.exceptions as redis_exc
 
 from server.errors import NotFound
 from server.http.codec import pack, unpack
+from server.storage.outage import REDIS_DOWN, Outage
 
 log = logging.getLogger("hotpath.cache")
 
@@ -46,15 +46,6 @@ KEY_PREFIX = "hotpath:v1:"
 GROUP_PREFIX = "hotpath:v1:group:"
 
 # msgpack extension codes (stable: they are part of the stored format, "v1" in every key)
-
-# Redis failures that mean "Redis is not there right now": the cache degrades instead of failing.
-REDIS_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    redis_exc.ConnectionError,
-    redis_exc.TimeoutError,
-    redis_exc.BusyLoadingError,
-)
 
 # Release the loader lock only if it still holds our token (it may have expired and been taken).
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -186,8 +177,12 @@ class Cache:
         self._epoch = 0
         self._dropped: dict[str, int] = {}
         self._cleared_at = 0
-        self._down_until = 0.0  # while Redis is down: monotonic time of the next attempt
-        self._outage = False
+        self._outage = Outage(
+            log,
+            settings.retry_interval,
+            down="Redis unavailable (%s: %s): cache serves from process memory and loaders until it is back",
+            up="Redis is back: the shared cache layer is in use again",
+        )
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
         # For callers that derive keys from raw request parts: raw parts -> (key, group), so a
@@ -243,22 +238,15 @@ class Cache:
 
     @property
     def degraded(self) -> bool:
-        return self._outage
+        return self._outage.active
 
     def _l2_usable(self) -> bool:
-        return not self._outage or time.monotonic() >= self._down_until
+        return self._outage.usable()
 
     async def _redis_failed(self, exc: BaseException) -> None:
         self.stats.redis_errors += 1
-        self._down_until = time.monotonic() + self.settings.retry_interval
-        if not self._outage:
-            self._outage = True
+        if self._outage.failed(exc):
             self.stats.degraded += 1
-            log.warning(
-                "Redis unavailable (%s: %s): cache serves from process memory and loaders until it is back",
-                type(exc).__name__,
-                exc,
-            )
             # Every connection to the server that went away is dropped now, the subscription's
             # included, so that each fails within this outage rather than once more after Redis
             # is back (which would count as another outage): idle pooled connections reconnect
@@ -269,9 +257,7 @@ class Cache:
                 await self._sub_pool.disconnect()
 
     def _redis_ok(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.warning("Redis is back: the shared cache layer is in use again")
+        self._outage.ok()
 
     # ------------------------------------------------------------------ L1
 
@@ -762,7 +748,7 @@ class Cache:
             l1_bytes=self._l1_bytes,
             l1_max_entries=self.settings.max_entries,
             l1_max_bytes=self.settings.max_bytes,
-            degraded_now=self._outage,
+            degraded_now=self._outage.active,
             inflight=len(self._inflight),
         )
         return out
