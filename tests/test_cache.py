@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import secrets
 import time
@@ -19,9 +20,9 @@ from aiohttp import web
 
 from server.app import create_app
 from server.cache import CACHE
-from server.cache.core import Cache, CacheSettings, cached, make_key, pack, unpack
+from server.cache.core import Cache, cached, make_key, pack, unpack
 from server.calculation import sum_of_squares
-from server.config import Config, ConfigError, load_config
+from server.config import CacheConfig, Config, ConfigError, load_config
 from server.errors import NotFound
 from server.products import CATALOGUE
 from server.runtime.embedded import EmbeddedRedis
@@ -40,9 +41,9 @@ async def redis(cfg: Config) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def settings(channel: str, **changes: Any) -> CacheSettings:
+def settings(channel: str, **changes: Any) -> CacheConfig:
     base = {"channel": channel, "retry_interval": 0.05, "lock_poll": 0.002}
-    return CacheSettings(**{**base, **changes})
+    return dataclasses.replace(CacheConfig(), **{**base, **changes})
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from functools import partial
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from server.cache.core import Cache, CacheSettings
+from server.cache.core import Cache
 from server.config import CONFIG
 from server.runtime import metrics
 from server.storage.redis_client import REDIS
@@ -16,30 +15,9 @@ from server.storage.redis_client import REDIS
 CACHE = web.AppKey("hotpath.cache", Cache)
 
 
-def cache_settings(app: web.Application, client: aioredis.Redis) -> CacheSettings:
-    """The [cache] section for Cache; the channel is per Redis database, so separate
-    deployments (and test runs) sharing one Redis server never hear each other."""
-    c = app[CONFIG].cache
-    db = client.connection_pool.connection_kwargs.get("db", 0)
-    return CacheSettings(
-        max_entries=c.max_entries,
-        max_bytes=c.max_bytes,
-        default_ttl=c.default_ttl,
-        jitter=c.jitter,
-        negative_ttl=c.negative_ttl,
-        lock_ttl=c.lock_ttl,
-        lock_wait=c.lock_wait,
-        lock_poll=c.lock_poll,
-        retry_interval=c.retry_interval,
-        invalidate_wait=c.invalidate_wait,
-        channel=f"{c.channel}:{db}",
-    )
-
-
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     """The two-layer cache under CACHE, subscribed to invalidations."""
-    client = app[REDIS]
-    cache = Cache(client, cache_settings(app, client))
+    cache = Cache(app[REDIS], app[CONFIG].cache)
     await cache.start()
     app[CACHE] = cache
     metrics.register(app, partial(_cache_families, cache))

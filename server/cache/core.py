@@ -34,6 +34,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 import msgpack
 import redis.asyncio as aioredis
 
+from server.config import CacheConfig
 from server.errors import NotFound
 from server.http.codec import pack, unpack
 from server.storage.outage import REDIS_DOWN, Outage
@@ -141,30 +142,16 @@ class Stats:
     redis_errors: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CacheSettings:
-    """What the Cache needs from config.toml's [cache] section."""
-
-    max_entries: int = 10_000
-    max_bytes: int = 64 * 1024 * 1024
-    default_ttl: float = 60.0
-    jitter: float = 0.1
-    negative_ttl: float = 5.0
-    lock_ttl: float = 10.0
-    lock_wait: float = 2.0
-    lock_poll: float = 0.01
-    retry_interval: float = 1.0
-    invalidate_wait: float = 0.5
-    channel: str = "hotpath:v1:invalidate"
-
-
 class Cache:
     """The two-layer cache of one process. Build it in a cleanup context; `start()` subscribes to
     invalidations, `close()` ends the subscription and every background refresh."""
 
-    def __init__(self, redis: aioredis.Redis, settings: CacheSettings) -> None:
+    def __init__(self, redis: aioredis.Redis, config: CacheConfig) -> None:
         self.redis = redis
-        self.settings = settings
+        self.config = config
+        # Invalidations go out per Redis database, so separate deployments (and test runs)
+        # sharing one Redis server never hear each other.
+        self.channel = f"{config.channel}:{redis.connection_pool.connection_kwargs.get('db', 0)}"
         self.stats = Stats()
         self._l1: OrderedDict[str, Entry] = OrderedDict()
         self._l1_bytes = 0
@@ -179,7 +166,7 @@ class Cache:
         self._cleared_at = 0
         self._outage = Outage(
             log,
-            settings.retry_interval,
+            config.retry_interval,
             down="Redis unavailable (%s: %s): cache serves from process memory and loaders until it is back",
             up="Redis is back: the shared cache layer is in use again",
         )
@@ -199,7 +186,7 @@ class Cache:
         # Acknowledgements of our invalidations come back on a channel of this cache's own, to
         # the same subscription: a writer waits on a local future, holding no Redis connection
         # (a blocking pop per waiting write ran the shared pool dry under concurrent writes).
-        self._reply_channel = f"{settings.channel}:ack:{secrets.token_hex(8)}"
+        self._reply_channel = f"{self.channel}:ack:{secrets.token_hex(8)}"
         self._waiting: dict[str, _AckWait] = {}
         self._release = redis.register_script(_RELEASE)
         self._drop_group = redis.register_script(_DROP_GROUP)
@@ -273,14 +260,14 @@ class Cache:
         return entry
 
     def _l1_put(self, key: str, entry: Entry) -> None:
-        if entry.size > self.settings.max_bytes:
+        if entry.size > self.config.max_bytes:
             return
         self._l1_drop(key)
         self._l1[key] = entry
         self._l1_bytes += entry.size
         if entry.group is not None:
             self._groups.setdefault(entry.group, set()).add(key)
-        s = self.settings
+        s = self.config
         while len(self._l1) > s.max_entries or self._l1_bytes > s.max_bytes:
             oldest = next(iter(self._l1))
             self._l1_drop(oldest)
@@ -383,8 +370,8 @@ class Cache:
         raise_missing: bool = True,
     ) -> Hit[Any]:
         """get_or_load for a key already made by make_key()."""
-        ttl = self.settings.default_ttl if ttl is None else ttl
-        neg = self.settings.negative_ttl if negative_ttl is None else negative_ttl
+        ttl = self.config.default_ttl if ttl is None else ttl
+        neg = self.config.negative_ttl if negative_ttl is None else negative_ttl
         now = time.time()
         if not refresh:
             entry = self._l1_get(key, now)
@@ -446,7 +433,7 @@ class Cache:
     async def set(self, namespace: str, parts: Any, value: Any, ttl: float | None = None) -> None:
         """Store `value` under (namespace, parts) in both layers."""
         key = make_key(namespace, parts)
-        entry, raw = self._encode(value, self.settings.default_ttl if ttl is None else ttl, 0.0, None, None)
+        entry, raw = self._encode(value, self.config.default_ttl if ttl is None else ttl, 0.0, None, None)
         self._l1_put(key, entry)
         await self._l2_set(key, raw, entry, None)
 
@@ -486,9 +473,9 @@ class Cache:
         if token is None and self._l2_usable() and not refresh:
             # another process is loading: wait for its value, bounded, then load ourselves
             self.stats.lock_waits += 1
-            deadline = time.monotonic() + self.settings.lock_wait
+            deadline = time.monotonic() + self.config.lock_wait
             while time.monotonic() < deadline:
-                await asyncio.sleep(self.settings.lock_poll)
+                await asyncio.sleep(self.config.lock_poll)
                 entry = await self._l2_get(key)
                 if entry is not None and time.time() < entry.fresh_until:
                     self.stats.hits_l2 += 1
@@ -543,7 +530,7 @@ class Cache:
         if not self._l2_usable():
             return
         life = entry.stale_until - time.time()
-        ms = max(1, int(life * 1000 * (1.0 + random.uniform(0.0, self.settings.jitter))))
+        ms = max(1, int(life * 1000 * (1.0 + random.uniform(0.0, self.config.jitter))))
         try:
             if group is None:
                 await self.redis.set(key, raw, px=ms)
@@ -565,7 +552,7 @@ class Cache:
             return None
         token = secrets.token_hex(8)
         try:
-            got = await self.redis.set(key + ":lock", token, nx=True, px=int(self.settings.lock_ttl * 1000))
+            got = await self.redis.set(key + ":lock", token, nx=True, px=int(self.config.lock_ttl * 1000))
         except REDIS_DOWN as exc:
             await self._redis_failed(exc)
             return None
@@ -643,9 +630,9 @@ class Cache:
         try:
             await self._delete_l2(keys, groups)
             # every process (this one too) acknowledges once it has dropped the key from L1
-            wait.expect(int(await self.redis.publish(self.settings.channel, message)))
+            wait.expect(int(await self.redis.publish(self.channel, message)))
             try:
-                await asyncio.wait_for(asyncio.shield(wait.done), self.settings.invalidate_wait)
+                await asyncio.wait_for(asyncio.shield(wait.done), self.config.invalidate_wait)
             except TimeoutError:
                 log.warning("invalidation acknowledged by %d of %d processes in time", wait.got, wait.needed)
             # a loader elsewhere may have written the old value between our delete and its ack
@@ -702,7 +689,7 @@ class Cache:
         while not self._closing:
             pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.settings.channel, self._reply_channel)
+                await pubsub.subscribe(self.channel, self._reply_channel)
                 if not first:
                     # invalidations published while we were not listening are lost: start afresh
                     self._epoch += 1
@@ -746,8 +733,8 @@ class Cache:
         out.update(
             l1_entries=len(self._l1),
             l1_bytes=self._l1_bytes,
-            l1_max_entries=self.settings.max_entries,
-            l1_max_bytes=self.settings.max_bytes,
+            l1_max_entries=self.config.max_entries,
+            l1_max_bytes=self.config.max_bytes,
             degraded_now=self._outage.active,
             inflight=len(self._inflight),
         )
