@@ -1,4 +1,19 @@
-"""Two-layer cache: in-process LRU over Redis, single flight, invalidation."""
+"""Two-layer cache: a bounded in-process LRU (L1) in front of Redis (L2), shared by every process.
+
+The package holds one role per module:
+
+| module          | holds                                                                  |
+|-----------------|------------------------------------------------------------------------|
+| entry.py        | keys, the Entry and Hit of one value, its stored (msgpack) bytes       |
+| local.py        | L1: the in-process LRU, bounded by entries and bytes, groups of keys   |
+| shared.py       | L2: entries and loader locks in Redis, and the Redis outage            |
+| invalidation.py | pub/sub invalidation with acknowledgements, the subscription loop      |
+| stats.py        | the counters and their snapshot                                        |
+| core.py         | Cache: get_or_load (L1, L2, single flight, loader lock, refresh)       |
+| decorator.py    | `cached` for service functions, the groups of cached responses         |
+
+Here: the CACHE app key, its cleanup context and its /metrics families.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +23,13 @@ from functools import partial
 from aiohttp import web
 
 from server.cache.core import Cache
+from server.cache.decorator import cached, response_group
+from server.cache.entry import Entry, Hit, make_key
 from server.config import CONFIG
 from server.runtime import metrics
 from server.storage.redis_client import REDIS
+
+__all__ = ["CACHE", "Cache", "Entry", "Hit", "cache_ctx", "cached", "make_key", "response_group"]
 
 CACHE = web.AppKey("hotpath.cache", Cache)
 
