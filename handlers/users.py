@@ -6,8 +6,7 @@ from aiohttp import web
 
 from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent, represent_rows
 from server import users
-from server.cache import CACHE
-from server.cache.core import response_group
+from server.cache import CACHE, response_group
 from server.config import CONFIG
 from server.feed import FEED
 from server.http.render import Shape

@@ -18,8 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from middlewares.request_context import Quick
-from server.cache import CACHE
-from server.cache.core import Cache, Entry, Hit, make_key, response_group
+from server.cache import CACHE, Cache, Entry, Hit, make_key, response_group
 from server.config import CONFIG, Config
 from server.errors import DomainError, NotFound
 from server.http.compression import COMPRESSION

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
-from server.cache.core import cached
+from server.cache import cached
 
 
 def sum_of_squares(value: int) -> int:

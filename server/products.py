@@ -18,8 +18,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from server.cache import CACHE
-from server.cache.core import response_group
+from server.cache import CACHE, response_group
 from server.config import CONFIG
 from server.storage.db import Database
 from server.storage.listen import listen_forever

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import secrets
 import time
@@ -18,11 +19,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from server.app import create_app
-from server.cache import CACHE
-from server.cache.core import Cache, CacheSettings, cached, make_key, pack, unpack
+from server.cache import CACHE, Cache, cached, make_key
 from server.calculation import sum_of_squares
-from server.config import Config, ConfigError, load_config
+from server.config import CacheConfig, Config, ConfigError, load_config
 from server.errors import NotFound
+from server.http.codec import pack, unpack
 from server.products import CATALOGUE
 from server.runtime.embedded import EmbeddedRedis
 from tests.conftest import replace, until
@@ -40,9 +41,9 @@ async def redis(cfg: Config) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def settings(channel: str, **changes: Any) -> CacheSettings:
+def settings(channel: str, **changes: Any) -> CacheConfig:
     base = {"channel": channel, "retry_interval": 0.05, "lock_poll": 0.002}
-    return CacheSettings(**{**base, **changes})
+    return dataclasses.replace(CacheConfig(), **{**base, **changes})
 
 
 @pytest.fixture
@@ -127,7 +128,7 @@ async def test_ttl_expiry_never_serves_stale(make_cache: Any, redis: aioredis.Re
     first = await cache.get_or_load("t", ["k"], loader, ttl=0.2)
     assert (first.value, first.source) == ({"run": 1}, "miss")
     assert (await cache.get_or_load("t", ["k"], loader, ttl=0.2)).source == "hit-l1"
-    entry = cache._l1[make_key("t", ["k"])]
+    entry = cache.local.entries[make_key("t", ["k"])]
     await until_time(entry.fresh_until)
     # L1 and L2 (whose key outlives the TTL by up to the jitter) both hold the old value: unused
     again = await cache.get_or_load("t", ["k"], loader, ttl=0.2)
@@ -154,7 +155,7 @@ async def test_lru_is_bounded_by_entries(make_cache: Any) -> None:
     await cache.set("lru", [3], 3)
     await cache.set("lru", [4], 4)
     assert cache.l1_size == 3 and cache.stats.evictions == 2
-    kept = {k for k, _ in cache._l1.items()}
+    kept = {k for k, _ in cache.local.entries.items()}
     assert kept == {make_key("lru", [i]) for i in (0, 3, 4)}
 
 
@@ -253,7 +254,7 @@ async def test_negative_caching(make_cache: Any) -> None:
         with pytest.raises(NotFound, match="user 9"):
             await cache.get_or_load("neg", [9], missing, negative_ttl=0.2)
     assert runs == 1 and cache.stats.negative_stored == 1
-    entry = cache._l1[make_key("neg", [9])]
+    entry = cache.local.entries[make_key("neg", [9])]
     await until_time(entry.stale_until)
     with pytest.raises(NotFound):
         await cache.get_or_load("neg", [9], missing, negative_ttl=0.2)
@@ -270,14 +271,14 @@ async def test_stale_while_revalidate_refreshes_once_in_the_background(make_cach
     gate = asyncio.Event()
     loader = Counter()
     await cache.get_or_load("swr", ["k"], loader, ttl=0.1, grace=30)
-    await until_time(cache._l1[make_key("swr", ["k"])].fresh_until)
+    await until_time(cache.local.entries[make_key("swr", ["k"])].fresh_until)
     loader.gate = gate
     for _ in range(20):
         hit = await cache.get_or_load("swr", ["k"], loader, ttl=0.1, grace=30)
         assert (hit.value, hit.source) == ({"run": 1}, "hit-l1")  # the stale value, at once
     await until(lambda: loader.runs == 2)
     gate.set()
-    await until(lambda: cache._l1[make_key("swr", ["k"])].value == {"run": 2})
+    await until(lambda: cache.local.entries[make_key("swr", ["k"])].value == {"run": 2})
     assert loader.runs == 2 and cache.stats.stale_served == 20
 
 

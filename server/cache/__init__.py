@@ -1,45 +1,42 @@
-"""Two-layer cache: in-process LRU over Redis, single flight, invalidation."""
+"""Two-layer cache: a bounded in-process LRU (L1) in front of Redis (L2), shared by every process.
+
+The package holds one role per module:
+
+| module          | holds                                                                  |
+|-----------------|------------------------------------------------------------------------|
+| entry.py        | keys, the Entry and Hit of one value, its stored (msgpack) bytes       |
+| local.py        | L1: the in-process LRU, bounded by entries and bytes, groups of keys   |
+| shared.py       | L2: entries and loader locks in Redis, and the Redis outage            |
+| invalidation.py | pub/sub invalidation with acknowledgements, the subscription loop      |
+| stats.py        | the counters and their snapshot                                        |
+| core.py         | Cache: get_or_load (L1, L2, single flight, loader lock, refresh)       |
+| decorator.py    | `cached` for service functions, the groups of cached responses         |
+
+Here: the CACHE app key, its cleanup context and its /metrics families.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from functools import partial
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from server.cache.core import Cache, CacheSettings
+from server.cache.core import Cache
+from server.cache.decorator import cached, response_group
+from server.cache.entry import Entry, Hit, make_key
 from server.config import CONFIG
 from server.runtime import metrics
 from server.storage.redis_client import REDIS
 
+__all__ = ["CACHE", "Cache", "Entry", "Hit", "cache_ctx", "cached", "make_key", "response_group"]
+
 CACHE = web.AppKey("hotpath.cache", Cache)
-
-
-def cache_settings(app: web.Application, client: aioredis.Redis) -> CacheSettings:
-    """The [cache] section for Cache; the channel is per Redis database, so separate
-    deployments (and test runs) sharing one Redis server never hear each other."""
-    c = app[CONFIG].cache
-    db = client.connection_pool.connection_kwargs.get("db", 0)
-    return CacheSettings(
-        max_entries=c.max_entries,
-        max_bytes=c.max_bytes,
-        default_ttl=c.default_ttl,
-        jitter=c.jitter,
-        negative_ttl=c.negative_ttl,
-        lock_ttl=c.lock_ttl,
-        lock_wait=c.lock_wait,
-        lock_poll=c.lock_poll,
-        retry_interval=c.retry_interval,
-        invalidate_wait=c.invalidate_wait,
-        channel=f"{c.channel}:{db}",
-    )
 
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     """The two-layer cache under CACHE, subscribed to invalidations."""
-    client = app[REDIS]
-    cache = Cache(client, cache_settings(app, client))
+    cache = Cache(app[REDIS], app[CONFIG].cache)
     await cache.start()
     app[CACHE] = cache
     metrics.register(app, partial(_cache_families, cache))
