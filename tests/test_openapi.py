@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from openapi_spec_validator import validate
 
 from server.http.openapi import build_spec
 from server.routes import ROUTES
+
+# The document as server/http/openapi.py wrote it out by hand, before it was derived from the
+# route table (json.dumps(build_spec(), sort_keys=True, indent=1) at that commit).
+BEFORE = Path(__file__).parent / "data" / "openapi_before.json"
+
+
+def intended(before: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with the intended changes applied, and nothing else: every difference
+    between it and today's document is one of these, each named here."""
+    return copy.deepcopy(before)
 
 
 def routes_as_spec_keys() -> set[tuple[str, str, str]]:
@@ -41,3 +54,9 @@ async def test_served_document_is_the_spec(client: Any) -> None:
     resp = await client.get("/openapi.json")
     assert resp.status == 200
     assert await resp.json() == build_spec()
+
+
+async def test_served_document_is_the_snapshot_with_the_intended_changes(client: Any) -> None:
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200
+    assert await resp.json() == intended(json.loads(BEFORE.read_text()))
