@@ -15,6 +15,7 @@ from typing import Any
 
 from server.http.compression import Compression, compress
 from server.http.conditional import etag_of
+from server.http.operations import Schema
 
 RECORDS = 1000
 # (media type, pretty, coding or None for identity)
@@ -26,6 +27,35 @@ class Encoded:
     body: bytes
     etag: str
     coding: str | None
+
+
+# What generate() makes.
+LARGE_DATASET = Schema(
+    "LargeDataset",
+    {
+        "type": "object",
+        "required": ["records", "metadata"],
+        "properties": {
+            "records": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "name", "description"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                    },
+                },
+            },
+            "metadata": {
+                "type": "object",
+                "required": ["total", "generated_at"],
+                "properties": {"total": {"type": "integer"}, "generated_at": {"type": "string"}},
+            },
+        },
+    },
+)
 
 
 def generate(records: int = RECORDS, now: dt.datetime | None = None) -> dict[str, Any]:
