@@ -144,8 +144,9 @@ REPORT_QUERY: tuple[Param, ...] = (
 
 def _fields_body(schema: Schema) -> Body:
     """What _fields() reads over the query: an object in a body read_body reads, or a form."""
+    problem = "body is not JSON, msgpack, YAML or a form, or a Content-Encoding that is not decoded"
     types = (*bodies.BODY_TYPES, *FORM_TYPES)
-    return Body({media: schema for media in types}, required=False)
+    return Body({media: schema for media in types}, required=False, errors={415: problem})
 
 
 NOTIFICATION_BODY = _fields_body(kinds.NOTIFICATION)

@@ -63,6 +63,7 @@ TAGS = {
 UNAVAILABLE = "database or Redis unavailable; see Retry-After"
 NO_USER = "no such user"
 NO_TASK = "no such task"
+# represent(etag=True), the kept answers and the cache middleware honour If-None-Match.
 NOT_MODIFIED = Response("the client's copy (If-None-Match) is current")
 _CREATED_HEADERS = {"Location": {"schema": {"type": "string"}, "description": "URL of the new user"}}
 _HTML = {"text/html": STRING}
@@ -152,6 +153,7 @@ API: tuple[Route, ...] = (
             ("users",),
             {
                 200: Response("the user", users_service.USER),
+                304: NOT_MODIFIED,
                 404: NO_USER,
                 503: UNAVAILABLE,
             },
@@ -167,6 +169,7 @@ API: tuple[Route, ...] = (
             ("users",),
             {
                 200: Response("the profile", users_service.PROFILE),
+                304: NOT_MODIFIED,
                 404: NO_USER,
                 503: UNAVAILABLE,
             },
@@ -221,7 +224,7 @@ API: tuple[Route, ...] = (
             ("users",),
             {
                 200: Response("a page", users.USER_PAGE),
-                422: "after or limit is not a valid integer",
+                422: "after or limit is not an integer, or is below its minimum",
                 503: UNAVAILABLE,
             },
             negotiated=True,
@@ -261,7 +264,8 @@ API: tuple[Route, ...] = (
             ("products",),
             {
                 200: Response("a page of products", catalogue.PRODUCT_PAGE),
-                422: "page or limit is not a valid integer",
+                304: NOT_MODIFIED,
+                422: "page or limit is not an integer, or is below its minimum",
             },
             negotiated=True,
             query=products.PAGE_QUERY,
