@@ -9,6 +9,19 @@ from server.cache import CACHE
 from server.calculation import expensive_calculation
 from server.config import CONFIG
 from server.errors import ValidationFailed
+from server.http.operations import Schema
+
+# expensive() says where its answer came from (the cache middleware adds "bypass").
+X_CACHE = {
+    "X-Cache": {
+        "schema": {"type": "string", "enum": ["hit-l1", "hit-l2", "miss", "bypass"]},
+        "description": "where the answer came from: this process's memory, Redis, or computed now",
+    }
+}
+# What stats() answers: Cache.snapshot().
+CACHE_STATS = Schema(
+    "CacheStats", {"type": "object", "additionalProperties": {"type": ["integer", "boolean"]}}
+)
 
 
 async def expensive(request: web.Request) -> web.Response:

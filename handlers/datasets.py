@@ -17,6 +17,7 @@ from server.config import CONFIG
 from server.errors import EncodingNotAcceptable, ValidationFailed
 from server.http import bounds, negotiation, render
 from server.http.compression import COMPRESSION, no_transform
+from server.http.operations import Param, query
 from server.http.render import Shape
 from server.http.streams import EncodedStream, stream_headers
 from server.large_dataset import LARGE_DATASET
@@ -28,6 +29,22 @@ log = logging.getLogger("hotpath.streaming")
 NDJSON = "application/x-ndjson"
 EXPORT_TYPES = {"json": "application/json", "ndjson": NDJSON, "csv": "text/csv"}
 EXPORT_OFFERS = ("application/json", NDJSON, "text/csv", "application/jsonl")
+STREAM_FORMATS = ("json", "ndjson")  # ?format= of /stream-json
+
+# ---------------------------------------------------------------- parameters (the API document)
+
+DOWNLOAD = query("download", "1 for Content-Disposition: attachment")  # _open()
+STREAM_QUERY: tuple[Param, ...] = (query("format", schema={"enum": list(STREAM_FORMATS)}), DOWNLOAD)
+_RANGE = f"{bounds.DATE_MIN.isoformat()} to {bounds.DATE_MAX.isoformat()}"
+EXPORT_QUERY: tuple[Param, ...] = (
+    query("format", schema={"enum": list(EXPORT_TYPES)}),  # _export_type()
+    query(  # _since()
+        "since",
+        f"only users created at or after this ISO 8601 date/time ({_RANGE} in UTC; naive values are UTC)",
+    ),
+    DOWNLOAD,
+)
+EXPORT_SINCE_PROBLEM = f"since is not a date, or outside {bounds.DATE_MIN} .. {bounds.DATE_MAX}"
 
 
 class _Stalled(Exception):
@@ -89,13 +106,13 @@ def _count(request: web.Request) -> int:
 async def stream_json(request: web.Request) -> web.StreamResponse:
     count = _count(request)
     batch = request.app[CONFIG].streaming.batch_records
-    fmt = request.query.get("format", "json")
+    fmt = request.query.get("format", STREAM_FORMATS[0])
     if fmt == "ndjson":
         return await _send(
             request, NDJSON, f"records-{count}.ndjson", datasets.synthetic_ndjson(count, batch)
         )
     if fmt != "json":
-        raise web.HTTPBadRequest(text=f"format must be json or ndjson, not {fmt!r}")
+        raise web.HTTPBadRequest(text=f"format must be {' or '.join(STREAM_FORMATS)}, not {fmt!r}")
     return await _send(
         request, "application/json", f"records-{count}.json", datasets.synthetic_json(count, batch)
     )

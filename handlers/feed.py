@@ -15,9 +15,20 @@ from handlers.common import json_response, path_id, read_body
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.feed import FEED
-from server.feed.core import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
+from server.feed.core import (
+    CHANNELS,
+    EVENT_ID_PATTERN,
+    EVENT_NAME,
+    EVENT_NAME_PATTERN,
+    STREAM_ID_PATTERN,
+    Frame,
+    Subscriber,
+    encode_event,
+    parse_event_id,
+)
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
+from server.http.operations import Param, Response, Schema, SecurityScheme, header, query
 from server.http.streams import stream_headers
 from server.jobs import JOBS
 
@@ -36,6 +47,65 @@ SSE_HEADERS = {
     # compressor would hold events back until its buffer fills.
     "Content-Encoding": "identity",
 }
+
+
+# ---------------------------------------------------------------- shapes (the API document)
+
+# What stream() and task_stream() send: each event as a client's parser sees it.
+EVENT_STREAM = Response(
+    "text/event-stream (WHATWG server-sent events): `retry:` first, then events with `id:` "
+    "(a Redis stream id), `event:` (absent for ticker events, i.e. `message`) and `data:` "
+    "lines (JSON, or text as published), heartbeat comments every feed.heartbeat seconds; "
+    "`resync` when Last-Event-ID is older than the history, `overflow` before a too-slow "
+    "client is dropped, `shutdown` when the server stops",
+    content={
+        "text/event-stream": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "id": {"type": "string", "pattern": f"^{STREAM_ID_PATTERN}$"},
+                "event": {"type": "string"},
+                "data": {"type": "string", "description": "JSON (ticker: timestamp, value, status)"},
+                "retry": {"type": "integer", "minimum": 0},
+            },
+        }
+    },
+    headers={
+        name: {"schema": {"const": SSE_HEADERS[name]}} for name in ("Cache-Control", "X-Accel-Buffering")
+    },
+)
+# What _channels() and _last_event_id() read.
+_RESUME_ID = {"type": "string", "pattern": f"^{EVENT_ID_PATTERN}$"}
+STREAM_QUERY: tuple[Param, ...] = (
+    query("channels", f"comma-separated: {', '.join(CHANNELS)}"),
+    query(
+        "last_event_id", "resume after this id (the Last-Event-ID header wins when both are sent)", _RESUME_ID
+    ),
+    header("Last-Event-ID", "resume after this id (sent by EventSource when it reconnects)", _RESUME_ID),
+)
+# What publish() checks, and what _validate_event() takes and publish() answers.
+FEED_TOKEN = SecurityScheme("feedToken", {"type": "http", "scheme": "bearer"})
+FEED_EVENT = Schema(
+    "FeedEvent",
+    {
+        "type": "object",
+        "required": ["channel", "data"],
+        "additionalProperties": False,
+        "properties": {
+            "channel": {"enum": list(CHANNELS)},
+            "event": {"type": "string", "pattern": f"^{EVENT_NAME_PATTERN}$", "default": "message"},
+            "data": {"description": "a string is sent as is (newlines allowed), anything else as JSON"},
+        },
+    },
+)
+FEED_PUBLISHED = Schema(
+    "FeedPublished",
+    {
+        "type": "object",
+        "required": ["id", "channel", "event"],
+        "properties": {"id": {"type": "string"}, "channel": {"type": "string"}, "event": {"type": "string"}},
+    },
+)
 
 
 def _channels(request: web.Request, default: tuple[str, ...]) -> tuple[str, ...]:

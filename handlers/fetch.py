@@ -15,7 +15,8 @@ from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.fetch import FETCH_GUARD, HTTP_CLIENT
 from server.fetch.cache import fetch_all_cached
-from server.fetch.client import FetchLimits
+from server.fetch.client import RESULT_SCHEMA, FetchLimits
+from server.http.operations import Schema
 from server.http.streams import stream_headers
 from server.runtime.metrics import METRICS
 
@@ -25,6 +26,38 @@ _STREAM_ABOVE = 256 * 1024
 # Most bytes handed to the socket per event-loop pass while streaming. Sending 1 MiB over
 # loopback costs a few ms of kernel time on this core (the receiving side's TCP work included).
 _WRITE_PIECE = 256 * 1024
+
+
+# What _parse() takes: a bare array of URLs (the old clients), or {urls, timeout}.
+FETCH_REQUEST = Schema(
+    "FetchRequest",
+    {
+        "oneOf": [
+            {"type": "array", "items": {"type": "string"}},
+            {
+                "type": "object",
+                "required": ["urls"],
+                "additionalProperties": False,
+                "properties": {
+                    "urls": {"type": "array", "items": {"type": "string"}},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0},
+                },
+            },
+        ]
+    },
+)
+FETCH_RESPONSE = Schema(
+    "FetchResponse",
+    {
+        "type": "object",
+        "required": ["results", "processing_time", "total_urls"],
+        "properties": {
+            "results": {"type": "array", "items": RESULT_SCHEMA},
+            "processing_time": {"type": "number"},
+            "total_urls": {"type": "integer"},
+        },
+    },
+)
 
 
 def _parse(body: Any, max_urls: int, max_timeout: float) -> tuple[list[Any], float]:

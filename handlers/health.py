@@ -10,10 +10,26 @@ from handlers.common import json_response
 from server.config import CONFIG
 from server.errors import Unavailable
 from server.health import check_readiness
+from server.http.operations import Schema
 from server.storage.pool import DB
 from server.storage.redis_client import REDIS
 
 _HEALTH_BODY = b'{"status":"ok"}'
+HEALTH = Schema(
+    "Health", {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+)
+READY = Schema(
+    "Ready",
+    {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"const": "ready"},
+            "pid": {"type": "integer", "description": "the answering worker process"},
+            "checks": {"type": "object"},
+        },
+    },
+)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -5,10 +5,23 @@ from __future__ import annotations
 from aiohttp import web
 
 from handlers.common import represent
+from server.http.operations import Schema
 from server.http.render import Shape
 from server.ratelimit import RATE_LIMIT
+from server.ratelimit.limiter import RATE_INFO
 
 PROTECTED = Shape("result")
+PROTECTED_SCHEMA = Schema(
+    "Protected",
+    {
+        "type": "object",
+        "required": ["message", "rate_info"],
+        "properties": {
+            "message": {"type": "string"},
+            "rate_info": {"anyOf": [RATE_INFO, {"type": "null"}]},
+        },
+    },
+)
 
 
 async def protected(request: web.Request) -> web.Response:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import ipaddress
 
 import aiohttp_jinja2
-import orjson
 from aiohttp import web
 
 from server.config import CONFIG
 from server.http.auth import bearer_token, token_matches
-from server.http.openapi import build_spec
+from server.http.openapi import DOCUMENT
 from server.runtime.metrics import METRICS
 
-# Built once at import: the document is immutable for the life of the process.
-_SPEC = build_spec()
-_SPEC_BODY = orjson.dumps(_SPEC)
 _METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # A request that came through a proxy (nginx) is not a local operator, whatever its peer.
@@ -23,13 +19,16 @@ _FORWARDED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=_SPEC_BODY, content_type="application/json")
+    """The document server/routes.py derived from its route table at start-up (bytes kept)."""
+    return web.Response(body=request.app[DOCUMENT].body, content_type="application/json")
 
 
 async def docs(request: web.Request) -> web.Response:
     """The API reference as one self-contained HTML page rendered from the same document."""
     return aiohttp_jinja2.render_template(
-        "docs.html", request, {"spec": _SPEC, "title": "hotpath API", "methods": _METHODS}
+        "docs.html",
+        request,
+        {"spec": request.app[DOCUMENT].spec, "title": "hotpath API", "methods": _METHODS},
     )
 
 

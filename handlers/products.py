@@ -10,10 +10,19 @@ from handlers.common import negotiate, page_link, query_int, render_options, sen
 from middlewares.request_context import Quick
 from server.config import CONFIG
 from server.http import render
+from server.http.operations import Param, query
 from server.http.render import Shape
 from server.products import CATALOGUE, Catalogue
 
 PRODUCTS = Shape("products", rows="items")
+PAGE_QUERY: tuple[Param, ...] = (
+    query("page", "1-based page number", {"type": "integer", "minimum": 1}),
+    query(
+        "limit",
+        "page size (default products.default_limit, at most products.max_limit)",
+        {"type": "integer", "minimum": 1},
+    ),
+)
 
 
 def quick_for(route: str, app: web.Application) -> Quick:

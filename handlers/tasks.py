@@ -24,12 +24,14 @@ from handlers.common import (
 )
 from server.config import CONFIG
 from server.errors import Unavailable, ValidationFailed
-from server.http import bodies
+from server.http import bodies, bounds
+from server.http.operations import STRING, Body, Param, Schema, header, query
 from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
 from server.http.render import Shape
 from server.jobs import JOBS, kinds
 from server.jobs.runner import STATES, Job
 from server.storage.pool import DB
+from server.users import USER_CREATE
 
 TASK = Shape("task")
 TASKS = Shape("tasks", rows="items")
@@ -37,11 +39,132 @@ REPORT = Shape("report", rows="rows")
 PAGE_DEFAULT = 50
 PAGE_MAX = 200
 # Visible ASCII, 1-255 characters (what Stripe and the IETF draft accept in practice).
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IDEMPOTENCY_KEY_MAX = 255
+IDEMPOTENCY_KEY_PATTERN = f"^[\\x21-\\x7e]{{1,{IDEMPOTENCY_KEY_MAX}}}$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _CSV = "text/csv"
 # Rough seconds per job kind for `estimated_time` (a hint for pollers, not a promise).
 _ESTIMATE = {"send_notification": 1, "generate_report": 2}
 _NO_BODY: Any = object()
+
+# ---------------------------------------------------------------- shapes (the API document)
+
+_TIME = {"type": "string", "format": "date-time"}
+_TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+# What _accepted() answers, with its headers.
+TASK_ACCEPTED = Schema(
+    "TaskAccepted",
+    {
+        "type": "object",
+        "required": ["message", "task_id", "status", "status_url", "estimated_time"],
+        "properties": {
+            "message": {"type": "string"},
+            "task_id": {"type": "integer"},
+            "status": {"enum": list(STATES)},
+            "status_url": {"type": "string"},
+            "estimated_time": {"type": "number", "description": "seconds (a hint)"},
+            "created_at": _TIME,
+        },
+    },
+)
+ACCEPTED_HEADERS = {
+    "Location": {"schema": {"type": "string"}, "description": "the status URL"},
+    "Retry-After": {"schema": {"type": "integer"}, "description": "seconds before polling"},
+}
+# What _task() answers: the job's snapshot and its status URL.
+TASK_SCHEMA = Schema(
+    "Task",
+    {
+        "type": "object",
+        "required": ["task_id", "kind", "status", "progress", "attempts", "created_at", "status_url"],
+        "properties": {
+            "task_id": {"type": "integer"},
+            "kind": {"type": "string"},
+            "status": {"enum": list(STATES)},
+            "progress": {
+                "type": "object",
+                "properties": {
+                    "done": {"type": "integer"},
+                    "total": {"type": ["integer", "null"]},
+                    "message": {"type": ["string", "null"]},
+                },
+            },
+            "result": {"description": "present when completed"},
+            "error": {"type": ["string", "null"]},
+            "attempts": {"type": "integer"},
+            "max_attempts": {"type": "integer"},
+            "cancel_requested": {"type": "boolean"},
+            "status_url": {"type": "string"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+            "started_at": _TIME_OR_NULL,
+            "finished_at": _TIME_OR_NULL,
+            "run_after": _TIME,
+        },
+    },
+)
+TASK_PAGE = Schema(
+    "TaskPage",
+    {
+        "type": "object",
+        "required": ["items", "limit", "next"],
+        "properties": {
+            "items": {"type": "array", "items": TASK_SCHEMA},
+            "limit": {"type": "integer"},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+)
+IDEMPOTENCY_KEY = header(
+    "Idempotency-Key",
+    "the same key returns the same task, never a second one",
+    {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+)
+# list_tasks()
+PAGE_QUERY: tuple[Param, ...] = (
+    query("state", schema={"enum": list(STATES)}),
+    query("after", "return tasks with an id greater than this", {"type": "integer", "minimum": 0}),
+    query(
+        "limit", f"page size (default {PAGE_DEFAULT}, at most {PAGE_MAX})", {"type": "integer", "minimum": 1}
+    ),
+)
+# The fields _fields() reads from the query, as the old clients send them.
+_DAYS = f"{bounds.DATE_MIN.isoformat()} to {bounds.DATE_MAX.isoformat()}"
+NOTIFICATION_QUERY: tuple[Param, ...] = (
+    query("recipient", "email address (old clients send the fields as query parameters)"),
+    query("subject", "subject line"),
+    query("content", "plain-text body"),
+)
+REPORT_QUERY: tuple[Param, ...] = (
+    query("report_type", " or ".join(kinds.REPORT_TYPES)),
+    query("user_id", "the user (user-activity)"),
+    query("start", f"first day (signups, YYYY-MM-DD, {_DAYS})"),
+    query("end", "last day (signups, YYYY-MM-DD, same range, at most 10 years after start)"),
+)
+
+
+def _fields_body(schema: Schema) -> Body:
+    """What _fields() reads over the query: an object in a body read_body reads, or a form."""
+    problem = "body is not JSON, msgpack, YAML or a form, or a Content-Encoding that is not decoded"
+    types = (*bodies.BODY_TYPES, *FORM_TYPES)
+    return Body({media: schema for media in types}, required=False, errors={415: problem})
+
+
+NOTIFICATION_BODY = _fields_body(kinds.NOTIFICATION)
+REPORT_BODY = _fields_body(kinds.REPORT_REQUEST)
+# What bulk_process() reads: its own body reader, its own limits.
+BULK_BODY = Body(
+    {
+        "application/json": {"type": "array", "items": USER_CREATE},
+        _CSV: {**STRING, "description": "header row name,email"},
+    },
+    errors={
+        400: "missing or malformed body",
+        413: "more records than jobs.bulk_max_rows, or a body beyond jobs.bulk_max_size",
+        415: "body is neither JSON nor CSV",
+        422: "no records, or a bad Idempotency-Key",
+    },
+)
 
 
 def _status_url(request: web.Request, job_id: int) -> str:
@@ -54,7 +177,7 @@ def _idempotency_key(request: web.Request) -> str | None:
         return None
     if not _IDEMPOTENCY_KEY.match(key):
         raise ValidationFailed(
-            [{"field": "Idempotency-Key", "message": "1-255 visible ASCII characters"}],
+            [{"field": "Idempotency-Key", "message": f"1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters"}],
             "bad Idempotency-Key header",
         )
     return key

@@ -9,6 +9,7 @@ from server import users
 from server.cache import CACHE, response_group
 from server.config import CONFIG
 from server.feed import FEED
+from server.http.operations import Param, Schema, query
 from server.http.render import Shape
 from server.storage.pool import DB
 from server.users import USER_BATCHER
@@ -16,6 +17,27 @@ from server.users import USER_BATCHER
 USER = Shape("user")
 USERS = Shape("users", rows="items")
 PROFILE = Shape("profile")
+# GET /users: a page and what asks for it.
+USER_PAGE = Schema(
+    "UserPage",
+    {
+        "type": "object",
+        "required": ["items", "limit", "next"],
+        "properties": {
+            "items": {"type": "array", "items": users.USER},
+            "limit": {"type": "integer"},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+)
+PAGE_QUERY: tuple[Param, ...] = (
+    query("after", "return users with an id greater than this", {"type": "integer", "minimum": 0}),
+    query(
+        "limit",
+        "page size (default users.default_limit, at most users.max_limit)",
+        {"type": "integer", "minimum": 1},
+    ),
+)
 
 
 async def create_user(request: web.Request) -> web.Response:

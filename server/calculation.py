@@ -7,11 +7,27 @@ import datetime as dt
 from typing import Any
 
 from server.cache import cached
+from server.http.operations import Schema
 
 
 def sum_of_squares(value: int) -> int:
     """sum(i * i for i in range(value * 1000)), the figure old clients expect."""
     return sum(i * i for i in range(value * 1000))
+
+
+# What expensive_calculation() returns.
+CALCULATION = Schema(
+    "Calculation",
+    {
+        "type": "object",
+        "required": ["input", "result", "timestamp"],
+        "properties": {
+            "input": {"type": "integer"},
+            "result": {"type": "integer"},
+            "timestamp": {"type": "string", "format": "date-time"},
+        },
+    },
+)
 
 
 # The result of a value never changes, so it may live long; only the timestamp ages.

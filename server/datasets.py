@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 
+from server.http.operations import Schema
 from server.http.render import FORMULA_START
 
 # ---------------------------------------------------------------- synthetic records (API.md)
@@ -22,6 +23,19 @@ from server.http.render import FORMULA_START
 _JSON_RECORD = b'{"id":%d,"name":"User %d","email":"user%d@example.com","created_at":"2024-01-%02d"}'
 _CSV_RECORD = b"%d,User %d,user%d@example.com,2024-01-%02d\r\n"
 CSV_HEADER = b"id,name,email,created_at\r\n"
+RECORD = Schema(
+    "Record",
+    {
+        "type": "object",
+        "required": ["id", "name", "email", "created_at"],
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "email": {"type": "string"},
+            "created_at": {"type": "string", "format": "date"},
+        },
+    },
+)
 
 
 def synthetic_record(i: int) -> dict[str, object]:

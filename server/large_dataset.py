@@ -17,6 +17,7 @@ from aiohttp import web
 
 from server.http.compression import Compression, compress
 from server.http.conditional import etag_of
+from server.http.operations import Schema
 
 RECORDS = 1000
 # (media type, pretty, coding or None for identity)
@@ -28,6 +29,35 @@ class Encoded:
     body: bytes
     etag: str
     coding: str | None
+
+
+# What generate() makes.
+DATASET_SCHEMA = Schema(
+    "LargeDataset",
+    {
+        "type": "object",
+        "required": ["records", "metadata"],
+        "properties": {
+            "records": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "name", "description"],
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                    },
+                },
+            },
+            "metadata": {
+                "type": "object",
+                "required": ["total", "generated_at"],
+                "properties": {"total": {"type": "integer"}, "generated_at": {"type": "string"}},
+            },
+        },
+    },
+)
 
 
 def generate(records: int = RECORDS, now: dt.datetime | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from server.cache import CACHE, response_group
 from server.config import CONFIG
+from server.http.operations import Schema
 from server.storage.db import Database
 from server.storage.listen import listen_forever
 from server.storage.pool import DB
@@ -29,6 +30,38 @@ log = logging.getLogger("hotpath.products")
 CHANNEL = "hotpath_products"
 Answer = tuple[bytes, CIMultiDict[str]]  # a response's body and headers, kept to be sent again
 SQL_ALL = "SELECT id, name, price, category, created_at, updated_at FROM products ORDER BY id"
+_TIME = {"type": "string", "format": "date-time"}
+# A row of SQL_ALL.
+PRODUCT = Schema(
+    "Product",
+    {
+        "type": "object",
+        "required": ["id", "name", "price", "category"],
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "price": {"type": "number", "minimum": 0},
+            "category": {"type": "string"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+)
+# Catalogue.page(), with the link to the next page (handlers/products.py).
+PRODUCT_PAGE = Schema(
+    "ProductPage",
+    {
+        "type": "object",
+        "required": ["items", "total", "page", "limit", "next"],
+        "properties": {
+            "items": {"type": "array", "items": PRODUCT},
+            "total": {"type": "integer"},
+            "page": {"type": "integer"},
+            "limit": {"type": "integer"},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+)
 
 
 class Catalogue:

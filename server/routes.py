@@ -1,59 +1,532 @@
-"""The one route table: every route named, ids canonical numbers (ASCII digits, no leading
-zero, at most as many digits as a bigint has; matched by server/http/routing.py's DigitsResource,
-without a regular expression)."""
+"""The one route table: every route named, with its operation (what the API document says of
+it). Ids are canonical numbers (ASCII digits, no leading zero, at most as many digits as a
+bigint has), matched by server/http/routing.py's DigitsResource, without a regular expression."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
 
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bind, chain_for, compose
 from middlewares.request_context import Quick
+from server import calculation
+from server import datasets as records
+from server import products as catalogue
+from server import users as users_service
 from server.config import CONFIG
 from server.http import routing
-from server.http.routing import number
+from server.http.openapi import body, setup_openapi
+from server.http.operations import (
+    STRING,
+    Body,
+    Operation,
+    Param,
+    Problem,
+    Response,
+    Route,
+    delete,
+    get,
+    patch,
+    post,
+)
+from server.http.routing import PathNumber
+from server.jobs.kinds import REPORT
+from server.large_dataset import DATASET_SCHEMA
+from server.ratelimit.limiter import RATE_HEADERS, REFUSED_HEADERS
 
-USER_ID = number("user_id", 19)  # a PostgreSQL bigint has at most 19 digits
-TASK_ID = number("task_id", 19)
+USER_ID = PathNumber("user_id", 19, "numeric user id")  # a PostgreSQL bigint has at most 19 digits
+TASK_ID = PathNumber("task_id", 19, "numeric task id")
+REPORT_ID = PathNumber(
+    "report_id", 19, "numeric report id (a completed generate_report task's result names it)"
+)
+RECORD_COUNT = PathNumber("record_count", 12, "how many records (at most streaming.max_records)")
+VALUE = PathNumber("value", 9, "at most cache.expensive_max")
 
-ROUTES: tuple[web.RouteDef, ...] = (
-    web.get("/health", health.health, name="health", allow_head=True),
-    web.get("/ready", health.ready, name="ready", allow_head=True),
-    web.get("/openapi.json", meta.openapi, name="openapi"),
-    web.get("/docs", meta.docs, name="docs"),
-    web.get("/metrics", meta.metrics, name="metrics"),
+# Each tag groups the operations of one area in the API document.
+TAGS = {
+    "health": "Liveness and readiness",
+    "meta": "The API contract and the operator's metrics",
+    "users": "Users in PostgreSQL: create, read, update, delete, pages, profiles, the export",
+    "products": "The product catalogue, served from memory",
+    "rate limiting": "A rate-limited resource of the earlier service",
+    "fetch": "Fetching many URLs at once",
+    "datasets": "Streamed and cached datasets",
+    "feed": "The real-time feed (server-sent events)",
+    "tasks": "Background tasks and the reports they make",
+    "cache": "The two-layer cache",
+}
+
+# The problems many operations share.
+UNAVAILABLE = "database or Redis unavailable; see Retry-After"
+NO_USER = "no such user"
+NO_TASK = "no such task"
+# represent(etag=True), the kept answers and the cache middleware honour If-None-Match.
+NOT_MODIFIED = Response("the client's copy (If-None-Match) is current")
+_CREATED_HEADERS = {"Location": {"schema": {"type": "string"}, "description": "URL of the new user"}}
+_HTML = {"text/html": STRING}
+# POST /send-notification, /generate-report, /bulk-process: accepted, or the task a key made.
+_ACCEPTED: dict[int, Response | Problem | str] = {
+    202: Response("accepted: poll status_url", tasks.TASK_ACCEPTED, headers=tasks.ACCEPTED_HEADERS),
+    200: Response("this Idempotency-Key already made a task: that task", tasks.TASK_ACCEPTED),
+    409: "the Idempotency-Key was used for a different request",
+    503: UNAVAILABLE,
+}
+# GET /events and /stream-real-time
+_STREAM: dict[int, Response | Problem | str] = {
+    200: feed.EVENT_STREAM,
+    400: "unknown channel or malformed last event id",
+    503: "feed.max_subscribers streams are open on this process, or it is shutting down; Retry-After",
+}
+
+
+def _task_create(summary: str, fields: Body, query: tuple[Param, ...] = ()) -> Operation:
+    """POST of a task: its fields as a body (or, from the old clients, as query parameters)."""
+    return Operation(
+        summary, ("tasks",), _ACCEPTED, negotiated=True, body=fields, query=(tasks.IDEMPOTENCY_KEY, *query)
+    )
+
+
+API: tuple[Route, ...] = (
+    get(
+        "/health",
+        health.health,
+        "health",
+        Operation("Liveness (no I/O)", ("health",), {200: Response("alive", health.HEALTH)}),
+    ),
+    get(
+        "/ready",
+        health.ready,
+        "ready",
+        Operation(
+            "Readiness: PostgreSQL and Redis checks",
+            ("health",),
+            {
+                200: Response("every check passed", health.READY),
+                503: "a check failed; `checks` has each result",
+            },
+        ),
+    ),
+    get(
+        "/openapi.json",
+        meta.openapi,
+        "openapi",
+        Operation("This document", ("meta",), {200: Response("OpenAPI 3.1 document", {"type": "object"})}),
+    ),
+    get(
+        "/docs",
+        meta.docs,
+        "docs",
+        Operation(
+            "This document as a self-contained HTML page",
+            ("meta",),
+            {200: Response("HTML", content=_HTML)},
+        ),
+    ),
+    get(
+        "/metrics",
+        meta.metrics,
+        "metrics",
+        Operation(
+            "Prometheus metrics of every worker (text exposition format 0.0.4)",
+            ("meta",),
+            {
+                200: Response("metrics", content={"text/plain": STRING}),
+                401: "metrics.token is set and the request does not carry it",
+                403: "no token configured and the client is not a direct loopback peer",
+                404: "metrics.enabled is false",
+            },
+            description="With metrics.token set, needs `Authorization: Bearer <token>`; without, "
+            "only direct loopback clients (no proxy headers) may read it.",
+        ),
+    ),
     # aiohttp tries the resources under one prefix ("/users") in this order, each a coroutine
     # call: the cached reads come first, so a GET /users/{id} matches at the first try.
-    web.get("/users/" + USER_ID, users.get_user, name="user"),
-    web.get("/users/" + USER_ID + "/profile", users.get_profile, name="user_profile"),
-    web.patch("/users/" + USER_ID, users.update_user, name="user_update"),
-    web.delete("/users/" + USER_ID, users.delete_user, name="user_delete"),
-    web.post("/users", users.create_user, name="users_create"),
-    web.get("/users", users.list_users, name="users"),
-    web.get("/users/export", datasets.export_users, name="users_export"),
-    web.get("/products", products.list_products, name="products"),
-    web.get("/protected-endpoint", legacy.protected, name="protected"),
-    web.post("/process-urls", fetch.process_urls, name="process_urls"),
-    web.get("/stream-json/" + number("record_count", 12), datasets.stream_json, name="stream_json"),
-    web.get("/stream-csv/" + number("record_count", 12), datasets.stream_csv, name="stream_csv"),
-    web.get("/large-dataset", datasets.large_dataset, name="large_dataset"),
-    web.get("/stream-real-time", feed.stream, name="stream_real_time", allow_head=False),
-    web.get("/events", feed.stream, name="events", allow_head=False),
-    web.post("/events", feed.publish, name="events_publish"),
-    web.get("/feed", feed.page, name="feed"),
-    web.post("/send-notification", tasks.send_notification, name="send_notification"),
-    web.post("/generate-report", tasks.generate_report, name="generate_report"),
-    web.post("/bulk-process", tasks.bulk_process, name="bulk_process"),
-    web.get("/task-status/" + TASK_ID, tasks.task_status, name="task_status"),
-    web.delete("/task-status/" + TASK_ID, tasks.cancel_task, name="task_cancel"),
-    web.get("/tasks", tasks.list_tasks, name="tasks"),
-    web.get("/tasks/" + TASK_ID + "/events", feed.task_stream, name="task_events", allow_head=False),
-    web.get("/reports/" + number("report_id", 19), tasks.get_report, name="report"),
-    web.get("/expensive-calculation/" + number("value", 9), cache.expensive, name="expensive_calculation"),
-    web.get("/cache/stats", cache.stats, name="cache_stats"),
+    get(
+        ("/users/", USER_ID),
+        users.get_user,
+        "user",
+        Operation(
+            "Read a user",
+            ("users",),
+            {
+                200: Response("the user", users_service.USER),
+                304: NOT_MODIFIED,
+                404: NO_USER,
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+        ),
+    ),
+    get(
+        ("/users/", USER_ID, "/profile"),
+        users.get_profile,
+        "user_profile",
+        Operation(
+            "A user with derived profile fields",
+            ("users",),
+            {
+                200: Response("the profile", users_service.PROFILE),
+                304: NOT_MODIFIED,
+                404: NO_USER,
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+        ),
+    ),
+    patch(
+        ("/users/", USER_ID),
+        users.update_user,
+        "user_update",
+        Operation(
+            "Change a user's name and/or email",
+            ("users",),
+            {
+                200: Response("the updated user", users_service.USER),
+                404: NO_USER,
+                409: "email already used",
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+            body=body(users_service.USER_PATCH),
+        ),
+    ),
+    delete(
+        ("/users/", USER_ID),
+        users.delete_user,
+        "user_delete",
+        Operation("Delete a user", ("users",), {204: Response("deleted"), 404: NO_USER, 503: UNAVAILABLE}),
+    ),
+    post(
+        "/users",
+        users.create_user,
+        "users_create",
+        Operation(
+            "Create a user",
+            ("users",),
+            {
+                201: Response("created", users_service.USER, headers=_CREATED_HEADERS),
+                409: "email already used (case-insensitive)",
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+            body=body(users_service.USER_CREATE),
+        ),
+    ),
+    get(
+        "/users",
+        users.list_users,
+        "users",
+        Operation(
+            "List users in id order (keyset pagination)",
+            ("users",),
+            {
+                200: Response("a page", users.USER_PAGE),
+                422: "after or limit is not an integer, or is below its minimum",
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+            query=users.PAGE_QUERY,
+        ),
+    ),
+    get(
+        "/users/export",
+        datasets.export_users,
+        "users_export",
+        Operation(
+            "Every user, streamed from one database snapshot (JSON array, NDJSON or CSV)",
+            ("users", "datasets"),
+            {
+                200: Response(
+                    "users, streamed",
+                    content={
+                        "application/json": {"type": "array", "items": users_service.USER},
+                        datasets.NDJSON: STRING,
+                        "text/csv": STRING,
+                    },
+                ),
+                400: "unknown format",
+                406: "Accept names none of the export's types",
+                422: datasets.EXPORT_SINCE_PROBLEM,
+                503: UNAVAILABLE,
+            },
+            query=datasets.EXPORT_QUERY,
+        ),
+    ),
+    get(
+        "/products",
+        products.list_products,
+        "products",
+        Operation(
+            "The product catalogue (served from memory, refreshed on every change)",
+            ("products",),
+            {
+                200: Response("a page of products", catalogue.PRODUCT_PAGE),
+                304: NOT_MODIFIED,
+                422: "page or limit is not an integer, or is below its minimum",
+            },
+            negotiated=True,
+            query=products.PAGE_QUERY,
+        ),
+    ),
+    get(
+        "/protected-endpoint",
+        legacy.protected,
+        "protected",
+        Operation(
+            "A rate-limited resource (policy `ratelimit.policies.protected`)",
+            ("rate limiting",),
+            {
+                200: Response(
+                    "allowed, with the caller's rate info", legacy.PROTECTED_SCHEMA, headers=RATE_HEADERS
+                ),
+                429: Problem(
+                    "limited: `rate_info`, Retry-After, RateLimit and X-Rate-* headers", REFUSED_HEADERS
+                ),
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+        ),
+    ),
+    post(
+        "/process-urls",
+        fetch.process_urls,
+        "process_urls",
+        Operation(
+            "Fetch many URLs at once (SSRF-guarded), results in request order",
+            ("fetch",),
+            {
+                200: Response("one result per URL", fetch.FETCH_RESPONSE),
+                422: "not an array of URLs, too many URLs, or a bad timeout",
+            },
+            body=body(fetch.FETCH_REQUEST),
+        ),
+    ),
+    get(
+        ("/stream-json/", RECORD_COUNT),
+        datasets.stream_json,
+        "stream_json",
+        Operation(
+            "Synthetic records streamed as a JSON array (or NDJSON with ?format=ndjson)",
+            ("datasets",),
+            {
+                200: Response(
+                    "records 1..record_count, streamed",
+                    content={
+                        "application/json": {"type": "array", "items": records.RECORD},
+                        datasets.NDJSON: STRING,
+                    },
+                ),
+                400: "record_count above streaming.max_records, or an unknown format",
+            },
+            query=datasets.STREAM_QUERY,
+        ),
+    ),
+    get(
+        ("/stream-csv/", RECORD_COUNT),
+        datasets.stream_csv,
+        "stream_csv",
+        Operation(
+            "Synthetic records streamed as CSV (header id,name,email,created_at)",
+            ("datasets",),
+            {
+                200: Response("CSV, streamed", content={"text/csv": STRING}),
+                400: "record_count above streaming.max_records",
+            },
+            query=(datasets.DOWNLOAD,),
+        ),
+    ),
+    get(
+        "/large-dataset",
+        datasets.large_dataset,
+        "large_dataset",
+        Operation(
+            "1000 records from cached encoded bytes (strong ETag, Cache-Control; "
+            "compressed per Accept-Encoding; If-None-Match gives 304)",
+            ("datasets",),
+            {
+                200: Response("the dataset", DATASET_SCHEMA),
+                304: NOT_MODIFIED,
+            },
+            negotiated=True,
+        ),
+    ),
+    get(
+        "/stream-real-time",
+        feed.stream,
+        "stream_real_time",
+        Operation(
+            "The live event stream (default channel: ticker, as the old clients expect)",
+            ("feed",),
+            _STREAM,
+            query=feed.STREAM_QUERY,
+        ),
+        allow_head=False,
+    ),
+    get(
+        "/events",
+        feed.stream,
+        "events",
+        Operation(
+            "The live event stream (default: every channel)", ("feed",), _STREAM, query=feed.STREAM_QUERY
+        ),
+        allow_head=False,
+    ),
+    post(
+        "/events",
+        feed.publish,
+        "events_publish",
+        Operation(
+            "Publish an event to a channel's subscribers (Authorization: Bearer feed.admin_token)",
+            ("feed",),
+            {
+                201: Response("published", feed.FEED_PUBLISHED),
+                401: "no bearer token",
+                403: "wrong token, or publishing over HTTP is disabled",
+                422: "unknown channel, bad event name, missing data",
+                503: UNAVAILABLE,
+            },
+            body=body(feed.FEED_EVENT),
+            security=feed.FEED_TOKEN,
+        ),
+    ),
+    get(
+        "/feed",
+        feed.page,
+        "feed",
+        Operation(
+            "The live feed page (HTML; opens an EventSource on /events)",
+            ("feed",),
+            {200: Response("the page", content=_HTML)},
+        ),
+    ),
+    post(
+        "/send-notification",
+        tasks.send_notification,
+        "send_notification",
+        _task_create(
+            "Email someone (SMTP relay, or the Maildir outbox when none is configured), in the background",
+            tasks.NOTIFICATION_BODY,
+            tasks.NOTIFICATION_QUERY,
+        ),
+    ),
+    post(
+        "/generate-report",
+        tasks.generate_report,
+        "generate_report",
+        _task_create(
+            "Build a report from the database in the background; the finished task links to /reports/{id}",
+            tasks.REPORT_BODY,
+            tasks.REPORT_QUERY,
+        ),
+    ),
+    post(
+        "/bulk-process",
+        tasks.bulk_process,
+        "bulk_process",
+        _task_create(
+            "Import user records (validated per row, upserted by email) in the background",
+            tasks.BULK_BODY,
+        ),
+    ),
+    get(
+        ("/task-status/", TASK_ID),
+        tasks.task_status,
+        "task_status",
+        Operation(
+            "A task's status, progress, attempts and (when completed) result",
+            ("tasks",),
+            {200: Response("the task", tasks.TASK_SCHEMA), 404: NO_TASK, 503: UNAVAILABLE},
+            negotiated=True,
+        ),
+    ),
+    delete(
+        ("/task-status/", TASK_ID),
+        tasks.cancel_task,
+        "task_cancel",
+        Operation(
+            "Cancel a task: queued ones at once, processing ones at their next progress point",
+            ("tasks",),
+            {
+                200: Response("cancelled", tasks.TASK_SCHEMA),
+                202: Response("cancellation requested; the task is still processing", tasks.TASK_SCHEMA),
+                404: NO_TASK,
+                409: "the task is already completed, failed or cancelled",
+                503: UNAVAILABLE,
+            },
+            negotiated=True,
+        ),
+    ),
+    get(
+        "/tasks",
+        tasks.list_tasks,
+        "tasks",
+        Operation(
+            "List tasks in id order (keyset pagination), optionally in one state",
+            ("tasks",),
+            {200: Response("a page", tasks.TASK_PAGE), 422: "bad state, after or limit", 503: UNAVAILABLE},
+            negotiated=True,
+            query=tasks.PAGE_QUERY,
+        ),
+    ),
+    get(
+        ("/tasks/", TASK_ID, "/events"),
+        feed.task_stream,
+        "task_events",
+        Operation(
+            "The task's state now, then each change as it happens (server-sent events), "
+            "until it is completed, failed or cancelled",
+            ("tasks", "feed"),
+            {
+                200: replace(feed.EVENT_STREAM, description="text/event-stream of the task's changes"),
+                404: NO_TASK,
+                503: UNAVAILABLE,
+            },
+            description="Events: task.created, task.retrying, task.progress, task.completed, task.failed, "
+            "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
+            "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops.",
+        ),
+        allow_head=False,
+    ),
+    get(
+        ("/reports/", REPORT_ID),
+        tasks.get_report,
+        "report",
+        Operation(
+            "A generated report (CSV gives its rows)",
+            ("tasks",),
+            {200: Response("the report", REPORT), 404: "no such report", 503: UNAVAILABLE},
+            negotiated=True,
+        ),
+    ),
+    get(
+        ("/expensive-calculation/", VALUE),
+        cache.expensive,
+        "expensive_calculation",
+        Operation(
+            "Sum of i*i for i in range(value * 1000), computed off the loop, cached per value",
+            ("cache",),
+            {
+                200: Response("the result", calculation.CALCULATION, headers=cache.X_CACHE),
+                422: "value above cache.expensive_max",
+            },
+        ),
+    ),
+    get(
+        "/cache/stats",
+        cache.stats,
+        "cache_stats",
+        Operation(
+            "This process's cache counters: hits and misses per layer, evictions, loads, L1 size",
+            ("cache",),
+            {200: Response("counters", cache.CACHE_STATS)},
+        ),
+    ),
 )
+# What aiohttp registers, one definition per declared route.
+ROUTES: tuple[web.RouteDef, ...] = tuple(route.definition for route in API)
 # Handlers that can often answer at once, with nothing to await (middlewares/request_context.py):
 # route name -> (route name, app) -> the handler's quick answer.
 QUICK_HANDLERS: dict[str, Callable[[str, web.Application], Quick]] = {"products": products.quick_for}
@@ -77,7 +550,8 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
-    """Register every route with its own middleware chain (see middlewares/__init__.py)."""
+    """Register every route with its own middleware chain (see middlewares/__init__.py), and
+    the API document derived from their declarations (served by handlers/meta.py)."""
     config = app[CONFIG]
     for route in ROUTES:
         name = route.kwargs["name"]
@@ -91,3 +565,4 @@ def setup_routes(app: web.Application) -> None:
         compose(unmatched, bind(chain_for(UNMATCHED, config), UNMATCHED, app)),
         name=UNMATCHED,
     )
+    setup_openapi(app, API, TAGS)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from server.config import CONFIG
 from server.errors import Conflict, NotFound, ValidationFailed
+from server.http.operations import Schema
 from server.storage.batching import KeyBatcher
 from server.storage.db import Database
 from server.storage.pool import DB
@@ -105,6 +106,58 @@ def validate_user_fields(data: Any, *, partial: bool) -> dict[str, str]:
     if errors:
         raise ValidationFailed(errors)
     return clean
+
+
+# ---------------------------------------------------------------- shapes (the API document)
+
+# What validate_user_fields() takes, with its limits.
+_FIELD_SCHEMAS = {
+    "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX},
+    "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
+}
+USER_CREATE = Schema(
+    "UserCreate",
+    {"type": "object", "required": list(FIELDS), "additionalProperties": False, "properties": _FIELD_SCHEMAS},
+)
+USER_PATCH = Schema(
+    "UserPatch",
+    {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": _FIELD_SCHEMAS},
+)
+_TIME = {"type": "string", "format": "date-time"}
+# A row of _COLUMNS.
+USER = Schema(
+    "User",
+    {
+        "type": "object",
+        "required": ["id", "name", "email", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "email": {"type": "string"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
+        },
+    },
+)
+# A row of SQL_PROFILE.
+PROFILE = Schema(
+    "Profile",
+    {
+        "allOf": [
+            USER,
+            {
+                "type": "object",
+                "required": ["email_domain", "member_since", "account_age_days", "has_been_updated"],
+                "properties": {
+                    "email_domain": {"type": "string"},
+                    "member_since": {"type": "string", "format": "date"},
+                    "account_age_days": {"type": "integer"},
+                    "has_been_updated": {"type": "boolean"},
+                },
+            },
+        ]
+    },
+)
 
 
 def _record(row: asyncpg.Record) -> dict[str, Any]:

@@ -30,9 +30,13 @@ log = logging.getLogger("hotpath.feed")
 
 CHANNELS: tuple[str, ...] = ("ticker", "users", "tasks")
 # An event name goes on an `event:` line: no newlines, nothing a client could trip on.
-EVENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-# Redis stream ids: "<ms>-<seq>" (a bare "<ms>" means "<ms>-0").
-_EVENT_ID = re.compile(r"([0-9]{1,19})(?:-([0-9]{1,19}))?\Z")  # ASCII only: \d takes any Nd digit
+EVENT_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+EVENT_NAME = re.compile(EVENT_NAME_PATTERN + r"\Z")
+# Redis stream ids: "<ms>-<seq>" (a bare "<ms>" means "<ms>-0"), each part at most 19 digits.
+_PART = "[0-9]{1,19}"  # ASCII only: \d takes any Nd digit
+_EVENT_ID = re.compile(f"({_PART})(?:-({_PART}))?\\Z")
+EVENT_ID_PATTERN = f"{_PART}(-{_PART})?"  # what parse_event_id() takes
+STREAM_ID_PATTERN = f"{_PART}-{_PART}"  # what XADD gives and every event carries
 # WHATWG: a line ends at CRLF, LF or CR; each line of the data becomes its own data: field.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _READ_BLOCK_MS = 5000

@@ -236,6 +236,36 @@ def _categorise(exc: BaseException) -> str:
     return "connection"
 
 
+# One result of fetch_one() (or fetch_all()'s overall deadline), for the API document.
+RESULT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["url", "status", "elapsed_ms"],
+    "properties": {
+        "url": {},
+        "status": {"type": ["integer", "null"]},
+        "elapsed_ms": {"type": "number"},
+        "content_type": {"type": "string"},
+        "bytes": {"type": "integer"},
+        "data": {},
+        # _categorise()'s kinds and fetch_one()'s own
+        "error": {
+            "enum": [
+                "timeout",
+                "dns",
+                "refused",
+                "too_large",
+                "blocked",
+                "tls",
+                "http_error",
+                "invalid",
+                "connection",
+            ]
+        },
+        "detail": {"type": "string"},
+    },
+}
+
+
 async def fetch_one(
     session: aiohttp.ClientSession,
     guard: Guard,

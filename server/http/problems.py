@@ -15,6 +15,7 @@ from aiohttp import web
 
 from server.errors import DomainError, as_unavailable
 from server.http import negotiation, render
+from server.http.operations import Schema
 
 log = logging.getLogger("hotpath.errors")
 
@@ -45,6 +46,35 @@ _KEEP_HEADERS: tuple[str, ...] = (
 )
 
 _KEEP_HEADERS += ("X-Cache",)  # set by the cache middleware on errors of cached routes
+
+# The document problem_response() builds, and the members some problems add: `errors` (422,
+# server.errors.ValidationFailed), `checks` (/ready), `available` (406), `rate_info` (429,
+# the rate limiter's RateInfo, named by its reference: this layer does not know the limiter).
+PROBLEM = Schema(
+    "Problem",
+    {
+        "type": "object",
+        "required": ["type", "title", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "request_id": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "message"],
+                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+            "checks": {"type": "object"},
+            "available": {"type": "array", "items": {"type": "string"}},
+            "rate_info": {"$ref": "#/components/schemas/RateInfo"},
+        },
+    },
+)
 
 
 def problem_response(

@@ -15,16 +15,55 @@ unchanged; tests/test_routing.py holds the two matchers to the same answers.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import DynamicResource
 
-__all__ = ["DigitsResource", "number", "register"]
+__all__ = ["DigitsResource", "PathNumber", "RoutePath", "number", "number_pattern", "register"]
+
+
+def number_pattern(digits: int) -> str:
+    """The regular expression of a canonical decimal number of 1..`digits` digits."""
+    return f"0|[1-9][0-9]{{0,{digits - 1}}}"
 
 
 def number(name: str, digits: int) -> str:
     """The path variable `{name:...}` for a canonical decimal number of 1..`digits` digits."""
-    return f"{{{name}:0|[1-9][0-9]{{0,{digits - 1}}}}}"
+    return f"{{{name}:{number_pattern(digits)}}}"
+
+
+@dataclass(frozen=True)
+class PathNumber:
+    """A path variable declared as a number(): its name, its most digits, what it names."""
+
+    name: str
+    digits: int
+    description: str
+
+    @property
+    def variable(self) -> str:
+        return number(self.name, self.digits)
+
+
+@dataclass(frozen=True)
+class RoutePath:
+    """A route's path as declared: fixed text and PathNumber variables. `pattern` is what
+    aiohttp registers; `template` and `variables` are what the API document shows."""
+
+    parts: tuple[str | PathNumber, ...]
+
+    @property
+    def pattern(self) -> str:
+        return "".join(p if isinstance(p, str) else p.variable for p in self.parts)
+
+    @property
+    def template(self) -> str:
+        return "".join(p if isinstance(p, str) else f"{{{p.name}}}" for p in self.parts)
+
+    @property
+    def variables(self) -> tuple[PathNumber, ...]:
+        return tuple(p for p in self.parts if isinstance(p, PathNumber))
 
 
 # a prefix ending in "/", a number() variable, then a suffix without variables (or none)

@@ -25,9 +25,10 @@ from server.config import Config, SmtpConfig
 from server.errors import NotFound, ValidationFailed
 from server.http import bodies
 from server.http.bounds import DATE_MIN, RANGE_TEXT, date_in_range
+from server.http.operations import Schema
 from server.jobs.runner import Handler, JobContext, PermanentError
 from server.storage.db import Database, local_statement_timeout
-from server.users import is_email, validate_user_fields
+from server.users import EMAIL_MAX, is_email, validate_user_fields
 
 REPORT_TYPES = ("signups", "user-activity")
 SUBJECT_MAX = 998  # RFC 5322 line length
@@ -46,6 +47,33 @@ BULK_ERRORS_KEPT = 100
 REPORT_MAX_DAYS = 3660  # a signups report spans at most 10 years (3661 rows)
 
 # ---------------------------------------------------------------- validation (request time)
+
+# What validate_notification() and validate_report() take, with their limits.
+NOTIFICATION = Schema(
+    "Notification",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "recipient": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
+            "subject": {"type": "string", "maxLength": SUBJECT_MAX},
+            "content": {"type": "string", "maxLength": CONTENT_MAX},
+        },
+    },
+)
+REPORT_REQUEST = Schema(
+    "ReportRequest",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "report_type": {"enum": list(REPORT_TYPES)},
+            "user_id": {"type": ["integer", "string"]},
+            "start": {"type": "string", "format": "date"},
+            "end": {"type": "string", "format": "date"},
+        },
+    },
+)
 
 
 def validate_notification(data: Mapping[str, Any]) -> dict[str, str]:
@@ -353,6 +381,26 @@ async def generate_report(ctx: JobContext, payload: dict[str, Any]) -> Any:
     )
     await ctx.progress(2, 2, "done")
     return {"report_id": report_id, "report_url": f"/reports/{report_id}", "rows": len(rows)}
+
+
+_TIME = {"type": "string", "format": "date-time"}
+# What get_report() returns.
+REPORT = Schema(
+    "Report",
+    {
+        "type": "object",
+        "required": ["id", "task_id", "report_type", "params", "summary", "rows", "created_at"],
+        "properties": {
+            "id": {"type": "integer"},
+            "task_id": {"type": "integer"},
+            "report_type": {"type": "string"},
+            "params": {"type": "object"},
+            "summary": {"type": "object"},
+            "rows": {"type": "array", "items": {"type": "object"}},
+            "created_at": _TIME,
+        },
+    },
+)
 
 
 async def get_report(db: Database, report_id: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 import redis.exceptions as redis_exc
 
 from server.config import parse_rates
+from server.http.operations import Schema
 from server.ratelimit.resp import RespConnection
 
 log = logging.getLogger("hotpath.ratelimit")
@@ -103,6 +104,33 @@ class Decision:
             "remaining": self.remaining,
             "reset_time": math.ceil(time.time() + wait),
         }
+
+
+# The API document's view of Decision.info() and Decision.headers().
+RATE_INFO = Schema(
+    "RateInfo",
+    {
+        "type": "object",
+        "required": ["allowed", "limit", "remaining", "reset_time"],
+        "properties": {
+            "allowed": {"type": "boolean"},
+            "limit": {"type": "integer"},
+            "remaining": {"type": "integer"},
+            "reset_time": {"type": "integer", "description": "Unix time the window frees a slot"},
+        },
+    },
+)
+RATE_HEADERS: Mapping[str, Any] = {
+    "RateLimit-Policy": {"schema": {"type": "string"}, "description": "draft-ietf-httpapi-ratelimit-headers"},
+    "RateLimit": {"schema": {"type": "string"}, "description": "the tightest window: r=remaining, t=seconds"},
+}
+REFUSED_HEADERS: Mapping[str, Any] = {
+    **RATE_HEADERS,
+    "Retry-After": {"schema": {"type": "integer"}},
+    "X-Rate-Limit": {"schema": {"type": "integer"}},
+    "X-Rate-Remaining": {"schema": {"type": "integer"}},
+    "X-Rate-Reset": {"schema": {"type": "integer"}, "description": "Unix time"},
+}
 
 
 # ---------------------------------------------------------------- client identity
