@@ -4,7 +4,7 @@ The windows are exact and shared through Redis (windows.py). When Redis fails, `
 decides: `open` allows (logged once, counted), `closed` refuses with 503, `local` falls back to
 the same algorithm in process memory with each limit divided by the number of processes
 (local.py). After a failure Redis is left alone for `retry_interval` seconds, then tried
-again; recovery needs nothing else.
+again; recovery needs nothing else (server/storage/outage.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,17 @@ from server.ratelimit.identity import ClientIdentity
 from server.ratelimit.local import LocalWindows
 from server.ratelimit.policy import Decision, Policy
 from server.ratelimit.windows import RedisWindows
+from server.storage.outage import REDIS_DOWN, Outage
 
 log = logging.getLogger("hotpath.ratelimit")
 
 FAIL_MODES = ("open", "closed", "local")
+
+# Wider than REDIS_DOWN on purpose: a Redis that answers with an error (OOM under maxmemory,
+# LOADING or a failed AUTH, which the lean RESP connection reports as ResponseError rather
+# than redis-py's finer classes) leaves the limiter without a decision just as an outage does.
+# fail_mode answers then; such a request must never become a 500.
+_CHECK_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, redis_exc.RedisError)
 
 
 class RateLimiter:
@@ -46,47 +53,54 @@ class RateLimiter:
         self.fail_mode = fail_mode
         self.local = LocalWindows(processes)
         self.retry_interval = retry_interval
-        self._redis_down_until = 0.0
-        self.stats = {"redis_errors": 0, "fail_open": 0, "fail_closed": 0, "local": 0}
+        self.outage = Outage(
+            log,
+            retry_interval,
+            # fail_mode is one of FAIL_MODES (no % in it): part of the message, not an argument
+            down=f"rate limiting: Redis failed (%s: %s); fail_mode={fail_mode} until it answers again",
+            up="rate limiting: Redis answers again; limits are shared and exact again",
+        )
+        self._degraded_counts = {"fail_open": 0, "fail_closed": 0, "local": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Checks answered without Redis, by what happened (the metrics' `mode` label)."""
+        return {"redis_errors": self.outage.failures, **self._degraded_counts}
 
     def policy_for(self, route_name: str | None) -> Policy | None:
         return self.policies.get(route_name) if route_name else None
 
     @property
     def redis_down(self) -> bool:
-        return bool(self._redis_down_until) and time.monotonic() < self._redis_down_until
+        """Redis failed and its retry time has not come yet."""
+        return not self.outage.usable()
 
     async def check(self, identity: str, policy: Policy) -> Decision | None:
         """The decision, or None when Redis is down and fail_mode is `closed` (caller answers 503)."""
-        if not self._redis_down_until or time.monotonic() >= self._redis_down_until:
+        # Outage.usable() and ok() written out: this runs once per rate-limited request, and
+        # while Redis answers it costs one attribute test, not two method calls.
+        outage = self.outage
+        if not outage.down_until or time.monotonic() >= outage.down_until:
             try:
                 decision = await self.redis.check(identity, policy)
-            except (redis_exc.RedisError, OSError, TimeoutError) as exc:
-                self.stats["redis_errors"] += 1
-                if self._redis_down_until == 0.0:
-                    log.warning(
-                        "rate limiting: Redis failed (%s: %s); fail_mode=%s until it answers again",
-                        type(exc).__name__,
-                        exc,
-                        self.fail_mode,
-                    )
-                self._redis_down_until = time.monotonic() + self.retry_interval
+            except _CHECK_FAILED as exc:
+                outage.failed(exc)
             else:
-                if self._redis_down_until:
-                    log.warning("rate limiting: Redis answers again; limits are shared and exact again")
-                    self._redis_down_until = 0.0
+                if outage.down_until:
+                    outage.ok()
                 return decision
         return self._degraded(identity, policy)
 
     def _degraded(self, identity: str, policy: Policy) -> Decision | None:
+        counts = self._degraded_counts
         if self.fail_mode == "closed":
-            self.stats["fail_closed"] += 1
+            counts["fail_closed"] += 1
             return None
         if self.fail_mode == "open":
-            self.stats["fail_open"] += 1
+            counts["fail_open"] += 1
             tight = policy.windows[0]
             return Decision(True, policy, tight, tight.limit, 0.0, 0.0)
-        self.stats["local"] += 1
+        counts["local"] += 1
         return self.local.check(identity, policy)
 
     async def close(self) -> None:
