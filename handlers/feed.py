@@ -15,7 +15,8 @@ from handlers.common import json_response, path_id, read_body
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.feed import FEED
-from server.feed.core import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
+from server.feed.events import CHANNELS, EVENT_NAME, Frame, encode_event, parse_event_id
+from server.feed.subscribers import Subscriber
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
 from server.http.streams import stream_headers
