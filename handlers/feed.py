@@ -15,17 +15,17 @@ from handlers.common import json_response, path_id, read_body
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.feed import FEED
-from server.feed.core import (
+from server.feed.events import (
     CHANNELS,
     EVENT_ID_PATTERN,
     EVENT_NAME,
     EVENT_NAME_PATTERN,
     STREAM_ID_PATTERN,
     Frame,
-    Subscriber,
     encode_event,
     parse_event_id,
 )
+from server.feed.subscribers import Subscriber
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
 from server.http.operations import Param, Response, Schema, SecurityScheme, header, query

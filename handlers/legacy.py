@@ -8,7 +8,7 @@ from handlers.common import represent
 from server.http.operations import Schema
 from server.http.render import Shape
 from server.ratelimit import RATE_LIMIT
-from server.ratelimit.limiter import RATE_INFO
+from server.ratelimit.policy import RATE_INFO
 
 PROTECTED = Shape("result")
 PROTECTED_SCHEMA = Schema(

@@ -35,7 +35,7 @@ from server.http.operations import (
 from server.http.routing import PathNumber
 from server.jobs.kinds import REPORT
 from server.large_dataset import DATASET_SCHEMA
-from server.ratelimit.limiter import RATE_HEADERS, REFUSED_HEADERS
+from server.ratelimit.policy import RATE_HEADERS, REFUSED_HEADERS
 
 USER_ID = PathNumber("user_id", 19, "numeric user id")  # a PostgreSQL bigint has at most 19 digits
 TASK_ID = PathNumber("task_id", 19, "numeric task id")

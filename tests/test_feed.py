@@ -23,7 +23,8 @@ from server.app import create_app
 from server.config import Config
 from server.errors import Unavailable
 from server.feed import FEED
-from server.feed.core import Feed, encode_event, parse_event_id
+from server.feed.core import Feed
+from server.feed.events import encode_event, parse_event_id
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 TOKEN = "test-admin-token"

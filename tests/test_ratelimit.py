@@ -20,16 +20,12 @@ from middlewares.request_context import request_context_middleware
 from server.app import create_app
 from server.http.streams import stream_headers
 from server.ratelimit import RATE_LIMITER
-from server.ratelimit.limiter import (
-    ClientIdentity,
-    LocalWindows,
-    RateLimiter,
-    RedisWindows,
-    Window,
-    build_policies,
-    parse_policy,
-)
+from server.ratelimit.identity import ClientIdentity
+from server.ratelimit.limiter import RateLimiter
+from server.ratelimit.local import LocalWindows
+from server.ratelimit.policy import Window, build_policies, parse_policy
 from server.ratelimit.resp import RespConnection
+from server.ratelimit.windows import RedisWindows
 from server.runtime.embedded import EmbeddedRedis
 from server.storage.redis_client import REDIS
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready

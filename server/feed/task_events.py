@@ -6,7 +6,8 @@ from typing import Any
 
 import orjson
 
-from server.feed.core import Feed, Frame
+from server.feed.core import Feed
+from server.feed.events import Frame
 
 FINAL = frozenset({"completed", "failed", "cancelled"})
 

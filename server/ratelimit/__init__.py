@@ -1,4 +1,10 @@
-"""Redis-backed rate limiting: policies, windows, local fallback."""
+"""Redis-backed rate limiting, under RATE_LIMITER (the request's decision under RATE_LIMIT).
+
+policy.py (windows, policies, decisions) · identity.py (who a request counts against) ·
+windows.py + sliding_window.lua (the exact windows in Redis, one EVALSHA per loop pass) ·
+local.py (the in-process fallback) · limiter.py (the decision and the fail modes) ·
+resp.py (the lean pipelined Redis connection windows.py talks through).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ from functools import partial
 from aiohttp import web
 
 from server.config import CONFIG, ConfigError
-from server.ratelimit.limiter import ClientIdentity, Decision, RateLimiter, RedisWindows, build_policies
+from server.ratelimit.identity import ClientIdentity
+from server.ratelimit.limiter import RateLimiter
+from server.ratelimit.policy import Decision, build_policies
 from server.ratelimit.resp import RespConnection
+from server.ratelimit.windows import RedisWindows
 from server.runtime import metrics
 
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
