@@ -28,7 +28,7 @@ from server.http import bodies
 from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
 from server.http.render import Shape
 from server.jobs import JOBS, kinds
-from server.jobs.runner import STATES, Job
+from server.jobs.queue import STATES, Job
 from server.storage.pool import DB
 
 TASK = Shape("task")

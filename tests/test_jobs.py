@@ -30,7 +30,8 @@ from server.app import create_app
 from server.config import Config
 from server.jobs import JOBS
 from server.jobs.kinds import BULK_ERRORS_KEPT, KINDS
-from server.jobs.runner import FINAL, Engine, JobContext, PermanentError, Runner
+from server.jobs.queue import FINAL, Engine
+from server.jobs.runner import JobContext, PermanentError, Runner
 from server.storage.db import Database
 from tests.conftest import PYTHON, ROOT, free_port, replace, until
 
