@@ -24,7 +24,7 @@ from server.errors import (
     Unavailable,
     ValidationFailed,
 )
-from server.http import bodies, compression, conditional, render
+from server.http import bodies, codings, compression, conditional, render
 from server.http.compression import COMPRESSION
 from server.http.negotiation import NEGOTIATOR
 from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
@@ -246,9 +246,9 @@ def body_limits(request: web.Request) -> bodies.Limits:
     return bodies.Limits(containers=cfg.body_max_containers, items=cfg.body_max_items)
 
 
-# Content codings read_limited() decodes (compression.BodyDecoder: br and zstd only when
+# Content codings read_limited() decodes (codings.BodyDecoder: br and zstd only when
 # their libraries are installed), never past the reader's cap.
-_DECODED = frozenset(compression.REQUEST_CODINGS)
+_DECODED = frozenset(codings.REQUEST_CODINGS)
 _ACCEPT_ENCODING = ", ".join(sorted(_DECODED - {"x-gzip"}))
 
 
@@ -299,7 +299,7 @@ async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
     sent = request.content_length or 0
     if sent > limit:
         raise _too_large(limit, setting, sent)
-    decoder = compression.BodyDecoder(coding) if coding is not None else None
+    decoder = codings.BodyDecoder(coding) if coding is not None else None
     parts: list[bytes] = []
     raw = size = 0
     try:
@@ -414,7 +414,7 @@ _KEPT_HEADERS: dict[tuple[str, str | None], CIMultiDict[str]] = {
         }
     )
     for media, fmt in BY_MEDIA.items()
-    for coding in (None, *compression.available())
+    for coding in (None, *codings.available())
 }
 
 
