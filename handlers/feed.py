@@ -11,13 +11,14 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import HttpVersion11, web
 
-from handlers.common import json_response, path_id, read_body
+from handlers.common import json_response, path_id
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.feed import FEED
 from server.feed.core import CHANNELS, EVENT_NAME, Frame, Subscriber, encode_event, parse_event_id
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
+from server.http.reading import read_body
 from server.http.streams import stream_headers
 from server.jobs import JOBS
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import represent
 from server.http.render import Shape
+from server.http.representation import represent
 from server.ratelimit import RATE_LIMIT
 
 PROTECTED = Shape("result")
