@@ -6,7 +6,7 @@ wrk's req/s on these shared VMs moves by a third from one minute to the next; th
 need a quiet machine to compare two versions of the code. It builds the bare floor app
 (bench/floor.py) and hotpath's app (started for real: PostgreSQL, Redis, the catalogue, the
 cache) in one process, and for each route feeds batches of pipelined requests into aiohttp's
-RequestHandler (for hotpath, the subclass run.py serves with, server/runtime/connections.py) over an
+RequestHandler (for hotpath, the subclass run.py serves with, server/runtime/protocol.py) over an
 in-memory transport, timing until every response is written.
 That is everything aiohttp and hotpath do per request (parsing, routing, middlewares,
 handler, response headers and body) except the kernel's socket work, which is the same for
@@ -98,7 +98,7 @@ class Route:
     runner: web.AppRunner
     path: str
     headers: tuple[str, ...] = ()
-    guarded: bool = True  # through hotpath's own protocol (server/runtime/connections.py), as run.py serves
+    guarded: bool = True  # through hotpath's own protocol (server/runtime/protocol.py), as run.py serves
 
     def request(self) -> bytes:
         lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", *self.headers, "", ""]
@@ -111,7 +111,7 @@ async def one_round(route: Route, batches: int = BATCHES) -> float:
     assert server is not None
     if route.guarded:
         from server.config import CONFIG
-        from server.runtime.connections import GuardedRequestHandler
+        from server.runtime.protocol import GuardedRequestHandler
 
         srv = route.runner.app[CONFIG].server
         protocol: Any = GuardedRequestHandler(

@@ -11,7 +11,6 @@ from typing import Any
 
 from aiohttp import web
 
-from handlers.common import kept_response, negotiate, not_modified, render_options
 from server import datasets
 from server.config import CONFIG
 from server.errors import EncodingNotAcceptable, ValidationFailed
@@ -19,6 +18,7 @@ from server.http import bounds, negotiation, render
 from server.http.compression import COMPRESSION, no_transform
 from server.http.operations import Param, query
 from server.http.render import Shape
+from server.http.representation import kept_response, negotiate, not_modified, render_options
 from server.http.streams import EncodedStream, stream_headers
 from server.large_dataset import LARGE_DATASET
 from server.storage.db import local_statement_timeout

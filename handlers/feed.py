@@ -11,7 +11,7 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import HttpVersion11, web
 
-from handlers.common import json_response, path_id, read_body
+from handlers.common import json_response, path_id
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.feed import FEED
@@ -29,6 +29,7 @@ from server.feed.subscribers import Subscriber
 from server.feed.task_events import FINAL, event_name, frame_data
 from server.http.auth import bearer_token, token_matches
 from server.http.operations import Param, Response, Schema, SecurityScheme, header, query
+from server.http.reading import read_body
 from server.http.streams import stream_headers
 from server.jobs import JOBS
 

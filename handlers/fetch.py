@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from handlers.common import JSON_TYPE, read_body
+from handlers.common import JSON_TYPE
 from server.cache import CACHE
 from server.config import CONFIG
 from server.errors import ValidationFailed
@@ -17,6 +17,7 @@ from server.fetch import FETCH_GUARD, HTTP_CLIENT
 from server.fetch.cache import fetch_all_cached
 from server.fetch.client import RESULT_SCHEMA, FetchLimits
 from server.http.operations import Schema
+from server.http.reading import read_body
 from server.http.streams import stream_headers
 from server.runtime.metrics import METRICS
 

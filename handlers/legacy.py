@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import represent
 from server.http.operations import Schema
 from server.http.render import Shape
+from server.http.representation import represent
 from server.ratelimit import RATE_LIMIT
 from server.ratelimit.policy import RATE_INFO
 

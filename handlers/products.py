@@ -6,12 +6,13 @@ from functools import partial
 
 from aiohttp import hdrs, web
 
-from handlers.common import negotiate, page_link, query_int, render_options, send_kept, send_kept_now
+from handlers.common import page_link, query_int
 from middlewares.request_context import Quick
 from server.config import CONFIG
 from server.http import render
 from server.http.operations import Param, query
 from server.http.render import Shape
+from server.http.representation import negotiate, render_options, send_kept, send_kept_now
 from server.products import CATALOGUE, Catalogue
 
 PRODUCTS = Shape("products", rows="items")

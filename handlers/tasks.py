@@ -8,28 +8,17 @@ from typing import Any
 
 from aiohttp import web
 
-from handlers.common import (
-    FORM_TYPES,
-    PayloadTooLarge,
-    body_limits,
-    negotiate,
-    page_link,
-    path_id,
-    query_int,
-    read_body,
-    read_form,
-    read_limited,
-    represent,
-    represent_rows,
-)
+from handlers.common import page_link, path_id, query_int
 from server.config import CONFIG
 from server.errors import Unavailable, ValidationFailed
 from server.http import bodies, bounds
 from server.http.operations import STRING, Body, Param, Schema, header, query
 from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
+from server.http.reading import FORM_TYPES, PayloadTooLarge, body_limits, read_body, read_form, read_limited
 from server.http.render import Shape
+from server.http.representation import negotiate, represent, represent_rows
 from server.jobs import JOBS, kinds
-from server.jobs.runner import STATES, Job
+from server.jobs.queue import STATES, Job
 from server.storage.pool import DB
 from server.users import USER_CREATE
 

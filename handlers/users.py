@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from handlers.common import negotiate, page_link, path_id, query_int, read_body, represent, represent_rows
+from handlers.common import page_link, path_id, query_int
 from server import users
 from server.cache import CACHE, response_group
 from server.config import CONFIG
 from server.feed import FEED
 from server.http.operations import Param, Schema, query
+from server.http.reading import read_body
 from server.http.render import Shape
+from server.http.representation import negotiate, represent, represent_rows
 from server.storage.pool import DB
 from server.users import USER_BATCHER
 

@@ -36,7 +36,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.client_max_size,
         client_max_fields=config.server.body_max_fields,
-        # request bodies are decoded by their readers, bounded (handlers/common.read_limited):
+        # request bodies are decoded by their readers, bounded (server/http/reading.read_limited):
         # aiohttp would inflate the unread rest of a refused one in full
         handler_args={"auto_decompress": False},
     )

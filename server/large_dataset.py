@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server.http.compression import Compression, compress
+from server.http.codings import compress
+from server.http.compression import Compression
 from server.http.conditional import etag_of
 from server.http.operations import Schema
 

@@ -21,7 +21,7 @@ import yaml
 
 from server.app import create_app
 from server.config import Config
-from server.http import bodies, codec, compression
+from server.http import bodies, codec, codings
 from server.http.parser_process import PARSER_PROCESS, ParserProcess
 from tests.conftest import replace, until
 
@@ -277,48 +277,48 @@ async def test_yaml_values_keep_their_types_across_the_child(client: Any) -> Non
 
 
 def _zstd() -> Any:
-    from server.http.compression import zstd
+    from server.http.codings import zstd
 
     return zstd
 
 
-@pytest.mark.parametrize("coding", compression.REQUEST_CODINGS)
+@pytest.mark.parametrize("coding", codings.REQUEST_CODINGS)
 def test_body_decoder_round_trips_and_stops_at_its_budget(coding: str) -> None:
     data = b'{"name": "' + b"a" * 300_000 + b'"}'
     encode = {
         "gzip": gzip.compress,
         "x-gzip": gzip.compress,
         "deflate": zlib.compress,
-        "br": lambda d: compression.brotli.compress(d),
+        "br": lambda d: codings.brotli.compress(d),
         "zstd": lambda d: _zstd().compress(d),
     }[coding]
     packed = encode(data)
-    decoder = compression.BodyDecoder(coding)
+    decoder = codings.BodyDecoder(coding)
     out = b"".join(decoder.decode(packed[i : i + 1000], 10**9) for i in range(0, len(packed), 1000))
     decoder.finish()
     assert out == data
     # a budget: never more than one byte past it, however much the input holds
-    bounded = compression.BodyDecoder(coding).decode(packed, 4096)
+    bounded = codings.BodyDecoder(coding).decode(packed, 4096)
     assert len(bounded) == 4097
 
 
 def test_body_decoder_refuses_bad_truncated_and_trailing_data() -> None:
     packed = gzip.compress(b"hello")
     for coding, data in (("gzip", b"not gzip"), ("deflate", b"\x78\x9c garbage"), ("zstd", b"nope" * 4)):
-        if coding in compression.REQUEST_CODINGS:
+        if coding in codings.REQUEST_CODINGS:
             with pytest.raises(ValueError):
-                compression.BodyDecoder(coding).decode(data, 100)
-    truncated = compression.BodyDecoder("gzip")
+                codings.BodyDecoder(coding).decode(data, 100)
+    truncated = codings.BodyDecoder("gzip")
     truncated.decode(packed[:-4], 100)
     with pytest.raises(ValueError, match="truncated"):
         truncated.finish()
     # gzip members concatenate (RFC 1952); after a deflate stream nothing may follow
-    two = compression.BodyDecoder("gzip")
+    two = codings.BodyDecoder("gzip")
     assert two.decode(packed + gzip.compress(b" world"), 100) == b"hello world"
     with pytest.raises(ValueError, match="after the end"):
-        compression.BodyDecoder("deflate").decode(zlib.compress(b"x") + b"more", 100)
+        codings.BodyDecoder("deflate").decode(zlib.compress(b"x") + b"more", 100)
     raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-    assert compression.BodyDecoder("deflate").decode(raw.compress(b"raw") + raw.flush(), 100) == b"raw"
+    assert codings.BodyDecoder("deflate").decode(raw.compress(b"raw") + raw.flush(), 100) == b"raw"
 
 
 async def test_a_refused_bomb_is_inflated_only_to_the_cap(
@@ -328,14 +328,14 @@ async def test_a_refused_bomb_is_inflated_only_to_the_cap(
     gzip body of 256 MB held the loop 0.47 s after its 413. Now nothing past the cap is ever
     inflated, and the connection stays usable."""
     produced: list[int] = []
-    decode = compression.BodyDecoder.decode
+    decode = codings.BodyDecoder.decode
 
     def counting(self: Any, data: bytes, budget: int) -> bytes:
         out = decode(self, data, budget)
         produced.append(len(out))
         return out
 
-    monkeypatch.setattr(compression.BodyDecoder, "decode", counting)
+    monkeypatch.setattr(codings.BodyDecoder, "decode", counting)
     squeezer = zlib.compressobj(9, zlib.DEFLATED, 31)
     bomb = squeezer.compress(b"[" + b"0" * (256 * 1024 * 1024)) + squeezer.flush()
     assert len(bomb) < 300 * 1024

@@ -17,8 +17,9 @@ from aiohttp import web
 from middlewares import compose
 from middlewares.compression import compression_middleware
 from middlewares.request_context import request_context_middleware
-from server.http import compression
-from server.http.compression import BR, COMPRESSION, GZIP, ZSTD, Choice, Compression, Levels, choose_encoding
+from server.http import codings, compression
+from server.http.codings import BR, GZIP, ZSTD, Levels
+from server.http.compression import COMPRESSION, Choice, Compression, choose_encoding
 from server.http.streams import EncodedStream, stream_headers
 
 try:
@@ -125,14 +126,14 @@ def test_event_stream_refused_even_when_listed() -> None:
 @pytest.mark.parametrize("coding", [GZIP, BR, ZSTD])
 def test_each_coding_decodes_back(coding: str) -> None:
     data = orjson.dumps([{"id": i, "name": f"Record {i}"} for i in range(2000)])
-    out = compression.compress(coding, data, Levels())
+    out = codings.compress(coding, data, Levels())
     assert len(out) < len(data) // 5
     assert decode(coding, out) == data
 
 
 @pytest.mark.parametrize("coding", [GZIP, BR, ZSTD])
 def test_stream_encoder_flush_makes_the_prefix_decodable(coding: str) -> None:
-    enc = compression.stream_encoder(coding, Levels())
+    enc = codings.stream_encoder(coding, Levels())
     first, second = b'{"a":1}' * 300, b'{"b":2}' * 300
     part1 = enc.compress(first) + enc.flush()
     part2 = enc.compress(second) + enc.finish()
@@ -152,7 +153,7 @@ def test_stream_encoder_flush_makes_the_prefix_decodable(coding: str) -> None:
 
 
 def test_gzip_backend_is_the_fastest_installed() -> None:
-    assert compression.ZLIB_NAME == "isal"  # isal is a dependency (setup.cfg)
+    assert codings.ZLIB_NAME == "isal"  # isal is a dependency (setup.cfg)
 
 
 # ---------------------------------------------------------------- the middleware, own app

@@ -25,12 +25,13 @@ import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from handlers.common import OFF_LOOP_ROWS
 from server.app import create_app
 from server.config import Config
+from server.http.representation import OFF_LOOP_ROWS
 from server.jobs import JOBS
 from server.jobs.kinds import BULK_ERRORS_KEPT, KINDS
-from server.jobs.runner import FINAL, Engine, JobContext, PermanentError, Runner
+from server.jobs.queue import FINAL, Engine
+from server.jobs.runner import JobContext, PermanentError, Runner
 from server.storage.db import Database
 from tests.conftest import PYTHON, ROOT, free_port, replace, until
 
@@ -361,7 +362,7 @@ async def test_signups_report_matches_the_data(aiohttp_client: Any, jcfg: Config
 
 async def test_a_long_report_renders_in_every_text_format(aiohttp_client: Any, jcfg: Config) -> None:
     """A ten-year report (3,654 rows) is rendered off the loop in the text formats
-    (handlers/common.py OFF_LOOP_ROWS): the same document, whole, in each."""
+    (server/http/representation.py OFF_LOOP_ROWS): the same document, whole, in each."""
     client = await aiohttp_client(create_app(jcfg))
     resp = await client.post(
         "/generate-report", params={"report_type": "signups", "start": "2016-01-01", "end": "2025-12-31"}

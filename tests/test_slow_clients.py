@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from server.config import Config, ConfigError, ServerConfig, load_config
-from server.runtime.connections import DEFAULT_CAP, FD_OTHERS, connection_cap
+from server.runtime.site import DEFAULT_CAP, FD_OTHERS, connection_cap
 from server.runtime.supervisor import Board
 from tests.conftest import PYTHON, ROOT, free_port, until
 

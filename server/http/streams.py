@@ -14,7 +14,8 @@ import time
 from aiohttp import web
 
 from middlewares.request_context import HEADER as REQUEST_ID_HEADER
-from server.http.compression import COMPRESSION, Compression, StreamEncoder, no_transform, stream_encoder
+from server.http.codings import StreamEncoder, stream_encoder
+from server.http.compression import COMPRESSION, Compression, no_transform
 from server.http.problems import REQUEST_ID
 from server.ratelimit import RATE_LIMIT
 

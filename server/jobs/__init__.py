@@ -12,7 +12,8 @@ from server.config import CONFIG
 from server.feed import FEED
 from server.feed.task_events import publish_task
 from server.jobs.kinds import KINDS
-from server.jobs.runner import Engine, Runner
+from server.jobs.queue import Engine
+from server.jobs.runner import Runner
 from server.runtime import metrics
 from server.storage.pool import DB
 

@@ -6,7 +6,7 @@ accept queue feeds them all: when a worker stops accepting (shutdown, restart), 
 already queued wait for the others instead of being reset, which SO_REUSEPORT's per-socket
 queues would not give us. Workers are fresh interpreters (not forks), so no loop, pool or
 client ever crosses a fork. A `Board` shared the same way tells each worker which others are
-at their connection cap (server/runtime/connections.py).
+at their connection cap (server/runtime/site.py).
 """
 
 from __future__ import annotations
