@@ -7,9 +7,9 @@ from functools import partial
 from aiohttp import hdrs, web
 
 from handlers.common import page_link, query_int
-from middlewares.request_context import Quick
 from server.config import CONFIG
 from server.http import render
+from server.http.layers import Quick
 from server.http.operations import Param, query
 from server.http.render import Shape
 from server.http.representation import negotiate, render_options, send_kept, send_kept_now
@@ -27,7 +27,8 @@ PAGE_QUERY: tuple[Param, ...] = (
 
 
 def quick_for(route: str, app: web.Application) -> Quick:
-    """The kept-answer path of list_products, as the outermost layer's quick answer."""
+    """The kept-answer path of list_products, as the outermost layer's quick answer
+    (server/http/layers.py; server/routes.py declares it for the route)."""
     return partial(_kept_answer, app)  # positional: a keyword partial costs ~0.3 µs a call
 
 

@@ -17,11 +17,11 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from middlewares.request_context import Quick
 from server.cache import CACHE, Cache, Entry, Hit, make_key, response_group
 from server.config import CONFIG, Config
 from server.errors import DomainError, NotFound
 from server.http.compression import COMPRESSION
+from server.http.layers import Layer, Quick
 from server.http.negotiation import NEGOTIATOR
 
 # Response headers stored with the body; everything else (request id, rate limit) is per request.
@@ -109,13 +109,16 @@ def for_route(route: str, app: web.Application) -> Middleware:
 
 def quick_for(route: str, app: web.Application) -> tuple[Quick, Middleware]:
     """The fresh-entry path of for_route(), for the outermost layer to call first (a quick
-    answer, middlewares/request_context.py), and the middleware that goes on when it declined
-    (it does not look for a fresh entry again)."""
+    answer, server/http/layers.py), and the middleware that goes on when it declined (it does
+    not look for a fresh entry again)."""
     policy = app[CONFIG].cache.routes[route]
     return (
         partial(_fresh, app, route, policy),  # positional: a keyword partial costs ~0.3 µs a call
         partial(_cached, app=app, route=route, policy=policy, fresh_tried=True),
     )
+
+
+LAYER = Layer(cache_middleware, applies=applies, bind=for_route, quick=quick_for)
 
 
 def _lookup(request: web.Request, cache: Cache, route: str) -> tuple[str, str]:

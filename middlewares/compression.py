@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from server.config import Config
 from server.errors import EncodingNotAcceptable
 from server.http.compression import COMPRESSION, no_transform, weaken
+from server.http.layers import Layer
 
 # Routes that do not carry the middleware at all: answers that are always tiny, and
 # handlers that serve kept bytes and encode them once themselves (handlers.common.send_kept).
@@ -78,3 +79,6 @@ async def compression_middleware(request: web.Request, handler: Handler) -> web.
     if etag is not None and not etag.startswith("W/"):
         headers[hdrs.ETAG] = weaken(etag)
     return resp
+
+
+LAYER = Layer(compression_middleware, applies=applies)

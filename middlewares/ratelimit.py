@@ -7,6 +7,7 @@ from aiohttp.typedefs import Handler
 
 from server.config import Config
 from server.errors import DomainError, RateLimited, Unavailable
+from server.http.layers import Layer
 from server.ratelimit import RATE_LIMIT, RATE_LIMITER
 from server.runtime.metrics import METRICS
 
@@ -48,3 +49,6 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     if not response.prepared:
         response.headers.update(headers)
     return response
+
+
+LAYER = Layer(ratelimit_middleware, applies=applies)

@@ -8,17 +8,17 @@ streaming route passes through this one place, so none can write a second respon
 own body. Doing it in this layer rather than in a layer of its own saves a coroutine frame per
 request, measured at about 1.5 µs, as much as the rest of this middleware's work.
 
-A quick answer: when the layer right inside this one (the cache's fresh-entry path, a handler
-serving kept bytes) can often answer at once, with nothing to await, it offers a synchronous
-`quick(request) -> Response | None` for its route, and this layer calls it before awaiting
-the chain; None goes the ordinary way. An answer then costs no coroutine frame for that layer,
-and is counted, timed, given its id and turned into a problem on error exactly like any other.
+This layer tries quick answers (server/http/layers.py): when the layer right inside it (the
+cache's fresh-entry path, a handler serving kept bytes) offers one for its route, it is called
+before awaiting the chain; None goes the ordinary way. An answer then costs no coroutine frame
+for that layer, and is counted, timed, given its id and turned into a problem on error exactly
+like any other.
 
-Two forms, one body: `request_context_middleware` is an ordinary aiohttp middleware that
-looks up the route name and the metrics per request (for small apps built with
-`middlewares=[...]`), and `for_route()` gives the same layer with both bound once at
-start-up, which is what hotpath's routes use (middlewares/__init__.py): compose() has it wrap
-the next layer in a closure, the coroutine function aiohttp calls for the route.
+Two forms, one body: `request_context_middleware` is a plain middleware that looks up the route
+name and the metrics per request (for a route composed without binding, as small test apps do),
+and `for_route()` gives the same layer with both bound once at start-up, which is what hotpath's
+routes use (middlewares/__init__.py): a `Wrapping` that has compose() build it around the next
+layer as one closure, the coroutine function aiohttp calls for the route.
 """
 
 from __future__ import annotations
@@ -27,19 +27,16 @@ import asyncio
 import itertools
 import os
 import re
-from collections.abc import Callable
 from functools import update_wrapper
 from time import perf_counter
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import istr
 
+from server.http.layers import REQUEST_ID_HEADER, Layer, Quick, Wrapping
 from server.http.problems import REQUEST_ID, abort_started, problem_for, response_began
 from server.runtime.metrics import METRICS, Metrics
 
-HEADER = istr("X-Request-ID")
-Quick = Callable[[web.Request], web.Response | None]
 # Printable token characters only, bounded: the id ends up in logs and in other services' headers.
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _sane = _SANE.fullmatch
@@ -108,7 +105,7 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
     pending = metrics.pending
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        rid = request.headers.get(HEADER)
+        rid = request.headers.get(REQUEST_ID_HEADER)
         if rid is None or not _sane(rid):
             pool = _ids.pool
             rid = pool.pop() if pool else _ids.refill()
@@ -130,7 +127,7 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
             status = response.status
         except web.HTTPException as exc:  # a redirect: it leaves as an exception, with our id
             status = exc.status
-            exc.headers[HEADER] = rid
+            exc.headers[REQUEST_ID_HEADER] = rid
             raise
         except asyncio.CancelledError:
             status = 499  # the client went away before the answer was complete
@@ -144,7 +141,7 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
                 durations = metrics.durations(route, method, status)
             durations.append(perf_counter() - started)
         if answer is not None or not response.prepared:  # a quick answer is never prepared
-            response.headers[HEADER] = rid
+            response.headers[REQUEST_ID_HEADER] = rid
         return response
 
     return update_wrapper(handle, handler)
@@ -159,11 +156,11 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     return await _wrap(handler, request.match_info.route.name or "", metrics, None)(request)
 
 
-class RouteContext:
+class RouteContext(Wrapping):
     """request_context_middleware for one route: its name, its app's metrics and the quick
     answer of the layer inside it (middlewares/__init__.py), bound once at start-up. Called
-    as a middleware it behaves like request_context_middleware; compose() asks it to `wrap`
-    the next layer instead, which gives aiohttp the closure above."""
+    as a middleware it behaves like request_context_middleware; compose() has it `wrap` the
+    next layer instead, which gives aiohttp the closure above."""
 
     __slots__ = ("metrics", "quick", "route")
 
@@ -171,9 +168,6 @@ class RouteContext:
         self.route = route
         self.metrics = metrics
         self.quick = quick
-
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await self.wrap(handler)(request)
 
     def wrap(self, handler: Handler) -> Handler:
         return _wrap(handler, self.route, self.metrics, self.quick)
@@ -184,3 +178,6 @@ def for_route(route: str, app: web.Application, quick: Quick | None = None) -> R
     the quick answer of the layer inside it, if it has one (middlewares/__init__.py)."""
     metrics: Metrics | _Off = app.get(METRICS) or _OFF
     return RouteContext(route, metrics, quick)
+
+
+LAYER = Layer(request_context_middleware, bind=for_route, try_quick=for_route)

@@ -4,20 +4,19 @@ bigint has), matched by server/http/routing.py's DigitsResource, without a regul
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 from aiohttp import web
 
 from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
-from middlewares import bind, chain_for, compose
-from middlewares.request_context import Quick
+from middlewares import bound_handler
 from server import calculation
 from server import datasets as records
 from server import products as catalogue
 from server import users as users_service
 from server.config import CONFIG
 from server.http import routing
+from server.http.layers import QuickFor
 from server.http.openapi import body, setup_openapi
 from server.http.operations import (
     STRING,
@@ -527,9 +526,9 @@ API: tuple[Route, ...] = (
 )
 # What aiohttp registers, one definition per declared route.
 ROUTES: tuple[web.RouteDef, ...] = tuple(route.definition for route in API)
-# Handlers that can often answer at once, with nothing to await (middlewares/request_context.py):
+# Handlers that can often answer at once, with nothing to await (server/http/layers.py):
 # route name -> (route name, app) -> the handler's quick answer.
-QUICK_HANDLERS: dict[str, Callable[[str, web.Application], Quick]] = {"products": products.quick_for}
+QUICK_HANDLERS: dict[str, QuickFor] = {"products": products.quick_for}
 UNMATCHED = "unmatched"
 
 
@@ -555,14 +554,13 @@ def setup_routes(app: web.Application) -> None:
     config = app[CONFIG]
     for route in ROUTES:
         name = route.kwargs["name"]
-        quick = QUICK_HANDLERS[name](name, app) if name in QUICK_HANDLERS else None
-        handler = compose(route.handler, bind(chain_for(name, config), name, app, quick))
+        handler = bound_handler(route.handler, name, app, config, QUICK_HANDLERS.get(name))
         routing.register(app.router, web.RouteDef(route.method, route.path, handler, route.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(
         "*",
         r"/{tail:[\s\S]*}",
-        compose(unmatched, bind(chain_for(UNMATCHED, config), UNMATCHED, app)),
+        bound_handler(unmatched, UNMATCHED, app, config),
         name=UNMATCHED,
     )
     setup_openapi(app, API, TAGS)

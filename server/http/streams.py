@@ -13,9 +13,9 @@ import time
 
 from aiohttp import web
 
-from middlewares.request_context import HEADER as REQUEST_ID_HEADER
 from server.http.codings import StreamEncoder, stream_encoder
 from server.http.compression import COMPRESSION, Compression, no_transform
+from server.http.layers import REQUEST_ID_HEADER
 from server.http.problems import REQUEST_ID
 from server.ratelimit import RATE_LIMIT
 
