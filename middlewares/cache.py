@@ -92,7 +92,6 @@ def _mark(exc: BaseException, value: str) -> None:
         exc.headers["X-Cache"] = value
 
 
-@web.middleware
 async def cache_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     route = request.match_info.route.name or ""

@@ -34,7 +34,6 @@ def applies(route_name: str, config: Config) -> bool:
     return config.compression.enabled and route_name not in TINY_ROUTES | SELF_ENCODED
 
 
-@web.middleware
 async def compression_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     resp = await handler(request)
     if not isinstance(resp, web.Response) or resp.prepared:

@@ -20,7 +20,6 @@ def applies(route_name: str, config: Config) -> bool:
     return route_name in rl.policies or bool(rl.default.strip())
 
 
-@web.middleware
 async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     limiter = request.app[RATE_LIMITER]
     policy = limiter.policy_for(request.match_info.route.name)

@@ -147,7 +147,6 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
     return update_wrapper(handle, handler)
 
 
-@web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         metrics: Metrics | _Off = request.app[METRICS] or _OFF

@@ -11,9 +11,11 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from middlewares import compose
 from middlewares.request_context import _BATCH, RequestIds, request_context_middleware
 from server.errors import Conflict, Unavailable, ValidationFailed, as_unavailable
 from server.http.streams import stream_headers
+from server.routes import unmatched
 
 PROBLEM = "application/problem+json"
 
@@ -60,18 +62,22 @@ def small_app() -> web.Application:
         await resp.write(b"first part")
         raise Unavailable("the database went away mid-stream")
 
-    app = web.Application(middlewares=[request_context_middleware])
-    app.router.add_get("/stream-fails", stream_fails)
-    app.router.add_get("/boom", boom)
-    app.router.add_get("/conflict", conflict)
-    app.router.add_get("/invalid", invalid)
-    app.router.add_get("/down", down)
-    app.router.add_get("/unavailable", unavailable)
-    app.router.add_get("/desync", desync)
-    app.router.add_get("/bad", teapot)
-    app.router.add_get("/redirect", redirect)
-    app.router.add_get("/cancelled", cancelled)
-    app.router.add_get("/stream", stream)
+    # The middleware on each route and on a catch-all (404, 405), as server/routes.py binds it:
+    # aiohttp 3's app-level middlewares=[...] would want the deprecated @web.middleware.
+    app = web.Application()
+    chain = (request_context_middleware,)
+    app.router.add_get("/stream-fails", compose(stream_fails, chain))
+    app.router.add_get("/boom", compose(boom, chain))
+    app.router.add_get("/conflict", compose(conflict, chain))
+    app.router.add_get("/invalid", compose(invalid, chain))
+    app.router.add_get("/down", compose(down, chain))
+    app.router.add_get("/unavailable", compose(unavailable, chain))
+    app.router.add_get("/desync", compose(desync, chain))
+    app.router.add_get("/bad", compose(teapot, chain))
+    app.router.add_get("/redirect", compose(redirect, chain))
+    app.router.add_get("/cancelled", compose(cancelled, chain))
+    app.router.add_get("/stream", compose(stream, chain))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", compose(unmatched, chain))
     return app
 
 

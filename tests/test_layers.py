@@ -50,8 +50,10 @@ def test_every_middleware_declares_one_layer_in_order() -> None:
     assert LAYERS == (request_context.LAYER, ratelimit.LAYER, cache.LAYER, compression.LAYER)
     assert tuple(layer.middleware for layer in LAYERS) == MIDDLEWARES
     for middleware in MIDDLEWARES:
+        # a plain async def (request, handler), without @web.middleware (deprecated upstream)
         assert inspect.iscoroutinefunction(middleware)
         assert list(inspect.signature(middleware).parameters) == ["request", "handler"]
+        assert not hasattr(middleware, "__middleware_version__")
     # the outermost layer has no `applies`: it is on every route
     assert request_context.LAYER.applies is None and request_context.LAYER.try_quick is not None
 

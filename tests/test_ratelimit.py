@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from middlewares import chain_for
+from middlewares import chain_for, compose
 from middlewares.ratelimit import ratelimit_middleware
 from middlewares.request_context import request_context_middleware
 from server.app import create_app
@@ -357,9 +357,11 @@ async def test_streaming_handlers_get_the_rate_limit_headers(aiohttp_client: Any
         {"stream": parse_policy("stream", "2/minute")},
         ClientIdentity(["127.0.0.1/32"]),
     )
-    app = web.Application(middlewares=[request_context_middleware, ratelimit_middleware])
+    app = web.Application()
     app[RATE_LIMITER] = limiter
-    app.router.add_get("/stream", stream, name="stream")
+    app.router.add_get(
+        "/stream", compose(stream, (request_context_middleware, ratelimit_middleware)), name="stream"
+    )
     client = await aiohttp_client(app)
     try:
         first = await client.get("/stream")
