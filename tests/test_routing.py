@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from aiohttp import web
-from aiohttp.web_urldispatcher import DynamicResource
+from aiohttp.test_utils import make_mocked_request
+from aiohttp.web import DynamicResource
+from yarl import URL
 
 from server.http.routing import DigitsResource, number, register
 from server.routes import ROUTES
@@ -114,3 +121,88 @@ async def test_routes_resolve_and_build_urls(aiohttp_client) -> None:  # type: i
     assert resp.status == 405 and resp.headers["Allow"] == "GET"
     resp = await client.post("/items/12")
     assert resp.status == 405 and set(resp.headers["Allow"].split(",")) == {"GET", "HEAD", "DELETE"}
+
+
+# ---------------------------------------------------------------- the oracle: aiohttp's own matcher
+# DigitsResource overrides DynamicResource._match, private in aiohttp (checked on 3.14.5). These
+# tests pin it: over generated paths it answers exactly as the regex resource does, through the
+# public resolve() as well, and resolve() still asks _match (else the speed-up silently goes).
+
+HEADS = ["", "/", "/users", "/users/", "/user/", "/tasks/", "/stream-json/", "/a/b/", "/a/", "/api/users/"]
+TAILS = ["", "/", "/profile", "/profilex", "/events", "/event", "//", "/profile/", "x"]
+ATOMS = ["0", "1", "7", "9", "00", "01", "10", "a", "-", "+", ".", " ", "/", "%", "%31", "%2F"]
+ATOMS += ["\uff11", "\u0661", "\u00b2", "\n", "\u00e9"]  # fullwidth 1, Arabic-Indic 1, superscript 2
+
+
+def _middles() -> list[str]:
+    pairs = ["".join(p) for p in itertools.product(ATOMS, repeat=2)]
+    numbers = ["9" * n for n in (2, 3, 8, 9, 11, 12, 13, 18, 19, 20, 21)]
+    numbers += ["1" + "0" * n for n in (9, 11, 12, 18, 19)] + ["0" + "9" * n for n in (1, 11, 18, 19)]
+    return ["", *ATOMS, *pairs, *numbers]
+
+
+def _generated_paths() -> list[str]:
+    return [h + m + t for h in HEADS for m in _middles() for t in TAILS]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_digits_match_equals_the_regex_over_generated_paths(shape: str) -> None:
+    fast, regex = DigitsResource(shape), DynamicResource(shape)
+    paths = _generated_paths()
+    assert len(paths) > 20_000
+    differ = [p for p in paths if fast._match(p) != regex._match(p)]
+    assert differ == [], (shape, differ[:10])
+    # under a sub-application's prefix too (add_prefix)
+    fast.add_prefix("/api")
+    regex.add_prefix("/api")
+    differ = [p for p in paths if fast._match("/api" + p) != regex._match("/api" + p)]
+    assert differ == [], (shape, differ[:10])
+
+
+async def _handler(request: web.Request) -> web.StreamResponse:
+    return web.Response()
+
+
+def _resolved(resolve: tuple[Any, set[str]]) -> tuple[Any, ...]:
+    info, allowed = resolve
+    if info is None:
+        return None, frozenset(allowed)
+    return dict(info), info.route.method, frozenset(allowed)
+
+
+async def test_digits_resolve_equals_the_regex_through_the_public_api() -> None:
+    """resolve() is what the router calls: the same match dict, route and allowed methods for
+    requests to the generated paths (percent-encoded and non-ASCII ones included). A request
+    here is what resolve() reads of one: its method and its URL, parsed by yarl as aiohttp does."""
+    near = ("/users/", "/tasks/", "/stream-json/", "/a/b/")  # where the shapes' numbers begin
+    paths = [p for p in _generated_paths() if p.startswith(near)]
+    paths += random.Random(22).sample([p for p in _generated_paths() if p.startswith("/")], 2000)
+    urls = [URL(path) for path in [*paths, *(p for p in PATHS if p.startswith("/"))]]
+    requests = [SimpleNamespace(method=m, rel_url=url) for url in urls for m in ("GET", "POST")]
+    for shape in SHAPES:
+        fast, regex = DigitsResource(shape), DynamicResource(shape)
+        for resource in (fast, regex):
+            resource.add_route("GET", _handler)
+            resource.add_route("DELETE", _handler)
+        for request in requests:
+            got, want = await fast.resolve(request), await regex.resolve(request)  # type: ignore[arg-type]
+            assert _resolved(got) == _resolved(want), (shape, request.method, str(request.rel_url))
+
+
+async def test_resolve_still_asks_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If aiohttp stopped calling _match, DigitsResource would still answer (with the regex it
+    inherits), only slower: this is the test that notices."""
+    asked: list[str] = []
+    own = DigitsResource._match
+
+    def spy(self: DigitsResource, path: str) -> dict[str, str] | None:
+        asked.append(path)
+        return own(self, path)
+
+    monkeypatch.setattr(DigitsResource, "_match", spy)
+    app = web.Application()
+    register(app.router, web.get("/items/" + number("item_id", 19), _handler, name="item"))
+    app.router.freeze()
+    info = await app.router.resolve(make_mocked_request("GET", "/items/12", app=app))
+    assert info.route.name == "item" and dict(info) == {"item_id": "12"}
+    assert asked == ["/items/12"]
