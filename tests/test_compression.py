@@ -387,3 +387,12 @@ async def test_stream_flush_policy_delivers_records_promptly(aiohttp_client: Any
     app[GATE].set()
     rest = await resp.content.read()
     assert seen + d.decompress(rest) + d.flush() == b'{"first":1}\n{"second":2}\n'
+
+
+def test_encoded_stream_state_uses_names_of_its_own() -> None:
+    """EncodedStream subclasses StreamResponse: its private attributes must not be names aiohttp
+    uses (checked on aiohttp 3.14.5; an upgrade that took one fails here, not on the wire)."""
+    own = {name for name in vars(EncodedStream) if name.startswith("_") and not name.startswith("__")}
+    own.discard("_abc_impl")  # every ABC subclass gets its own (StreamResponse is a MutableMapping)
+    theirs = set(dir(web.StreamResponse)) | set(vars(web.StreamResponse()))
+    assert own and not own & theirs

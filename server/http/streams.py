@@ -26,6 +26,8 @@ class EncodedStream(web.StreamResponse):
     `stream_flush_bytes` input bytes are pending or the last flush is `stream_flush_interval`
     seconds old, so a slow producer's records do not sit in the encoder."""
 
+    # Attributes of our own: none is a name StreamResponse uses (aiohttp 3.14.5; tests/
+    # test_compression.py checks), and no private one of StreamResponse's is read here.
     _encoder: StreamEncoder | None = None
     _codec_state: Compression | None = None
     _pending = 0
@@ -55,10 +57,10 @@ class EncodedStream(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         encoder = self._encoder
-        if encoder is None or self._eof_sent:
+        if encoder is None:  # not encoding, or the encoded end went already
             await super().write_eof(data)
             return
-        self._encoder = None
+        self._encoder = None  # before anything can fail: the end is written at most once
         tail = encoder.compress(bytes(data)) if data else b""
         await super().write_eof(tail + encoder.finish())
 
