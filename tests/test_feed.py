@@ -17,14 +17,17 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from handlers.feed import _direct_writer
 from server.app import create_app
 from server.config import Config
 from server.errors import Unavailable
 from server.feed import FEED
 from server.feed.core import Feed
-from server.feed.events import encode_event, parse_event_id
+from server.feed.events import HEARTBEAT, Frame, encode_event, parse_event_id
+from server.feed.subscribers import Subscriber
 from tests.conftest import PYTHON, ROOT, free_port, replace, until, wait_ready
 
 TOKEN = "test-admin-token"
@@ -476,6 +479,77 @@ async def test_event_framing_on_http_1_1_and_1_0(aiohttp_client: Any, cfg: Confi
 
 def test_event_framing_on_http_1_1_and_1_0_on_uvloop(cfg: Config) -> None:
     on_uvloop(feed_cfg(cfg), check_framing)
+
+
+# The direct path writes frames to request.transport itself, beside StreamResponse.write (which
+# is a coroutine: awaiting it per stream is the task wake-up the direct path exists to avoid).
+# That leans on how aiohttp frames and sends a body (checked on aiohttp 3.14.5): a chunk is
+# "<hex length>\r\n<bytes>\r\n", and StreamResponse.write() hands its bytes to the transport at
+# once, keeping none back. The oracle: a stream mixing direct writes with StreamResponse.write()
+# puts on the wire exactly the bytes of one written through StreamResponse.write() alone.
+ORACLE_FRAMES = [
+    Frame((1, 0), b"id: 1-0\ndata: one\n\n"),
+    HEARTBEAT,
+    Frame((2, 0), b"data: " + b"x" * 5000 + b"\n\n"),
+]
+
+
+def oracle_app() -> web.Application:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if request.version >= aiohttp.HttpVersion11:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"retry: 3000\n\n")
+        sub = Subscriber(frozenset({"users"}), 10, HEARTBEAT)
+        direct = _direct_writer(sub, request.transport, resp.chunked) if request.path == "/direct" else None
+        for n, frame in enumerate([*ORACLE_FRAMES, *ORACLE_FRAMES]):
+            if direct is not None and n % 2 == 0:  # direct, public, direct, ...
+                assert direct(frame) or (frame.key is not None and frame.key <= sub.sent)
+            elif frame.key is None or frame.key > sub.sent:
+                await resp.write(frame.body)
+                sub.sent = frame.key or sub.sent
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/public", stream)
+    app.router.add_get("/direct", stream)
+    return app
+
+
+async def check_direct_writes_match_stream_response(client: Any) -> None:
+    for version in (b"1.1", b"1.0"):
+        bodies = []
+        for path in (b"/public", b"/direct"):
+            reader, writer = await raw_stream(
+                client, b"GET %b HTTP/%b\r\nHost: x\r\nConnection: close\r\n\r\n" % (path, version)
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/%b 200" % version)
+            bodies.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+        public, direct = bodies
+        assert direct == public, version
+        if version == b"1.1":
+            assert (
+                public.endswith(b"0\r\n\r\n") and public.count(b"x" * 5000) == 1
+            )  # the replayed one dropped
+
+
+async def test_direct_writes_put_on_the_wire_what_stream_response_would(aiohttp_client: Any) -> None:
+    await check_direct_writes_match_stream_response(await aiohttp_client(oracle_app()))
+
+
+def test_direct_writes_put_on_the_wire_what_stream_response_would_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with TestClient(TestServer(oracle_app())) as client:
+            await check_direct_writes_match_stream_response(client)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 async def test_subscriber_cap_answers_503_with_retry_after(aiohttp_client: Any, cfg: Config) -> None:
