@@ -424,3 +424,56 @@ async def test_a_client_that_reads_nothing_is_cut_after_the_send_timeout(
         await until(lambda: srv.lines("server.send_timeout") >= 1, "the send timeout", timeout=BOUND)
         # what the kernel still held arrives, then the connection is gone
         await until_closed(sock)
+
+
+# server/runtime/protocol.py and site.py subclass aiohttp's protocol and site and reads their private
+# state (checked on aiohttp 3.14.5): those names must still be there, and its own none of theirs.
+PROTOCOL_STATE_READ = (
+    "_loop",
+    "_request_count",
+    "_messages",
+    "_upgraded",
+    "_force_close",
+    "_waiter",
+    "_current_request",
+    "_lingering_time",
+)
+
+
+def _own(obj: object, cls: type) -> set[str]:
+    """The private names `cls` adds: its methods and what its instance `obj` holds."""
+    names = set(vars(obj)) | {n for n in vars(cls) if n.startswith("_") and not n.startswith("__")}
+    return names - {"_abc_impl"}
+
+
+async def test_the_aiohttp_internals_the_guards_lean_on_are_still_there() -> None:
+    from aiohttp import web
+
+    from server.runtime.protocol import GuardedRequestHandler
+    from server.runtime.site import GuardedSite
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(handler, auto_decompress=False)
+    assert server._kwargs == {"auto_decompress": False}  # what GuardedSite passes on
+    plain = server()  # aiohttp's own protocol, as its sites make it
+    for name in PROTOCOL_STATE_READ:
+        assert hasattr(plain, name), name
+    loop = asyncio.get_running_loop()
+    guarded = GuardedRequestHandler(server, loop=loop, site=None, header_timeout=1.0, body_timeout=1.0)
+    assert not _own(guarded, GuardedRequestHandler) & set(dir(web.RequestHandler))
+
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    try:
+        theirs = set(dir(web.BaseSite))  # with its slots: every attribute name of theirs
+        assert "_server" in theirs  # set on purpose: BaseSite.stop() closes it
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            site = GuardedSite(
+                runner, sock, backlog=1, cap=1, header_timeout=1.0, body_timeout=1.0, handler_kwargs={}
+            )
+            assert not _own(site, GuardedSite) & theirs
+    finally:
+        await runner.cleanup()

@@ -12,7 +12,6 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from yarl import query_to_pairs
 
 from server.config import CONFIG
@@ -146,7 +145,7 @@ async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
             decoder.finish()
     except ValueError as exc:
         raise web.HTTPBadRequest(text=f"the body is not valid {coding} data: {exc}") from None
-    except RequestPayloadError:
+    except web.RequestPayloadError:
         raise web.HTTPBadRequest(text="the body is incomplete") from None
     return b"".join(parts)
 
@@ -206,7 +205,7 @@ async def read_form(request: web.Request) -> dict[str, str]:
             fields[part.name] = bytes(data).decode(part_charset)
     # a missing or wrong boundary, truncated or headerless parts, bad bytes, charsets or
     # transfer encodings (aiohttp raises RuntimeError for an unknown one)
-    except (ValueError, LookupError, RuntimeError, HttpProcessingError, RequestPayloadError) as exc:
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
         raise web.HTTPBadRequest(text=f"malformed form body: {exc}") from None
     except web.HTTPRequestEntityTooLarge:  # one part over client_max_size
         raise _too_large(limit, "server.client_max_size", None) from None

@@ -8,6 +8,13 @@ head's first byte on a reused connection (a 408 then, or a plain close when noth
 and a request body `server.client_body_timeout` seconds from its head (the handler's read raises
 `RequestTimeout`, answered as a 408 problem, then the connection closes). One timer per
 connection, armed lazily: a request that arrives whole costs a few attribute reads.
+
+aiohttp has no public hooks for this, so the protocol leans on RequestHandler's internals
+(checked on aiohttp 3.14.5): it reads `_loop`, `_request_count`, `_messages`, `_upgraded`,
+`_force_close`, `_waiter` and `_current_request`, and sets `_lingering_time`.
+tests/test_slow_clients.py holds the behaviour to account and checks that those names are still
+there and that ours are none of theirs (RequestHandler uses slots: an attribute of ours with a
+slot's name would silently overwrite theirs).
 """
 
 from __future__ import annotations
@@ -22,9 +29,6 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_server import Server
 
 from server.errors import DomainError
 
@@ -75,10 +79,10 @@ def _head_timeout_response() -> bytes:
     return head + f"Date: {formatdate(usegmt=True)}\r\n\r\n".encode() + body
 
 
-_parse = RequestHandler.data_received  # called directly: cheaper than super() once per request
+_parse = web.RequestHandler.data_received  # called directly: cheaper than super() once per request
 
 
-class GuardedRequestHandler(RequestHandler):
+class GuardedRequestHandler(web.RequestHandler):
     """aiohttp's protocol with deadlines for a slow request head and a slow request body.
 
     The deadlines live in two floats and one timer per connection; a timer that fires before a
@@ -88,7 +92,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def __init__(
         self,
-        manager: Server,
+        manager: web.Server,
         *,
         loop: asyncio.AbstractEventLoop,
         site: GuardedSite | None,
@@ -221,7 +225,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def handle_error(
         self,
-        request: BaseRequest,
+        request: web.BaseRequest,
         status: int = 500,
         exc: BaseException | None = None,
         message: str | None = None,

@@ -7,6 +7,11 @@ so the kernel queue lives on for the other workers) and listens again once a con
 A worker that fills up while every other worker of the supervisor is full too keeps accepting,
 and answers each new connection with a pre-written 503 problem and `Retry-After` instead
 (`Board` is how workers know). "connection cap reached" is logged at most once per second.
+
+aiohttp has no public hook for this either (checked on aiohttp 3.14.5): the site sets BaseSite's
+`_server` (so BaseSite.stop() closes the listener) and reads Server's `_kwargs` (what aiohttp's
+own Server.__call__ gives its protocols). tests/test_slow_clients.py checks both are still there
+and that the site's own names are none of BaseSite's.
 """
 
 from __future__ import annotations
@@ -135,6 +140,7 @@ class GuardedSite(web.BaseSite):
         send_timeout: float = 0.0,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._app_runner = runner
         self._sock = sock
         host, port = sock.getsockname()[:2]
         self._name = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -162,7 +168,7 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        manager = self._runner.server
+        manager = self._app_runner.server
         assert manager is not None  # the runner is set up before a site is made
         # The protocol gets what aiohttp's own Server.__call__ would give it: the runner's
         # arguments merged with the app's handler_args (auto_decompress=False among them: a body
