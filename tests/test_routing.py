@@ -206,3 +206,13 @@ async def test_resolve_still_asks_match(monkeypatch: pytest.MonkeyPatch) -> None
     info = await app.router.resolve(make_mocked_request("GET", "/items/12", app=app))
     assert info.route.name == "item" and dict(info) == {"item_id": "12"}
     assert asked == ["/items/12"]
+
+
+def test_digits_resource_state_uses_names_of_its_own() -> None:
+    """DigitsResource's attributes are none of DynamicResource's (aiohttp 3.14.5): an upgrade
+    that took one of the names fails here instead of matching wrongly."""
+    shape = SHAPES[1]
+    own = {"_prefix", "_suffix", "_var", "_high", "_start", "_end"}
+    theirs = set(vars(DynamicResource(shape))) | set(dir(DynamicResource))
+    assert set(vars(DigitsResource(shape))) - set(vars(DynamicResource(shape))) == own  # all it adds
+    assert not own & theirs
