@@ -17,7 +17,10 @@ from server.http.codings import StreamEncoder, stream_encoder
 from server.http.compression import COMPRESSION, Compression, no_transform
 from server.http.layers import REQUEST_ID_HEADER
 from server.http.problems import REQUEST_ID
-from server.ratelimit import RATE_LIMIT
+
+# Headers a middleware owes a response it cannot reach itself, one its handler prepares (the
+# rate limiter's): the middleware puts them here before it calls the handler.
+OWED_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("hotpath.owed_headers", dict)
 
 
 class EncodedStream(web.StreamResponse):
@@ -70,9 +73,9 @@ def stream_headers(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers[REQUEST_ID_HEADER] = rid
-    decision = request.get(RATE_LIMIT)
-    if decision is not None:
-        response.headers.update(decision.headers())
+    owed = request.get(OWED_HEADERS)
+    if owed is not None:
+        response.headers.update(owed)
     state = request.app.get(COMPRESSION)
     if state is None or not state.enabled or not isinstance(response, EncodedStream):
         return
