@@ -16,7 +16,6 @@ from server import products as catalogue
 from server import users as users_service
 from server.config import CONFIG
 from server.http import routing
-from server.http.layers import QuickFor
 from server.http.openapi import body, setup_openapi
 from server.http.operations import (
     STRING,
@@ -269,6 +268,7 @@ API: tuple[Route, ...] = (
             negotiated=True,
             query=products.PAGE_QUERY,
         ),
+        quick=products.quick_for,  # the kept answer, tried before the handler is awaited
     ),
     get(
         "/protected-endpoint",
@@ -526,9 +526,6 @@ API: tuple[Route, ...] = (
 )
 # What aiohttp registers, one definition per declared route.
 ROUTES: tuple[web.RouteDef, ...] = tuple(route.definition for route in API)
-# Handlers that can often answer at once, with nothing to await (server/http/layers.py):
-# route name -> (route name, app) -> the handler's quick answer.
-QUICK_HANDLERS: dict[str, QuickFor] = {"products": products.quick_for}
 UNMATCHED = "unmatched"
 
 
@@ -552,10 +549,10 @@ def setup_routes(app: web.Application) -> None:
     """Register every route with its own middleware chain (see middlewares/__init__.py), and
     the API document derived from their declarations (served by handlers/meta.py)."""
     config = app[CONFIG]
-    for route in ROUTES:
-        name = route.kwargs["name"]
-        handler = bound_handler(route.handler, name, app, config, QUICK_HANDLERS.get(name))
-        routing.register(app.router, web.RouteDef(route.method, route.path, handler, route.kwargs))
+    for route in API:
+        handler = bound_handler(route.handler, route.name, app, config, route.quick)
+        definition = route.definition
+        routing.register(app.router, web.RouteDef(route.method, definition.path, handler, definition.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(
         "*",

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from handlers import products
 from middlewares import (
     LAYERS,
     MIDDLEWARES,
@@ -70,6 +71,20 @@ def test_each_route_carries_only_the_layers_that_apply(base_config: Config) -> N
     assert _chain(handlers["products"]) == [REQUEST_CONTEXT]  # it encodes its own kept bytes
     for name, handler in handlers.items():
         assert len(_chain(handler)) == len(chain_for(name or "", base_config)), name
+
+
+def _quick_of(handler: Any) -> Any:
+    """The quick answer the bound request-context closure tries first (None: none)."""
+    cells = dict(zip(handler.__code__.co_freevars, handler.__closure__, strict=True))
+    return cells["quick"].cell_contents
+
+
+def test_quick_answers_are_bound_where_declared(base_config: Config) -> None:
+    app = create_app(base_config)
+    handlers = {route.name: route.handler for route in app.router.routes() if route.method != "HEAD"}
+    assert _quick_of(handlers["products"]).func is products._kept_answer  # the route declares it
+    assert _quick_of(handlers["user"]).func is cache._fresh  # the cache layer offers it
+    assert _quick_of(handlers["users"]) is None and _quick_of(handlers["protected"]) is None
 
 
 def test_a_layer_follows_its_config(base_config: Config) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from server.http.layers import QuickFor
 from server.http.routing import PathNumber, RoutePath
 
 __all__ = [
@@ -128,7 +129,9 @@ class Operation:
 
 @dataclass(frozen=True, eq=False)
 class Route:
-    """One row of the route table: what aiohttp registers (`definition`) and its operation."""
+    """One row of the route table: what aiohttp registers (`definition`) and its operation.
+    `quick`: the handler's quick answer, when it has one (server/http/layers.py), bound to
+    the route at start-up."""
 
     method: str
     path: RoutePath
@@ -136,6 +139,7 @@ class Route:
     name: str
     operation: Operation
     allow_head: bool = True  # GET only: aiohttp adds HEAD beside it
+    quick: QuickFor | None = None
 
     @property
     def definition(self) -> web.RouteDef:
@@ -149,15 +153,29 @@ class Route:
 PathParts = str | tuple[str | PathNumber, ...]
 
 
-def _route(method: str, path: PathParts, handler: Handler, name: str, op: Operation, head: bool) -> Route:
+def _route(
+    method: str,
+    path: PathParts,
+    handler: Handler,
+    name: str,
+    op: Operation,
+    head: bool,
+    quick: QuickFor | None = None,
+) -> Route:
     parts = (path,) if isinstance(path, str) else path
-    return Route(method, RoutePath(parts), handler, name, op, head)
+    return Route(method, RoutePath(parts), handler, name, op, head, quick)
 
 
 def get(
-    path: PathParts, handler: Handler, name: str, operation: Operation, *, allow_head: bool = True
+    path: PathParts,
+    handler: Handler,
+    name: str,
+    operation: Operation,
+    *,
+    allow_head: bool = True,
+    quick: QuickFor | None = None,
 ) -> Route:
-    return _route(hdrs.METH_GET, path, handler, name, operation, allow_head)
+    return _route(hdrs.METH_GET, path, handler, name, operation, allow_head, quick)
 
 
 def post(path: PathParts, handler: Handler, name: str, operation: Operation) -> Route:
