@@ -14,9 +14,8 @@ import threading
 import time
 
 import orjson
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import StreamResponse
 
 from server.http.problems import REQUEST_ID
 
@@ -37,7 +36,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         super().__init__(logger, log_format)
         self._sink = next((h for h in logger.handlers if isinstance(h, BufferedLineHandler)), None)
 
-    def log(self, request: BaseRequest, response: StreamResponse, time_taken: float) -> None:
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
         # not request.match_info: for a request the parser refused (a 400 aiohttp answers
         # itself) that property fails an assert, and the line would be lost to a traceback;
         # a bare BaseRequest has no match info at all
