@@ -202,7 +202,7 @@ def _direct_writer(sub: Subscriber, transport: asyncio.Transport, chunked: bool)
     p99 delivery 0.24-0.59 s this way, 1.3-1.5 s through the mailbox and write()). It relies on
     how aiohttp sends a body (checked on aiohttp 3.14.5): a chunk is its length in hex, CRLF,
     the bytes, CRLF; and write() has handed all its bytes to the transport when it returns.
-    tests/test_feed.py holds what goes on the wire this way to what write() alone puts there."""
+    tests/feed/test_feed.py holds what goes on the wire this way to what write() alone puts there."""
 
     def direct(frame: Frame) -> bool:
         if transport.is_closing() or transport.get_write_buffer_size() > _DIRECT_LIMIT:

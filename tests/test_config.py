@@ -9,7 +9,7 @@ import pytest
 
 from server.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from server.urls import mask_url
-from tests.conftest import PYTHON, ROOT
+from tests.helpers import PYTHON, ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:

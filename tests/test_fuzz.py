@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.conftest import PYTHON, ROOT, free_port
+from tests.helpers import PYTHON, ROOT, free_port
 
 # The live server's log file (not an environment variable: HOTPATH_* ones are config to run.py)
 SERVER_LOG: list[Path] = []

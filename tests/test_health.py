@@ -7,7 +7,7 @@ from typing import Any
 
 from server.app import create_app
 from server.runtime.embedded import EmbeddedRedis
-from tests.conftest import replace
+from tests.helpers import replace
 
 
 async def test_health_is_ok(client: Any) -> None:

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestServer
 
 from server.app import create_app
 from server.config import Config
-from tests.conftest import replace
+from tests.helpers import replace
 
 PROBLEM = "application/problem+json"
 

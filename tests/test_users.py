@@ -14,7 +14,7 @@ from server.app import create_app
 from server.errors import Unavailable
 from server.storage.db import Database
 from server.storage.pool import DB
-from tests.conftest import replace, until
+from tests.helpers import replace, until
 from tests.pgproxy import Relay
 
 PROBLEM = "application/problem+json"

@@ -209,7 +209,7 @@ def send_kept_now(request: web.Request, media: str, body: bytes) -> web.Response
         if unchanged is not None:
             return unchanged
     if not compressible or hdrs.ACCEPT_ENCODING not in headers:
-        # aiohttp copies the headers it is given (tests/test_conditional.py holds it to that),
+        # aiohttp copies the headers it is given (tests/http/test_conditional.py holds it to that),
         # so the kept mapping is handed over as it is
         return web.Response(body=body, headers=kept.identity)
     coding = choose_coding(request, media, len(body), kept=True)

@@ -9,11 +9,11 @@ and `str.isdecimal()` also take Arabic-Indic or fullwidth digits), no leading ze
 so many digits. So `/users/0001` and `/users/%D9%A1` are not other names of user 1 (each
 with its own cache entry): they match nothing, and the catch-all answers 404. Everything
 else (url_for, the pattern in get_info, method routing, 405s) is aiohttp's DynamicResource
-unchanged; tests/test_routing.py holds the two matchers to the same answers.
+unchanged; tests/http/test_routing.py holds the two matchers to the same answers.
 
 The one private piece: `_match(path)`, which `Resource.resolve()` calls with the request's
 `rel_url.path_safe` (aiohttp 3.14.5, checked). The public alternative, overriding `resolve()`,
-would redo its method lookup over the private `_routes` as well. tests/test_routing.py pins
+would redo its method lookup over the private `_routes` as well. tests/http/test_routing.py pins
 it: DigitsResource and DynamicResource give the same answers through the public `resolve()`
 over thousands of generated paths, and `resolve()` is seen to call `_match`.
 """

@@ -12,7 +12,7 @@ connection, armed lazily: a request that arrives whole costs a few attribute rea
 aiohttp has no public hooks for this, so the protocol leans on RequestHandler's internals
 (checked on aiohttp 3.14.5): it reads `_loop`, `_request_count`, `_messages`, `_upgraded`,
 `_force_close`, `_waiter` and `_current_request`, and sets `_lingering_time`.
-tests/test_slow_clients.py holds the behaviour to account and checks that those names are still
+tests/runtime/test_slow_clients.py holds the behaviour to account and checks that those names are still
 there and that ours are none of theirs (RequestHandler uses slots: an attribute of ours with a
 slot's name would silently overwrite theirs).
 """

@@ -10,7 +10,7 @@ and answers each new connection with a pre-written 503 problem and `Retry-After`
 
 aiohttp has no public hook for this either (checked on aiohttp 3.14.5): the site sets BaseSite's
 `_server` (so BaseSite.stop() closes the listener) and reads Server's `_kwargs` (what aiohttp's
-own Server.__call__ gives its protocols). tests/test_slow_clients.py checks both are still there
+own Server.__call__ gives its protocols). tests/runtime/test_slow_clients.py checks both are still there
 and that the site's own names are none of BaseSite's.
 """
 
