@@ -10,8 +10,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from server.feed.stream import REDIS_FAILED
 from server.feed.subscribers import Subscribers
+from server.storage.outage import REDIS_FAILED
 
 log = logging.getLogger("hotpath.feed")
 

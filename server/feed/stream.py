@@ -22,14 +22,8 @@ from server.feed.events import (
     entry_frame,
     parse_event_id,
 )
-from server.storage.outage import REDIS_DOWN
 
 log = logging.getLogger("hotpath.feed")
-
-# What the feed's background loops (reader, ticker) survive: log, back off, go on. Wider than
-# REDIS_DOWN on purpose: a Redis that answers with an error (the stream key holding another
-# type, OOM on the lease) must not end a loop that nothing would restart.
-REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, redis_exc.RedisError)
 
 
 def _payload(data: Any) -> str:

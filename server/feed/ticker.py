@@ -11,7 +11,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from server.config import FeedConfig
-from server.feed.stream import REDIS_FAILED, EventStream
+from server.feed.stream import EventStream
+from server.storage.outage import REDIS_FAILED
 
 log = logging.getLogger("hotpath.feed")
 

@@ -13,23 +13,15 @@ import logging
 import time
 from collections.abc import Mapping
 
-import redis.exceptions as redis_exc
-
 from server.ratelimit.identity import ClientIdentity
 from server.ratelimit.local import LocalWindows
 from server.ratelimit.policy import Decision, Policy
 from server.ratelimit.windows import RedisWindows
-from server.storage.outage import REDIS_DOWN, Outage
+from server.storage.outage import REDIS_FAILED, Outage
 
 log = logging.getLogger("hotpath.ratelimit")
 
 FAIL_MODES = ("open", "closed", "local")
-
-# Wider than REDIS_DOWN on purpose: a Redis that answers with an error (OOM under maxmemory,
-# LOADING or a failed AUTH, which the lean RESP connection reports as ResponseError rather
-# than redis-py's finer classes) leaves the limiter without a decision just as an outage does.
-# fail_mode answers then; such a request must never become a 500.
-_CHECK_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, redis_exc.RedisError)
 
 
 class RateLimiter:
@@ -83,7 +75,7 @@ class RateLimiter:
         if not outage.down_until or time.monotonic() >= outage.down_until:
             try:
                 decision = await self.redis.check(identity, policy)
-            except _CHECK_FAILED as exc:
+            except REDIS_FAILED as exc:  # fail_mode answers: never a 500
                 outage.failed(exc)
             else:
                 if outage.down_until:

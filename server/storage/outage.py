@@ -14,7 +14,7 @@ import time
 
 import redis.exceptions as redis_exc
 
-__all__ = ["REDIS_DOWN", "Outage"]
+__all__ = ["REDIS_DOWN", "REDIS_FAILED", "Outage"]
 
 # Redis failures that mean "Redis is not there right now" (refused, reset, timed out, still
 # loading its data set): the caller degrades instead of failing the request.
@@ -25,6 +25,12 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis_exc.TimeoutError,
     redis_exc.BusyLoadingError,
 )
+# Wider, for callers that must never fail because of Redis: a Redis that answers with an error
+# (OOM under maxmemory, LOADING or a failed AUTH as the rate limiter's lean RESP connection
+# reports them, a key holding another type) leaves them without an answer just as an outage
+# does. The rate limiter's check (fail_mode answers, never a 500) and the feed's background
+# loops (reader, ticker: nothing would restart them) catch this set.
+REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, redis_exc.RedisError)
 
 
 class Outage:

@@ -5,23 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_exc
 from aiohttp import web
 
 from server.config import CONFIG
+from server.storage.outage import REDIS_DOWN
 from server.storage.retry import retry_until
 from server.urls import mask_url
 
 REDIS = web.AppKey("hotpath.redis", aioredis.Redis)
-
-# Errors worth retrying at start: the server is down, starting, or briefly refusing.
-_REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    redis_exc.ConnectionError,
-    redis_exc.TimeoutError,
-    redis_exc.BusyLoadingError,
-)
 
 
 def create_redis(app: web.Application) -> aioredis.Redis:
@@ -43,7 +34,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG].redis
     client = create_redis(app)
     try:
-        await retry_until(f"Redis at {mask_url(cfg.url)}", client.ping, _REDIS_TRANSIENT, cfg.start_timeout)
+        await retry_until(f"Redis at {mask_url(cfg.url)}", client.ping, REDIS_DOWN, cfg.start_timeout)
     except BaseException:
         await client.aclose()
         raise
