@@ -1,4 +1,4 @@
-"""Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache/core.py stores).
+"""Whole-response caching of the GET/HEAD routes named in [cache] routes (server/cache stores).
 
 The key covers the route, its path parameters, the sorted query, the representation Accept
 negotiates and the content coding the compression layer chooses for Accept-Encoding:

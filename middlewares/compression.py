@@ -25,7 +25,7 @@ from server.http.compression import COMPRESSION, no_transform, weaken
 from server.http.layers import Layer
 
 # Routes that do not carry the middleware at all: answers that are always tiny, and
-# handlers that serve kept bytes and encode them once themselves (handlers.common.send_kept).
+# handlers that serve kept bytes and encode them once themselves (server.http.representation.send_kept).
 TINY_ROUTES = frozenset({"health", "ready"})
 SELF_ENCODED = frozenset({"products", "large_dataset"})
 

@@ -1,6 +1,6 @@
 """msgpack with the types hotpath's values carry: datetime, date, Decimal and UUID.
 
-One codec for the cache's stored values (server/cache/core.py) and for the bodies the parser process
+One codec for the cache's stored values (server/cache/entry.py) and for the bodies the parser process
 hands back (server/http/parser_process.py). It imports nothing of hotpath's, so the parser process
 starts without the cache's dependencies.
 """

@@ -61,7 +61,7 @@ NEGOTIATION_ERRORS = {
 
 # ---------------------------------------------------------------- what a request body brings
 
-# handlers/common.py's read_body: bounded by bodies' limits and the server's settings.
+# server/http/reading.py's read_body: bounded by bodies' limits and the server's settings.
 # run.py's server (server/runtime/connections.py) gives a body server.client_body_timeout.
 BODY_ERRORS = {
     400: f"missing or malformed body (nested over {bodies.MAX_BODY_DEPTH} deep, an integer over 64 bits)",

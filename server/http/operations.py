@@ -100,7 +100,7 @@ class Problem:
 @dataclass(frozen=True)
 class Body:
     """A request body: each accepted media type with its schema. `errors` are the problems
-    its reader answers (status -> description) where they differ from handlers/common's
+    its reader answers (status -> description) where they differ from server/http/reading's
     read_body (server/http/openapi.py's BODY_ERRORS)."""
 
     content: Mapping[str, Schema | Mapping[str, Any]]
