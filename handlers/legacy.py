@@ -7,7 +7,7 @@ from aiohttp import web
 from server.http.operations import Schema
 from server.http.render import Shape
 from server.http.representation import represent
-from server.ratelimit import RATE_LIMIT
+from server.http.streams import RATE_LIMIT
 from server.ratelimit.policy import RATE_INFO
 
 PROTECTED = Shape("result")

@@ -8,8 +8,8 @@ from aiohttp.typedefs import Handler
 from server.config import Config
 from server.errors import DomainError, RateLimited, Unavailable
 from server.http.layers import Layer
-from server.http.streams import OWED_HEADERS
-from server.ratelimit import RATE_LIMIT, RATE_LIMITER
+from server.http.streams import RATE_LIMIT
+from server.ratelimit import RATE_LIMITER
 from server.runtime.metrics import METRICS
 
 
@@ -41,7 +41,6 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     if not decision.allowed:
         raise RateLimited(decision.window.label, decision.retry_after, decision.info(), headers)
     request[RATE_LIMIT] = decision
-    request[OWED_HEADERS] = headers  # for a response the handler prepares (stream_headers)
     try:
         response = await handler(request)
     except (web.HTTPException, DomainError) as exc:

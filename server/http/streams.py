@@ -10,6 +10,7 @@ body is then compressed as it is written). text/event-stream is never compressed
 from __future__ import annotations
 
 import time
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -18,9 +19,18 @@ from server.http.compression import COMPRESSION, Compression, no_transform
 from server.http.layers import REQUEST_ID_HEADER
 from server.http.problems import REQUEST_ID
 
-# Headers a middleware owes a response it cannot reach itself, one its handler prepares (the
-# rate limiter's): the middleware puts them here before it calls the handler.
-OWED_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("hotpath.owed_headers", dict)
+
+class RateDecision(Protocol):
+    """What the rate limiter leaves on a request it let through (server/ratelimit's Decision)."""
+
+    def headers(self) -> dict[str, str]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+# The rate limiter's decision for this request: its headers are owed to a response the handler
+# prepares itself (stream_headers), which the middleware cannot reach before it is sent.
+RATE_LIMIT: web.RequestKey[RateDecision] = web.RequestKey("hotpath.rate_limit")
 
 
 class EncodedStream(web.StreamResponse):
@@ -73,9 +83,9 @@ def stream_headers(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers[REQUEST_ID_HEADER] = rid
-    owed = request.get(OWED_HEADERS)
-    if owed is not None:
-        response.headers.update(owed)
+    decision = request.get(RATE_LIMIT)
+    if decision is not None:
+        response.headers.update(decision.headers())
     state = request.app.get(COMPRESSION)
     if state is None or not state.enabled or not isinstance(response, EncodedStream):
         return

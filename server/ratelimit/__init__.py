@@ -16,13 +16,12 @@ from aiohttp import web
 from server.config import CONFIG, ConfigError
 from server.ratelimit.identity import ClientIdentity
 from server.ratelimit.limiter import RateLimiter
-from server.ratelimit.policy import Decision, build_policies
+from server.ratelimit.policy import build_policies
 from server.ratelimit.resp import RespConnection
 from server.ratelimit.windows import RedisWindows
 from server.runtime import metrics
 
 RATE_LIMITER = web.AppKey("hotpath.rate_limiter", RateLimiter)
-RATE_LIMIT = web.RequestKey("hotpath.rate_limit", Decision)
 
 
 async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
