@@ -13,8 +13,16 @@ from server.config import CONFIG
 from server.errors import Unavailable, ValidationFailed
 from server.http import bodies, bounds
 from server.http.operations import STRING, Body, Param, Schema, header, query
-from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
-from server.http.reading import FORM_TYPES, PayloadTooLarge, body_limits, read_body, read_form, read_limited
+from server.http.parser_process import ParserUnavailable
+from server.http.reading import (
+    FORM_TYPES,
+    PARSER_PROCESS,
+    PayloadTooLarge,
+    body_limits,
+    read_body,
+    read_form,
+    read_limited,
+)
 from server.http.render import Shape
 from server.http.representation import negotiate, represent, represent_rows
 from server.jobs import JOBS, kinds

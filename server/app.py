@@ -15,7 +15,7 @@ from server.fetch import http_client_ctx
 from server.http import compression
 from server.http.compression import COMPRESSION
 from server.http.negotiation import NEGOTIATOR, Negotiator
-from server.http.parser_process import parser_process_ctx
+from server.http.reading import parser_process_ctx
 from server.http.render import OFFERS
 from server.jobs import jobs_ctx
 from server.large_dataset import LARGE_DATASET, LargeDataset

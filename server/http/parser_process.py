@@ -24,13 +24,9 @@ import logging
 import signal
 import struct
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from aiohttp import web
-
-from server.config import CONFIG
 from server.http import bodies, codec
 
 log = logging.getLogger("hotpath.parser")
@@ -206,16 +202,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-# Parses YAML and bulk CSV bodies too costly for the event loop (a child process).
-PARSER_PROCESS = web.AppKey("hotpath.parser_process", ParserProcess)
-
-
-async def parser_process_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The parser process: started by the first body too costly to parse on the loop, ended
-    here."""
-    parser = ParserProcess(timeout=app[CONFIG].server.parser_timeout)
-    app[PARSER_PROCESS] = parser
-    yield
-    await parser.close()

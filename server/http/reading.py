@@ -8,6 +8,7 @@ The parsers themselves (size, depth and CPU bounds on the bytes) are server/http
 from __future__ import annotations
 
 import codecs
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -18,7 +19,7 @@ from server.config import CONFIG
 from server.errors import DomainError, Unavailable
 from server.http import bodies
 from server.http.codings import REQUEST_CODINGS, BodyDecoder
-from server.http.parser_process import PARSER_PROCESS, ParserUnavailable
+from server.http.parser_process import ParserProcess, ParserUnavailable
 
 _BODY_TYPES = ", ".join(bodies.BODY_TYPES)
 _REQUIRED: Any = object()
@@ -228,3 +229,16 @@ def _too_large(cap: int, setting: str, sent: int | None, *, decoded: bool = Fals
     body = "the decoded body" if decoded else "the body"
     size = f" ({sent} bytes)" if sent is not None else ""
     return PayloadTooLarge(f"{body}{size} exceeds {cap} bytes ({setting})", extra={"max_size": cap})
+
+
+# Parses YAML and bulk CSV bodies too costly for the event loop (a child process).
+PARSER_PROCESS = web.AppKey("hotpath.parser_process", ParserProcess)
+
+
+async def parser_process_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The parser process: started by the first body too costly to parse on the loop, ended
+    here."""
+    parser = ParserProcess(timeout=app[CONFIG].server.parser_timeout)
+    app[PARSER_PROCESS] = parser
+    yield
+    await parser.close()

@@ -22,7 +22,8 @@ import yaml
 from server.app import create_app
 from server.config import Config
 from server.http import bodies, codec, codings
-from server.http.parser_process import PARSER_PROCESS, ParserProcess
+from server.http.parser_process import ParserProcess
+from server.http.reading import PARSER_PROCESS
 from tests.helpers import replace, until
 
 YAML = {"Content-Type": "application/yaml"}
