@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server import datasets
+from server import records
 from server.config import CONFIG
 from server.errors import EncodingNotAcceptable, ValidationFailed
 from server.http import bounds, negotiation, render
@@ -108,13 +108,11 @@ async def stream_json(request: web.Request) -> web.StreamResponse:
     batch = request.app[CONFIG].streaming.batch_records
     fmt = request.query.get("format", STREAM_FORMATS[0])
     if fmt == "ndjson":
-        return await _send(
-            request, NDJSON, f"records-{count}.ndjson", datasets.synthetic_ndjson(count, batch)
-        )
+        return await _send(request, NDJSON, f"records-{count}.ndjson", records.synthetic_ndjson(count, batch))
     if fmt != "json":
         raise web.HTTPBadRequest(text=f"format must be {' or '.join(STREAM_FORMATS)}, not {fmt!r}")
     return await _send(
-        request, "application/json", f"records-{count}.json", datasets.synthetic_json(count, batch)
+        request, "application/json", f"records-{count}.json", records.synthetic_json(count, batch)
     )
 
 
@@ -125,7 +123,7 @@ async def stream_csv(request: web.Request) -> web.StreamResponse:
         request,
         "text/csv; charset=utf-8; header=present",
         f"records-{count}.csv",
-        datasets.synthetic_csv(count, batch),
+        records.synthetic_csv(count, batch),
     )
 
 
@@ -175,7 +173,7 @@ async def export_users(request: web.Request) -> web.StreamResponse:
         await local_statement_timeout(conn, timeout)
         if media != "text/csv":
             array = media == "application/json"
-            rows = datasets.export_json_lines(
+            rows = records.export_json_lines(
                 conn, since, cfg.fetch_rows, cfg.chunk_size, array=array, timeout=timeout
             )
             return await _send(request, media, f"users.{ext}", rows)
@@ -185,7 +183,7 @@ async def export_users(request: web.Request) -> web.StreamResponse:
             await _write(resp, chunk, cfg.write_timeout)
 
         try:
-            await datasets.export_csv(conn, since, write, timeout=timeout)
+            await records.export_csv(conn, since, write, timeout=timeout)
             await resp.write_eof()
         except (ConnectionError, _Stalled) as exc:
             return _gone(request, resp, exc)

@@ -14,8 +14,8 @@ from server.cache import CACHE
 from server.config import CONFIG
 from server.errors import ValidationFailed
 from server.fetch import FETCH_GUARD, HTTP_CLIENT
-from server.fetch.cache import fetch_all_cached
 from server.fetch.client import RESULT_SCHEMA, FetchLimits
+from server.fetch.reuse import fetch_all_cached
 from server.http.operations import Schema
 from server.http.reading import read_body
 from server.http.streams import stream_headers

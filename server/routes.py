@@ -8,11 +8,11 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from handlers import cache, datasets, feed, fetch, health, legacy, meta, products, tasks, users
+from handlers import calculation, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bound_handler
-from server import calculation
-from server import datasets as records
+from server import calculation as calculation_service
 from server import products as catalogue
+from server import records
 from server import users as users_service
 from server.config import CONFIG
 from server.http import routing
@@ -502,25 +502,25 @@ API: tuple[Route, ...] = (
     ),
     get(
         ("/expensive-calculation/", VALUE),
-        cache.expensive,
+        calculation.expensive,
         "expensive_calculation",
         Operation(
             "Sum of i*i for i in range(value * 1000), computed off the loop, cached per value",
             ("cache",),
             {
-                200: Response("the result", calculation.CALCULATION, headers=cache.X_CACHE),
+                200: Response("the result", calculation_service.CALCULATION, headers=calculation.X_CACHE),
                 422: "value above cache.expensive_max",
             },
         ),
     ),
     get(
         "/cache/stats",
-        cache.stats,
+        calculation.stats,
         "cache_stats",
         Operation(
             "This process's cache counters: hits and misses per layer, evictions, loads, L1 size",
             ("cache",),
-            {200: Response("counters", cache.CACHE_STATS)},
+            {200: Response("counters", calculation.CACHE_STATS)},
         ),
     ),
 )

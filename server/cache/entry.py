@@ -1,6 +1,6 @@
 """One cached value: its key, the Entry both layers hold, and the bytes Redis stores for it.
 
-Values are msgpack (server/http/codec.py: extension types for datetime, date, Decimal and UUID;
+Values are msgpack (server/http/packing.py: extension types for datetime, date, Decimal and UUID;
 anything else is refused with TypeError). Never pickle: bytes in Redis must not be able to run
 code here. The "v1" in every key versions the stored format.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from server.errors import NotFound
-from server.http.codec import pack, unpack
+from server.http.packing import pack, unpack
 
 R = TypeVar("R")
 KEY_PREFIX = "hotpath:v1:"

@@ -20,7 +20,7 @@ from server.cache.local import LocalCache
 from server.cache.shared import SharedLayer
 from server.cache.stats import Stats
 from server.config import CacheConfig
-from server.http.codec import pack, unpack
+from server.http.packing import pack, unpack
 from server.storage.outage import REDIS_DOWN
 
 log = logging.getLogger("hotpath.cache")

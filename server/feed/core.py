@@ -20,7 +20,6 @@ from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 
 from server.config import FeedConfig
 from server.feed.events import EventKey, Frame
@@ -131,13 +130,3 @@ class Feed:
     def leader(self) -> bool:
         """Whether this process publishes the ticker now."""
         return self._ticker.leader
-
-    # The ticker's lease script, where it has always been reachable: a test swaps it for one
-    # that turns its cancellation into a Redis error, as redis-py may.
-    @property
-    def _lease(self) -> AsyncScript:
-        return self._ticker.lease
-
-    @_lease.setter
-    def _lease(self, script: AsyncScript) -> None:
-        self._ticker.lease = script

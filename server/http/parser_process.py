@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from server.http import bodies, codec
+from server.http import bodies, packing
 
 log = logging.getLogger("hotpath.parser")
 
@@ -99,7 +99,7 @@ class ParserProcess:
                 raise
             self.parsed += 1
         if kind == OK:
-            return codec.unpack(payload)
+            return packing.unpack(payload)
         error = bodies.BodyTooLarge if kind == TOO_LARGE else bodies.BodyError
         raise error(payload.decode("utf-8", "replace"))
 
@@ -181,7 +181,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
         body = stdin.read(size)
         limits = bodies.Limits(containers=containers, items=items)
         try:
-            kind, payload = OK, codec.pack(_parse_one(fmt, body, limits, rows))
+            kind, payload = OK, packing.pack(_parse_one(fmt, body, limits, rows))
         except bodies.BodyTooLarge as exc:
             kind, payload = TOO_LARGE, str(exc).encode()
         except bodies.BodyError as exc:

@@ -215,7 +215,7 @@ def render_xml(data: Any, shape: Shape, opts: RenderOptions) -> bytes:
 
 # What makes a spreadsheet read a cell as a formula: = + - @, a tab or CR, and the fullwidth
 # (＝ ＋ － ＠) and small-form (﹦ ﹢ ﹣ ﹫) variants that spreadsheet programs fold to the
-# ASCII ones. server/datasets.py's export guard is built from the same string.
+# ASCII ones. server/records.py's export guard is built from the same string.
 FORMULA_START = "=+-@\t\r\uff1d\uff0b\uff0d\uff20\ufe66\ufe62\ufe63\ufe6b"
 _FORMULA_START = tuple(FORMULA_START)
 

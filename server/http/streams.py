@@ -39,8 +39,8 @@ class EncodedStream(web.StreamResponse):
     `stream_flush_bytes` input bytes are pending or the last flush is `stream_flush_interval`
     seconds old, so a slow producer's records do not sit in the encoder."""
 
-    # Attributes of our own: none is a name StreamResponse uses (aiohttp 3.14.5; tests/
-    # test_compression.py checks), and no private one of StreamResponse's is read here.
+    # Attributes of our own: none is a name StreamResponse uses (aiohttp 3.14.5;
+    # tests/http/test_compression.py checks), and no private one of StreamResponse's is read here.
     _encoder: StreamEncoder | None = None
     _codec_state: Compression | None = None
     _pending = 0

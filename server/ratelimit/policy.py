@@ -2,7 +2,7 @@
 
 Each policy is one or more windows ("100/hour, 10/minute"); a request is allowed only when every
 window has room, and then it is counted in all of them. The rate grammar itself is
-server/config.py's `parse_rates` (a bad policy stops the process when the config loads).
+server/config/loading.py's `parse_rates` (a bad policy stops the process when the config loads).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
         # not request.match_info: for a request the parser refused (a 400 aiohttp answers
         # itself) that property fails an assert, and the line would be lost to a traceback;
-        # a bare BaseRequest has no match info at all
+        # a bare BaseRequest has no match info at all. A private attribute, checked on aiohttp
+        # 3.14.5: tests/runtime/test_accesslog.py reads the route name of both kinds back
         match_info = getattr(request, "_match_info", None)
         route = match_info.route.name if match_info is not None and match_info.route is not None else None
         line = orjson.dumps(

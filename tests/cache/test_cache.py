@@ -23,7 +23,7 @@ from server.cache import CACHE, Cache, cached, make_key
 from server.calculation import sum_of_squares
 from server.config import CacheConfig, Config, ConfigError, load_config
 from server.errors import NotFound
-from server.http.codec import pack, unpack
+from server.http.packing import pack, unpack
 from server.products import CATALOGUE
 from server.runtime.embedded import EmbeddedRedis
 from tests.helpers import replace, until

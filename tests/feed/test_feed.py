@@ -628,7 +628,7 @@ async def test_close_ends_a_ticker_whose_cancellation_became_a_redis_error(
     client = await aiohttp_client(create_app(replace(cfg, feed={"ticker": True, "ticker_interval": 0.05})))
     feed = client.app[FEED]
     inside = asyncio.Event()
-    lease = feed._lease
+    lease = feed._ticker.lease
 
     async def lease_that_turns_cancellation_into_an_error(**kw: Any) -> Any:
         inside.set()
@@ -638,7 +638,7 @@ async def test_close_ends_a_ticker_whose_cancellation_became_a_redis_error(
             raise redis_exc.ConnectionError("Connection closed by server.") from None
         return await lease(**kw)
 
-    feed._lease = lease_that_turns_cancellation_into_an_error  # type: ignore[method-assign]
+    feed._ticker.lease = lease_that_turns_cancellation_into_an_error  # type: ignore[assignment]
     await asyncio.wait_for(inside.wait(), 10)
     await asyncio.wait_for(feed.close(), 10)  # hung forever before the loop looked at its flag
     assert all(task.done() for task in asyncio.all_tasks() if task.get_name() == "feed-ticker")

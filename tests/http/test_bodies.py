@@ -21,7 +21,7 @@ import yaml
 
 from server.app import create_app
 from server.config import Config
-from server.http import bodies, codec, codings
+from server.http import bodies, codings, packing
 from server.http.parser_process import ParserProcess
 from server.http.reading import PARSER_PROCESS
 from tests.helpers import replace, until
@@ -269,7 +269,7 @@ async def test_ids_of_thousands_of_digits_are_404(client: Any) -> None:
 async def test_yaml_values_keep_their_types_across_the_child(client: Any) -> None:
     """Dates and zoned timestamps come back from the child as they were parsed."""
     doc = b"a: 2001-12-14\nb: 2001-12-14t21:59:43.10-05:00\nc: [1, 2.5, true, null, x]\n"
-    assert codec.unpack(codec.pack(yaml.safe_load(doc))) == yaml.safe_load(doc)
+    assert packing.unpack(packing.pack(yaml.safe_load(doc))) == yaml.safe_load(doc)
     padded = doc + b"#" * 2000
     assert await client.app[PARSER_PROCESS].yaml(padded, bodies.Limits()) == yaml.safe_load(doc)
 

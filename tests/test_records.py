@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from server import datasets
+from server import records
 from server.app import create_app
 from server.storage.db import Database
 from server.storage.pool import DB
@@ -23,7 +23,7 @@ from tests.helpers import replace, until
 
 
 def expected_records(n: int) -> list[dict[str, Any]]:
-    return [datasets.synthetic_record(i) for i in range(1, n + 1)]
+    return [records.synthetic_record(i) for i in range(1, n + 1)]
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 999, 1000, 1001, 2500])
@@ -322,13 +322,13 @@ async def huge_then_unencodable(*args: Any, **kwargs: Any) -> list[dict[str, Any
 
 JSON_PARTS = failing_chunks([b"[", b'{"id":1}'])
 FAILURES = [  # name, what is patched, with what, the route
-    ("export-json", "server.datasets.export_json_lines", JSON_PARTS, "/users/export"),
-    ("export-ndjson", "server.datasets.export_json_lines", JSON_PARTS, "/users/export?format=ndjson"),
-    ("export-csv", "server.datasets.export_csv", failing_csv, "/users/export?format=csv"),
-    ("stream-json", "server.datasets.synthetic_json", failing_sync_chunks([b"[", b"{}"]), "/stream-json/5"),
+    ("export-json", "server.records.export_json_lines", JSON_PARTS, "/users/export"),
+    ("export-ndjson", "server.records.export_json_lines", JSON_PARTS, "/users/export?format=ndjson"),
+    ("export-csv", "server.records.export_csv", failing_csv, "/users/export?format=csv"),
+    ("stream-json", "server.records.synthetic_json", failing_sync_chunks([b"[", b"{}"]), "/stream-json/5"),
     (
         "stream-csv",
-        "server.datasets.synthetic_csv",
+        "server.records.synthetic_csv",
         failing_sync_chunks([b"id\r\n", b"1\r\n"]),
         "/stream-csv/5",
     ),
