@@ -4,6 +4,7 @@ bigint has), matched by server/http/routing.py's DigitsResource, without a regul
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from server import records
 from server import users as users_service
 from server.config import CONFIG
 from server.http import routing
-from server.http.openapi import body, setup_openapi
+from server.http.openapi import DOCUMENT, Document, body, document_of
 from server.http.operations import (
     STRING,
     Body,
@@ -545,6 +546,12 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
+@functools.cache
+def api_document() -> Document:
+    """The route table's API document: the same for every app, so derived once per process."""
+    return document_of(API, TAGS)
+
+
 def setup_routes(app: web.Application) -> None:
     """Register every route with its own middleware chain (see middlewares/__init__.py), and
     the API document derived from their declarations (served by handlers/meta.py)."""
@@ -560,4 +567,4 @@ def setup_routes(app: web.Application) -> None:
         bound_handler(unmatched, UNMATCHED, app, config),
         name=UNMATCHED,
     )
-    setup_openapi(app, API, TAGS)
+    app[DOCUMENT] = api_document()

@@ -9,7 +9,6 @@ decoders are server/http/codings.py's.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from multidict import CIMultiDict, istr
 from server.config import CompressionConfig
 from server.http.codings import IDENTITY, Levels, StreamEncoder, available, compress
 from server.http.conditional import etag_of
+from server.http.negotiation import q_value
 
 MAX_HEADER = 1024  # longer Accept-Encoding headers are cut here: bounded work per request
 MAX_CODINGS = 32
@@ -48,20 +48,8 @@ def parse_accept_encoding(header: str) -> dict[str, float]:
         coding = pieces[0].strip().lower()
         if not coding or not _TOKEN.match(coding):
             continue
-        q = 1.0
-        valid = True
-        for param in pieces[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() != "q":
-                continue
-            try:
-                q = float(value.strip())
-            except ValueError:
-                valid = False
-            else:
-                valid = math.isfinite(q) and 0.0 <= q <= 1.0
-            break
-        if valid:
+        q = q_value(pieces[1:])
+        if q is not None:
             out[coding] = max(q, out.get(coding, -1.0))
     return out
 

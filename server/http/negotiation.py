@@ -21,6 +21,22 @@ class MediaRange:
     q: float
 
 
+def q_value(params: Sequence[str]) -> float | None:
+    """The q of one header element from its parameters ("q=0.5"), 1.0 when it has none; None
+    when q is not a number in 0..1 (the element is then dropped). Parameters after q are
+    accept-extensions and ignored. Shared by Accept and Accept-Encoding."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() != "q":
+            continue
+        try:
+            q = float(value.strip())
+        except ValueError:
+            return None
+        return q if math.isfinite(q) and 0.0 <= q <= 1.0 else None
+    return 1.0
+
+
 def parse_accept(header: str) -> list[MediaRange]:
     """The media ranges of an Accept header; malformed entries are skipped, never fatal.
 
@@ -38,20 +54,8 @@ def parse_accept(header: str) -> list[MediaRange]:
         main, slash, sub = media.partition("/")
         if not slash or not _TOKEN.match(main) or not _TOKEN.match(sub) or (main == "*" and sub != "*"):
             continue
-        q = 1.0
-        valid = True
-        for param in pieces[1:]:
-            name, _, value = param.partition("=")
-            if name.strip().lower() != "q":
-                continue
-            try:
-                q = float(value.strip())
-            except ValueError:
-                valid = False
-            else:
-                valid = math.isfinite(q) and 0.0 <= q <= 1.0
-            break  # anything after q is an accept-extension
-        if valid:
+        q = q_value(pieces[1:])
+        if q is not None:
             ranges.append(MediaRange(main, sub, q))
     return ranges
 

@@ -34,7 +34,7 @@ from server.http.operations import (
 from server.http.problems import PROBLEM, PROBLEM_TYPE
 from server.http.routing import PathNumber, number_pattern
 
-__all__ = ["BODY_ERRORS", "DOCUMENT", "Document", "body", "build_spec", "setup_openapi"]
+__all__ = ["BODY_ERRORS", "DOCUMENT", "Document", "body", "build_spec", "document_of"]
 
 INFO = {
     "title": "hotpath",
@@ -92,7 +92,7 @@ def body(
 
 @dataclass(frozen=True)
 class Document:
-    """The document of one app, built once at start-up: as data (/docs) and as bytes."""
+    """The API document, derived once per process: as data (/docs) and as bytes."""
 
     spec: Mapping[str, Any]
     body: bytes
@@ -101,10 +101,10 @@ class Document:
 DOCUMENT = web.AppKey("hotpath.openapi", Document)
 
 
-def setup_openapi(app: web.Application, routes: Iterable[Route], tags: Mapping[str, str]) -> None:
-    """Derive the document of `routes` and keep it on `app` for handlers/meta.py to serve."""
+def document_of(routes: Iterable[Route], tags: Mapping[str, str]) -> Document:
+    """The document of `routes`, as data and as the bytes /openapi.json sends."""
     spec = build_spec(routes, tags)
-    app[DOCUMENT] = Document(spec, orjson.dumps(spec))
+    return Document(spec, orjson.dumps(spec))
 
 
 def build_spec(routes: Iterable[Route], tags: Mapping[str, str]) -> dict[str, Any]:
