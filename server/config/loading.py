@@ -201,6 +201,15 @@ def _validate_whole(config: Config) -> None:
         if unknown or policy.get("ttl", 0) <= 0:
             why = f"unknown {', '.join(unknown)}" if unknown else "needs ttl > 0"
             raise ConfigError(f"cache.routes.{route}", f"{why} (keys: ttl, grace, max_age)")
+    cors = config.cors
+    for origin in cors.allow_origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (
+            parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query
+        ):
+            raise ConfigError("cors.allow_origins", f"{origin!r} is not an origin like https://app.example.com")
+    if cors.allow_credentials and "*" in cors.allow_origins:
+        raise ConfigError("cors.allow_credentials", 'needs explicit origins, not "*"')
     if bool(db.url) != bool(config.redis.url):
         missing = "redis.url (REDIS_URL)" if db.url else "database.url (DATABASE_URL)"
         raise ConfigError(

@@ -177,6 +177,7 @@ class FeedConfig:
     ticker: bool = True
     ticker_interval: float = field(default=1.0, metadata=_range(0.01))
     key_prefix: str = "hotpath:feed:"
+    private_channels: tuple[str, ...] = ("users", "tasks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,49 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    open_routes: tuple[str, ...] = ()
+    public_reads: bool = True
+    dev_key: bool = True
+    unknown_ttl: float = field(default=10.0, metadata=_range(0))
+    unknown_max: int = field(default=10_000, metadata=_range(0, 10_000_000))
+    last_used_interval: float = field(default=60.0, metadata=_range(0.05))
+    rotate_overlap: float = field(default=86400.0, metadata=_range(0))
+    stream_token_ttl: float = field(default=300.0, metadata=_range(1))
+    stream_token_max_ttl: float = field(default=3600.0, metadata=_range(1))
+    channel: str = "hotpath:v1:keys"
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = (
+        "Authorization",
+        "Content-Type",
+        "Accept",
+        "Idempotency-Key",
+        "If-None-Match",
+        "Last-Event-ID",
+        "X-Request-ID",
+    )
+    expose_headers: tuple[str, ...] = (
+        "X-Request-ID",
+        "Location",
+        "ETag",
+        "Retry-After",
+        "RateLimit",
+        "RateLimit-Policy",
+        "X-Rate-Limit",
+        "X-Rate-Remaining",
+        "X-Rate-Reset",
+        "X-Cache",
+    )
+    max_age: int = field(default=600, metadata=_range(0, 86400))
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -268,6 +312,8 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     smtp: SmtpConfig = SmtpConfig()
     cache: CacheConfig = field(default_factory=CacheConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
     @property
     def embedded_mode(self) -> bool:
