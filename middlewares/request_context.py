@@ -16,9 +16,10 @@ like any other.
 
 Two forms, one body: `request_context_middleware` is a plain middleware that looks up the route
 name and the metrics per request (for a route composed without binding, as small test apps do),
-and `for_route()` gives the same layer with both bound once at start-up, which is what hotpath's
-routes use (middlewares/__init__.py): a `Wrapping` that has compose() build it around the next
-layer as one closure, the coroutine function aiohttp calls for the route.
+and `for_route()` gives the same layer with both (and the route's access check, made before
+anything else) bound once at start-up, which is what hotpath's routes use
+(middlewares/__init__.py): a `Wrapping` that has compose() build it around the next layer as
+one closure, the coroutine function aiohttp calls for the route.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from time import perf_counter
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from server.access import GUARDS
+from server.access.guard import Guard
 from server.http.layers import REQUEST_ID_HEADER, Layer, Quick, Wrapping
 from server.http.problems import REQUEST_ID, abort_started, problem_for, response_began
 from server.runtime.metrics import METRICS, Metrics
@@ -97,12 +100,19 @@ class _Off:
 _OFF = _Off()
 
 
-def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | None) -> Handler:
+def _wrap(
+    handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | None, guard: Guard | None = None
+) -> Handler:
     """`handler` inside this layer, as one coroutine function of the request. aiohttp calls a
     route's handler with the request alone, and a closure takes that call about 0.4 µs more
-    cheaply than a partial whose other arguments are keywords."""
+    cheaply than a partial whose other arguments are keywords.
+
+    `guard`: the route's access check (server/access/guard.py), made here, before the quick
+    answer is tried, so that a refusal is a problem like any other and a quick path survives."""
 
     pending = metrics.pending
+    if guard is not None:
+        check, resolve = guard.check, guard.resolve
 
     async def handle(request: web.Request) -> web.StreamResponse:
         rid = request.headers.get(REQUEST_ID_HEADER)
@@ -116,6 +126,10 @@ def _wrap(handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | 
         answer = None
         try:
             try:
+                if guard is not None:
+                    token = check(request)
+                    if token is not None:
+                        await resolve(request, token)
                 answer = quick(request) if quick is not None else None
                 response = answer if answer is not None else await handler(request)
             except Exception as exc:  # CancelledError is a BaseException and passes through
@@ -161,22 +175,23 @@ class RouteContext(Wrapping):
     as a middleware it behaves like request_context_middleware; compose() has it `wrap` the
     next layer instead, which gives aiohttp the closure above."""
 
-    __slots__ = ("metrics", "quick", "route")
+    __slots__ = ("guard", "metrics", "quick", "route")
 
-    def __init__(self, route: str, metrics: Metrics | _Off, quick: Quick | None) -> None:
+    def __init__(self, route: str, metrics: Metrics | _Off, quick: Quick | None, guard: Guard | None) -> None:
         self.route = route
         self.metrics = metrics
         self.quick = quick
+        self.guard = guard
 
     def wrap(self, handler: Handler) -> Handler:
-        return _wrap(handler, self.route, self.metrics, self.quick)
+        return _wrap(handler, self.route, self.metrics, self.quick, self.guard)
 
 
 def for_route(route: str, app: web.Application, quick: Quick | None = None) -> RouteContext:
     """request_context_middleware for one route of `app`, its name and metrics bound now, and
     the quick answer of the layer inside it, if it has one (middlewares/__init__.py)."""
     metrics: Metrics | _Off = app.get(METRICS) or _OFF
-    return RouteContext(route, metrics, quick)
+    return RouteContext(route, metrics, quick, app.get(GUARDS, {}).get(route))
 
 
 LAYER = Layer(request_context_middleware, bind=for_route, try_quick=for_route)

@@ -8,6 +8,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from server.access import ACCESS, Access, access_ctx
 from server.cache import cache_ctx
 from server.config import CONFIG, Config, load_config
 from server.feed import feed_ctx, feed_shutdown, task_publisher_ctx
@@ -52,6 +53,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(user_batcher_ctx)
     app.cleanup_ctx.append(catalogue_ctx)
     app.cleanup_ctx.append(redis_ctx)
+    app[ACCESS] = Access(config)  # the route table binds each route's check to it
+    app.cleanup_ctx.append(access_ctx)
     app.cleanup_ctx.append(ratelimit_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(parser_process_ctx)

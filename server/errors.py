@@ -99,6 +99,39 @@ class RateLimited(DomainError):
         )
 
 
+class Unauthorized(DomainError):
+    """No credentials where a key is needed, or credentials that are not a valid key (RFC 6750)."""
+
+    status = 401
+    title = "Unauthorized"
+    type_slug = "unauthorized"
+
+    def __init__(self, detail: str, *, invalid: bool) -> None:
+        challenge = 'Bearer realm="hotpath"'
+        if invalid:  # RFC 6750 3.1: no error code when the request carried no credentials
+            challenge += ', error="invalid_token"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(DomainError):
+    """A valid key that lacks the scope a route needs (RFC 6750 insufficient_scope)."""
+
+    status = 403
+    title = "Forbidden"
+    type_slug = "forbidden"
+
+    def __init__(self, scopes: tuple[str, ...]) -> None:
+        wanted = " ".join(scopes)
+        which = scopes[0] if len(scopes) == 1 else "one of " + ", ".join(scopes)
+        super().__init__(
+            f"this key lacks the scope {which}",
+            extra={"scope": wanted},
+            headers={
+                "WWW-Authenticate": f'Bearer realm="hotpath", error="insufficient_scope", scope="{wanted}"'
+            },
+        )
+
+
 class StartupError(Exception):
     """A resource could not be opened at start; the message names it (password masked)."""
 

@@ -15,6 +15,8 @@ from server import calculation as calculation_service
 from server import products as catalogue
 from server import records
 from server import users as users_service
+from server.access import declare
+from server.access.scopes import FEED_PUBLISH, FETCH, JOBS, METRICS, READ, USERS_READ, USERS_WRITE
 from server.config import CONFIG
 from server.http import routing
 from server.http.openapi import DOCUMENT, Document, body, document_of
@@ -84,7 +86,13 @@ _STREAM: dict[int, Response | Problem | str] = {
 def _task_create(summary: str, fields: Body, query: tuple[Param, ...] = ()) -> Operation:
     """POST of a task: its fields as a body (or, from the old clients, as query parameters)."""
     return Operation(
-        summary, ("tasks",), _ACCEPTED, negotiated=True, body=fields, query=(tasks.IDEMPOTENCY_KEY, *query)
+        summary,
+        ("tasks",),
+        _ACCEPTED,
+        negotiated=True,
+        body=fields,
+        query=(tasks.IDEMPOTENCY_KEY, *query),
+        scopes=(JOBS,),
     )
 
 
@@ -139,6 +147,7 @@ API: tuple[Route, ...] = (
             },
             description="With metrics.token set, needs `Authorization: Bearer <token>`; without, "
             "only direct loopback clients (no proxy headers) may read it.",
+            scopes=(METRICS,),
         ),
     ),
     # aiohttp tries the resources under one prefix ("/users") in this order, each a coroutine
@@ -157,6 +166,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             negotiated=True,
+            scopes=(USERS_READ,),
         ),
     ),
     get(
@@ -173,6 +183,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             negotiated=True,
+            scopes=(USERS_READ,),
         ),
     ),
     patch(
@@ -190,13 +201,19 @@ API: tuple[Route, ...] = (
             },
             negotiated=True,
             body=body(users_service.USER_PATCH),
+            scopes=(USERS_WRITE,),
         ),
     ),
     delete(
         ("/users/", USER_ID),
         users.delete_user,
         "user_delete",
-        Operation("Delete a user", ("users",), {204: Response("deleted"), 404: NO_USER, 503: UNAVAILABLE}),
+        Operation(
+            "Delete a user",
+            ("users",),
+            {204: Response("deleted"), 404: NO_USER, 503: UNAVAILABLE},
+            scopes=(USERS_WRITE,),
+        ),
     ),
     post(
         "/users",
@@ -212,6 +229,7 @@ API: tuple[Route, ...] = (
             },
             negotiated=True,
             body=body(users_service.USER_CREATE),
+            scopes=(USERS_WRITE,),
         ),
     ),
     get(
@@ -228,6 +246,7 @@ API: tuple[Route, ...] = (
             },
             negotiated=True,
             query=users.PAGE_QUERY,
+            scopes=(USERS_READ,),
         ),
     ),
     get(
@@ -252,6 +271,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             query=datasets.EXPORT_QUERY,
+            scopes=(USERS_READ,),
         ),
     ),
     get(
@@ -268,6 +288,8 @@ API: tuple[Route, ...] = (
             },
             negotiated=True,
             query=products.PAGE_QUERY,
+            scopes=(READ,),
+            public=True,
         ),
         quick=products.quick_for,  # the kept answer, tried before the handler is awaited
     ),
@@ -288,6 +310,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             negotiated=True,
+            scopes=(READ,),
         ),
     ),
     post(
@@ -302,6 +325,7 @@ API: tuple[Route, ...] = (
                 422: "not an array of URLs, too many URLs, or a bad timeout",
             },
             body=body(fetch.FETCH_REQUEST),
+            scopes=(FETCH,),
         ),
     ),
     get(
@@ -322,6 +346,8 @@ API: tuple[Route, ...] = (
                 400: "record_count above streaming.max_records, or an unknown format",
             },
             query=datasets.STREAM_QUERY,
+            scopes=(READ,),
+            public=True,
         ),
     ),
     get(
@@ -336,6 +362,8 @@ API: tuple[Route, ...] = (
                 400: "record_count above streaming.max_records",
             },
             query=(datasets.DOWNLOAD,),
+            scopes=(READ,),
+            public=True,
         ),
     ),
     get(
@@ -351,6 +379,8 @@ API: tuple[Route, ...] = (
                 304: NOT_MODIFIED,
             },
             negotiated=True,
+            scopes=(READ,),
+            public=True,
         ),
     ),
     get(
@@ -362,6 +392,9 @@ API: tuple[Route, ...] = (
             ("feed",),
             _STREAM,
             query=feed.STREAM_QUERY,
+            scopes=(READ,),
+            public=True,
+            stream_token=True,
         ),
         allow_head=False,
     ),
@@ -370,7 +403,13 @@ API: tuple[Route, ...] = (
         feed.stream,
         "events",
         Operation(
-            "The live event stream (default: every channel)", ("feed",), _STREAM, query=feed.STREAM_QUERY
+            "The live event stream (default: every channel)",
+            ("feed",),
+            _STREAM,
+            query=feed.STREAM_QUERY,
+            scopes=(READ,),
+            public=True,
+            stream_token=True,
         ),
         allow_head=False,
     ),
@@ -389,7 +428,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             body=body(feed.FEED_EVENT),
-            security=feed.FEED_TOKEN,
+            scopes=(FEED_PUBLISH,),
         ),
     ),
     get(
@@ -440,6 +479,7 @@ API: tuple[Route, ...] = (
             ("tasks",),
             {200: Response("the task", tasks.TASK_SCHEMA), 404: NO_TASK, 503: UNAVAILABLE},
             negotiated=True,
+            scopes=(JOBS,),
         ),
     ),
     delete(
@@ -457,6 +497,7 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             negotiated=True,
+            scopes=(JOBS,),
         ),
     ),
     get(
@@ -469,6 +510,7 @@ API: tuple[Route, ...] = (
             {200: Response("a page", tasks.TASK_PAGE), 422: "bad state, after or limit", 503: UNAVAILABLE},
             negotiated=True,
             query=tasks.PAGE_QUERY,
+            scopes=(JOBS,),
         ),
     ),
     get(
@@ -487,6 +529,8 @@ API: tuple[Route, ...] = (
             description="Events: task.created, task.retrying, task.progress, task.completed, task.failed, "
             "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
             "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops.",
+            scopes=(JOBS,),
+            stream_token=True,
         ),
         allow_head=False,
     ),
@@ -499,6 +543,7 @@ API: tuple[Route, ...] = (
             ("tasks",),
             {200: Response("the report", REPORT), 404: "no such report", 503: UNAVAILABLE},
             negotiated=True,
+            scopes=(JOBS,),
         ),
     ),
     get(
@@ -512,6 +557,8 @@ API: tuple[Route, ...] = (
                 200: Response("the result", calculation_service.CALCULATION, headers=calculation.X_CACHE),
                 422: "value above cache.expensive_max",
             },
+            scopes=(READ,),
+            public=True,
         ),
     ),
     get(
@@ -522,6 +569,7 @@ API: tuple[Route, ...] = (
             "This process's cache counters: hits and misses per layer, evictions, loads, L1 size",
             ("cache",),
             {200: Response("counters", calculation.CACHE_STATS)},
+            scopes=(METRICS,),
         ),
     ),
 )
@@ -557,6 +605,8 @@ def setup_routes(app: web.Application) -> None:
     the API document derived from their declarations (served by handlers/meta.py)."""
     config = app[CONFIG]
     for route in API:
+        op = route.operation
+        declare(app, route.name, op.scopes, op.public, op.stream_token)
         handler = bound_handler(route.handler, route.name, app, config, route.quick)
         definition = route.definition
         routing.register(app.router, web.RouteDef(route.method, definition.path, handler, definition.kwargs))

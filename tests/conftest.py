@@ -41,10 +41,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Each feature's tests call its routes without keys: every route is open to them (servers the
+# tests start as processes inherit this too). tests/access/ tests the keys, scopes and open
+# routes with the shipped defaults (a config of their own, with auth.open_routes = []).
+OPEN_ROUTES = {"HOTPATH_AUTH_OPEN_ROUTES": '["*"]'}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A run stopped with SIGTERM (a CI time-out, `kill`) ends like Ctrl-C: pytest still tears
     its fixtures down, so the embedded PostgreSQL (a daemon) is stopped, not left running."""
     signal.signal(signal.SIGTERM, _interrupt)
+    os.environ.update(OPEN_ROUTES)
 
 
 @contextmanager
@@ -96,7 +103,7 @@ def redis_url(servers: tuple[str, str]) -> str:
 
 @pytest.fixture(scope="session")
 def base_config(database_url: str, redis_url: str) -> Config:
-    return load_config(env={"DATABASE_URL": database_url, "REDIS_URL": redis_url})
+    return load_config(env={"DATABASE_URL": database_url, "REDIS_URL": redis_url, **OPEN_ROUTES})
 
 
 @pytest.fixture

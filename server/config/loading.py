@@ -207,7 +207,9 @@ def _validate_whole(config: Config) -> None:
         if origin != "*" and (
             parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query
         ):
-            raise ConfigError("cors.allow_origins", f"{origin!r} is not an origin like https://app.example.com")
+            raise ConfigError(
+                "cors.allow_origins", f"{origin!r} is not an origin like https://app.example.com"
+            )
     if cors.allow_credentials and "*" in cors.allow_origins:
         raise ConfigError("cors.allow_credentials", 'needs explicit origins, not "*"')
     if bool(db.url) != bool(config.redis.url):

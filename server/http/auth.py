@@ -1,11 +1,17 @@
-"""Bearer tokens: read from Authorization, compared in constant time, on the header's bytes."""
+"""Who a request comes from: bearer tokens read from Authorization, compared in constant time on
+the header's bytes, and the verified caller (`Principal`) the access layer (server/access/) puts
+on the request for the layers and handlers inside it."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Collection
+from dataclasses import dataclass
 
-__all__ = ["bearer_token", "token_matches"]
+from aiohttp import web
+
+__all__ = ["PRINCIPAL", "Principal", "bearer_token", "token_matches"]
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -27,3 +33,35 @@ def token_matches(given: str | None, expected: str) -> bool:
     if not given or not expected:
         return False
     return hmac.compare_digest(_digest(given), _digest(expected))
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller: an API key, a configured shared token (an alias with fixed scopes),
+    or a stream token issued to a key (limited to `channels`).
+
+    `owner` is what the caller's tasks belong to: the key's family (a rotated key and its
+    replacement share it); None for a shared token. `rate` is the key's own rate policy
+    ("1000/minute"), used instead of a route's. `expires_at` (epoch seconds) ends the
+    credential: a key's expiry, or a stream token's."""
+
+    key_id: int | None
+    owner: int | None
+    name: str
+    scopes: frozenset[str]
+    rate: str | None = None
+    expires_at: float | None = None
+    channels: frozenset[str] | None = None  # a stream token: only these feed channels
+
+    @property
+    def identity(self) -> str:
+        """What the rate limiter counts this caller as."""
+        return f"key:{self.owner}" if self.owner is not None else f"alias:{self.name}"
+
+    def allows(self, scopes: Collection[str]) -> bool:
+        """Holds one of `scopes` (a route's scopes are alternatives)."""
+        return not self.scopes.isdisjoint(scopes)
+
+
+# The verified caller of a request; absent for an anonymous request on an open route.
+PRINCIPAL = web.RequestKey("hotpath.principal", Principal)

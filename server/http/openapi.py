@@ -59,6 +59,34 @@ NEGOTIATION_ERRORS = {
     406: "nothing in Accept can be produced; `available` lists what can",
 }
 
+# ---------------------------------------------------------------- who may call
+
+# The API keys (server/access/): `Authorization: Bearer hp_<prefix>_<secret>`. Each operation
+# lists the scopes that admit it as alternative requirements.
+API_KEY = SecurityScheme(
+    "apiKey",
+    {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (hp_<prefix>_<secret>, from `python run.py keys create` or POST "
+        "/admin/keys). Each operation names the scopes that admit it; a key needs one of them.",
+    },
+)
+ACCESS_ERRORS = {
+    401: Problem(
+        "no key, or not a valid key (unknown, revoked, expired); WWW-Authenticate: Bearer",
+        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    ),
+    403: Problem(
+        'the key lacks the scope (error="insufficient_scope"; `scope` names it)',
+        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    ),
+}
+_PUBLIC = " Open to callers without a key while auth.public_reads is on (the default)."
+_STREAM_TOKEN = query(
+    "token", "a stream token from POST /feed/tokens, for clients that cannot send Authorization (EventSource)"
+)
+
 # ---------------------------------------------------------------- what a request body brings
 
 # server/http/reading.py's read_body: bounded by bodies' limits and the server's settings.
@@ -151,13 +179,21 @@ def _path_param(variable: PathNumber) -> dict[str, Any]:
 
 def _operation(name: str, op: Operation, gather: _Components) -> dict[str, Any]:
     out: dict[str, Any] = {"operationId": name, "summary": op.summary, "tags": list(op.tags)}
-    if op.description:
-        out["description"] = op.description
-    params = [*(NEGOTIATION_PARAMS if op.negotiated else ()), *op.query]
+    description = (op.description or "") + (_PUBLIC if op.public else "")
+    if description:
+        out["description"] = description.strip()
+    params = [
+        *(NEGOTIATION_PARAMS if op.negotiated else ()),
+        *op.query,
+        *((_STREAM_TOKEN,) if op.stream_token else ()),
+    ]
     if params:
         out["parameters"] = [_param(p, gather) for p in params]
-    if op.security is not None:
-        out["security"] = [{gather.scheme(op.security): list(op.scopes)}]
+    if op.scopes:
+        scheme = gather.scheme(op.security or API_KEY)
+        out["security"] = [*([{}] if op.public else []), *({scheme: [scope]} for scope in op.scopes)]
+    elif op.security is not None:
+        out["security"] = [{gather.scheme(op.security): []}]
     if op.body is not None:
         out["requestBody"] = _request_body(op.body, gather)
     out["responses"] = _responses(op, gather)
@@ -179,6 +215,8 @@ def _request_body(body: Body, gather: _Components) -> dict[str, Any]:
 def _responses(op: Operation, gather: _Components) -> dict[str, Any]:
     """The declared answers, over the problems negotiation and the body reader bring."""
     answers: dict[int, Response | Problem | str] = {}
+    if op.scopes:
+        answers.update(ACCESS_ERRORS)
     if op.negotiated:
         answers.update(NEGOTIATION_ERRORS)
     if op.body is not None:

@@ -113,8 +113,11 @@ class Operation:
     """What one route does, for the API document. `negotiated`: answered in every
     representation (?format=, Accept), with the parameters and problems that brings.
     `responses`: status -> Response, Problem, or a problem's description. `query`: the
-    parameters beyond the path's and negotiation's, in order. `security`/`scopes`: who may
-    call it."""
+    parameters beyond the path's and negotiation's, in order. `scopes`: who may call it (a
+    key holding any one of them; none: anyone, unchecked), enforced by server/access/guard.py.
+    `public`: a read of public data, open while auth.public_reads is on. `stream_token`: an
+    event stream, which also takes a stream token (a browser's EventSource sends no header).
+    `security`: a scheme other than the API keys that this operation names."""
 
     summary: str
     tags: tuple[str, ...]
@@ -125,6 +128,8 @@ class Operation:
     query: tuple[Param, ...] = ()
     security: SecurityScheme | None = None
     scopes: tuple[str, ...] = ()
+    public: bool = False
+    stream_token: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,49 @@
+"""API keys with scopes: stored as digests in PostgreSQL (apikeys.py), verified per request from
+memory (verifier.py), checked per route as the route table declares (guard.py), changes heard
+from every process through Redis; stream tokens for browsers (tokens.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from server.access.apikeys import KeyStore
+from server.access.guard import Guard
+from server.access.scopes import READ, SCOPES
+from server.access.verifier import Access
+from server.config import CONFIG
+from server.storage.pool import DB
+from server.storage.redis_client import REDIS
+
+__all__ = ["ACCESS", "Access", "Guard", "KeyStore", "access_ctx", "declare"]
+
+ACCESS = web.AppKey("hotpath.access", Access)
+# the guards of an app's routes, by route name (filled by declare() while routes are set up)
+GUARDS = web.AppKey("hotpath.guards", dict[str, Guard])
+
+
+def declare(app: web.Application, route: str, scopes: tuple[str, ...], public: bool, streams: bool) -> None:
+    """Bind the access check of one route from its declaration (server/routes.py): `scopes`
+    (any one of them admits; empty: no check at all), `public` (a read of public data)."""
+    if not scopes:
+        return
+    for scope in scopes:
+        assert scope in SCOPES, f"route {route} names an unknown scope {scope!r}"
+    access = app[ACCESS]
+    cfg = access.config
+    open_ = "*" in cfg.open_routes or route in cfg.open_routes or (public and cfg.public_reads)
+    if public:
+        scopes = tuple(dict.fromkeys((*scopes, READ)))
+    alias = app[CONFIG].ratelimit.key_header
+    app.setdefault(GUARDS, {})[route] = Guard(access, scopes, open_, alias, streams)
+
+
+async def access_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load the keys, subscribe to their changes, and record their use until shutdown."""
+    access = app[ACCESS]
+    redis = app[REDIS]
+    db_number = int(redis.connection_pool.connection_kwargs.get("db", 0))
+    await access.open(KeyStore(app[DB]), redis, db_number, app[CONFIG].redis.connect_timeout * 2)
+    yield
+    await access.close()
