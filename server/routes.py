@@ -141,12 +141,9 @@ API: tuple[Route, ...] = (
             ("meta",),
             {
                 200: Response("metrics", content={"text/plain": STRING}),
-                401: "metrics.token is set and the request does not carry it",
-                403: "no token configured and the client is not a direct loopback peer",
                 404: "metrics.enabled is false",
             },
-            description="With metrics.token set, needs `Authorization: Bearer <token>`; without, "
-            "only direct loopback clients (no proxy headers) may read it.",
+            description="Needs a key with the `metrics` scope, or metrics.token as the bearer token.",
             scopes=(METRICS,),
         ),
     ),
@@ -418,12 +415,10 @@ API: tuple[Route, ...] = (
         feed.publish,
         "events_publish",
         Operation(
-            "Publish an event to a channel's subscribers (Authorization: Bearer feed.admin_token)",
+            "Publish an event to a channel's subscribers (the `feed:publish` scope, or feed.admin_token)",
             ("feed",),
             {
                 201: Response("published", feed.FEED_PUBLISHED),
-                401: "no bearer token",
-                403: "wrong token, or publishing over HTTP is disabled",
                 422: "unknown channel, bad event name, missing data",
                 503: UNAVAILABLE,
             },

@@ -137,6 +137,27 @@ FIXES: dict[tuple[str, str, str], tuple[str, str]] = {
 # 9. GET of a user, a profile (represent(etag=True), the cache middleware) and the products
 #    (kept answers) answer If-None-Match with 304.
 NOT_MODIFIED = [("/users/{user_id}", "get"), ("/users/{user_id}/profile", "get"), ("/products", "get")]
+# 10. API keys (issue 20). Each operation the route table gives scopes names them: the apiKey
+#     scheme, one alternative per scope (a key needs one), after an empty alternative for public
+#     reads, whose description says they are open; it answers 401 and 403 (the same problems
+#     everywhere). /metrics and POST /events are guarded by keys (their shared tokens are aliases
+#     of keys), not by their handlers' own 401/403; event streams take a stream token (?token=).
+DECLARED = {route.name: route.operation for route in API}
+PUBLIC_NOTE = "Open to callers without a key while auth.public_reads is on (the default)."
+OLD_GUARDS = {"metrics": ("401", "403"), "events_publish": ("401", "403")}
+METRICS_DESCRIPTION = "Needs a key with the `metrics` scope, or metrics.token as the bearer token."
+EVENTS_SUMMARY = "Publish an event to a channel's subscribers (the `feed:publish` scope, or feed.admin_token)"
+STREAM_TOKEN = {
+    "name": "token",
+    "in": "query",
+    "schema": {"type": "string"},
+    "description": "a stream token from POST /feed/tokens, for clients that cannot send Authorization "
+    "(EventSource)",
+}
+# 11. Operations added since the snapshot (issue 20): compared with the route table's own
+#     document (and validated with the whole).
+ADDED = {"feed_tokens", "admin_scopes", "admin_keys", "admin_keys_create", "admin_key_rotate",
+         "admin_key_revoke", "admin_audit"}  # fmt: skip
 
 
 def _operations(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -148,13 +169,49 @@ def _operations(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]
     ]
 
 
-def intended(before: dict[str, Any]) -> dict[str, Any]:
+def _access(op: dict[str, Any], access_errors: Mapping[str, Any]) -> None:
+    declared = DECLARED[op["operationId"]]
+    for status in OLD_GUARDS.get(op["operationId"], ()):
+        del op["responses"][status]
+    op.pop("security", None)
+    if op["operationId"] == "metrics":
+        op["description"] = METRICS_DESCRIPTION
+    if op["operationId"] == "events_publish":
+        op["summary"] = EVENTS_SUMMARY
+    if not declared.scopes:
+        return
+    alternatives = [{"apiKey": [scope]} for scope in declared.scopes]
+    op["security"] = [{}, *alternatives] if declared.public else alternatives
+    if declared.public:
+        op["description"] = f"{op['description']} {PUBLIC_NOTE}" if "description" in op else PUBLIC_NOTE
+    if declared.stream_token:
+        op.setdefault("parameters", []).append(STREAM_TOKEN)
+    op["responses"].update(access_errors)
+    op["responses"] = dict(sorted(op["responses"].items()))
+
+
+def intended(before: dict[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
     """The snapshot with the intended changes applied, and nothing else: every difference
-    between it and today's document is one of those listed above."""
+    between it and today's document is one of those listed above. `now` (today's document)
+    gives what is new: the added operations, and the 401/403 problems of the keys, the same
+    for every operation (checked here)."""
     spec = copy.deepcopy(before)
+    scoped = [op for _, _, op in _operations(now) if DECLARED[op["operationId"]].scopes]
+    access_errors = {status: scoped[0]["responses"][status] for status in ("401", "403")}
+    for op in scoped:
+        assert {s: op["responses"][s] for s in ("401", "403")} == access_errors, op["operationId"]
+    assert access_errors["401"]["content"]["application/problem+json"]
+    for path, method, op in _operations(now):
+        if op["operationId"] in ADDED:
+            spec["paths"].setdefault(path, {})[method] = op
+            if "parameters" in now["paths"][path]:
+                spec["paths"][path]["parameters"] = now["paths"][path]["parameters"]
     spec["tags"] = DOCUMENT_TAGS
     schemas = spec["components"]["schemas"]
     for path, method, op in _operations(spec):
+        if op["operationId"] in ADDED:
+            continue
+        _access(op, access_errors)
         op["tags"] = OPERATION_TAGS[op["operationId"]]
         item = spec["paths"][path]
         if any(p["in"] == "path" for p in op.get("parameters", [])):  # only `value`'s operation
@@ -177,7 +234,11 @@ def intended(before: dict[str, Any]) -> dict[str, Any]:
             op["responses"]["304"] = {"description": "the client's copy (If-None-Match) is current"}
     for item in spec["paths"].values():
         for param in item.get("parameters", []):
-            param["schema"]["maxLength"] = PATH_DIGITS[param["name"]]
+            param["schema"].setdefault("maxLength", PATH_DIGITS[param["name"]])
+    spec["components"]["securitySchemes"] = now["components"]["securitySchemes"]
+    assert set(spec["components"]["securitySchemes"]) == {"apiKey"}
+    for name in set(now["components"]["schemas"]) - set(spec["components"]["schemas"]):
+        spec["components"]["schemas"][name] = now["components"]["schemas"][name]  # the added ones'
     return spec
 
 
@@ -214,4 +275,5 @@ async def test_served_document_is_the_spec(client: Any) -> None:
 async def test_served_document_is_the_snapshot_with_the_intended_changes(client: Any) -> None:
     resp = await client.get("/openapi.json")
     assert resp.status == 200
-    assert await resp.json() == intended(json.loads(BEFORE.read_text()))
+    now = await resp.json()
+    assert now == intended(json.loads(BEFORE.read_text()), now)
