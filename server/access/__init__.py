@@ -28,8 +28,9 @@ def declare(app: web.Application, route: str, scopes: tuple[str, ...], public: b
     (any one of them admits; empty: no check at all), `public` (a read of public data)."""
     if not scopes:
         return
-    for scope in scopes:
-        assert scope in SCOPES, f"route {route} names an unknown scope {scope!r}"
+    unknown = [scope for scope in scopes if scope not in SCOPES]
+    if unknown:
+        raise ValueError(f"route {route} names unknown scopes {unknown}")
     access = app[ACCESS]
     cfg = access.config
     open_ = "*" in cfg.open_routes or route in cfg.open_routes or (public and cfg.public_reads)
