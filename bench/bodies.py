@@ -28,7 +28,7 @@ from urllib.parse import quote
 import aiohttp
 import msgpack
 
-from bench.run import ALL_CPUS, free_port, hotpath_env, server
+from bench.run import ALL_CPUS, OPEN_ROUTES, free_port, hotpath_env, server
 
 KiB, MiB = 1024, 1024 * 1024
 Case = tuple[str, str, dict[str, str], Callable[[], bytes]]
@@ -194,6 +194,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
         env, config = hotpath_env(Path(tmp))
+        env.update(OPEN_ROUTES)
         env["HOTPATH_JOBS_CONCURRENCY"] = "0"
         cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(port), "--workers", "1"]
         with server(cmd, base + "/ready", env, cpu=ALL_CPUS):

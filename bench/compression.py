@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.run import LOAD_CPU, free_port, hotpath_env, parse_wrk, server, taskset
+from bench.run import LOAD_CPU, OPEN_ROUTES, free_port, hotpath_env, parse_wrk, server, taskset
 
 BIG_PATH = "/stream-json/11000"  # 0.92 MiB of JSON
 
@@ -95,6 +95,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="hotpath-bench-") as tmp:
         env, config = hotpath_env(Path(tmp))
+        env.update(OPEN_ROUTES)
         cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(port)]
         with server(cmd, base + "/ready", env):
             asyncio.run(sizes(base))

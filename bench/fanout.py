@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.run import LOAD_CPU, ROOT, free_port, hotpath_env, server, taskset
+from bench.run import LOAD_CPU, OPEN_ROUTES, ROOT, free_port, hotpath_env, server, taskset
 
 
 def schedstat(pid: int) -> tuple[float, float]:
@@ -151,6 +151,7 @@ def main() -> int:
         os.sched_setaffinity(0, {int(LOAD_CPU)})
     with tempfile.TemporaryDirectory(prefix="hotpath-fanout-") as tmp:
         env, config = hotpath_env(Path(tmp))
+        env.update(OPEN_ROUTES)
         env["HOTPATH_FETCH_ALLOW"] = '["127.0.0.1/32"]'
         up_cmd = [sys.executable, "bench/upstream.py", "--port", str(up_port)]
         hot_cmd = [

@@ -161,12 +161,16 @@ async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, f
     await hot.setup()
     try:
         await _seed(hot)
+        key = f"Authorization: Bearer {await _key(hot)}"
         routes = [
             Route("floor GET /json", floor, "/json", guarded=False),
             Route("hotpath GET /health", hot, "/health"),
             Route("hotpath GET /products JSON", hot, "/products", ("Accept: application/json",)),
+            Route(
+                "hotpath GET /products JSON, with a key", hot, "/products", ("Accept: application/json", key)
+            ),
             Route("hotpath GET /products msgpack", hot, "/products", ("Accept: application/vnd.msgpack",)),
-            Route("hotpath GET /users/{id}, cache L1 hit", hot, "/users/1"),
+            Route("hotpath GET /users/{id}, cache L1 hit (key with users:read)", hot, "/users/1", (key,)),
             Route("hotpath GET /expensive-calculation/1000, cache hit", hot, "/expensive-calculation/1000"),
             Route("hotpath GET /large-dataset gzip", hot, "/large-dataset", ("Accept-Encoding: gzip",)),
         ]
@@ -191,6 +195,18 @@ async def _seed(runner: web.AppRunner) -> None:
     await db.execute(
         "INSERT INTO users (name, email) VALUES ('Bench', 'bench@example.com')"
     )  # a fresh database: id 1
+
+
+async def _key(runner: web.AppRunner) -> str:
+    """A key with every scope, made the way `run.py keys create` makes one."""
+    from server.access import ACCESS
+    from server.access.scopes import SCOPES
+
+    access = runner.app[ACCESS]
+    assert access.store is not None
+    record, key = await access.store.create("bench", "bench", list(SCOPES))
+    await access.changed(record.id)
+    return key
 
 
 def render(results: list[tuple[Route, float, float | None]]) -> str:

@@ -31,6 +31,7 @@ import asyncpg
 
 from bench.run import (
     LOAD_CPU,
+    OPEN_ROUTES,
     ROOT,
     SERVER_CPU,
     _recreate_database,
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         dsn = env["DATABASE_URL"] = with_database(env["DATABASE_URL"], BENCH_DB)
         config = Path(tmp) / "config.toml"
         config.write_text(f'[embedded]\ndata_dir = "{Path(tmp) / "var"}"\n')
+        env.update(OPEN_ROUTES)
         env["HOTPATH_JOBS_CONCURRENCY"] = str(args.concurrency)
         env["HOTPATH_JOBS_BATCH_SIZE"] = str(args.batch)
         if hasattr(os, "sched_setaffinity"):

@@ -49,6 +49,7 @@ class Scenario:
     lua: str | None = None
     target: str = ""
     headers: tuple[str, ...] = ()
+    key: bool = True  # sends the bench's API key (every scope); Lua scripts get it as KEY
 
 
 @dataclass
@@ -82,10 +83,12 @@ class Result:
         return sum(s.errors for s in self.samples)
 
 
+# Lua scripts that build their own requests send `KEY` (the bench's API key, set by run_wrk):
+# wrk.format() does not add -H headers to the headers a script gives it.
 RANDOM_USER_LUA = f"""
 math.randomseed(os.time())
 request = function()
-  return wrk.format("GET", "/users/" .. math.random(1, {SEED_USERS}))
+  return wrk.format("GET", "/users/" .. math.random(1, {SEED_USERS}), {{["Authorization"] = KEY}})
 end
 """
 
@@ -97,22 +100,22 @@ local counter = 0
 request = function()
   counter = counter + 1
   local body = string.format('{"name":"Bench %d","email":"b%d-%d@example.com"}', counter, prefix, counter)
-  return wrk.format("POST", "/users", {["Content-Type"] = "application/json"}, body)
+  return wrk.format("POST", "/users", {["Content-Type"] = "application/json", ["Authorization"] = KEY}, body)
 end
 """
 
-API_KEYS = 100_000
-RANDOM_API_KEY_LUA = f"""
+# Every request one of API_KEYS verified keys (KEYS, set by run_wrk), each counted apart.
+API_KEYS = 1000
+RANDOM_API_KEY_LUA = """
 math.randomseed(os.time())
 request = function()
-  return wrk.format("GET", "/protected-endpoint", {{["X-API-Key"] = "k" .. math.random(1, {API_KEYS})}})
+  return wrk.format("GET", "/protected-endpoint", {["Authorization"] = KEYS[math.random(1, #KEYS)]})
 end
 """
-# Allowed path: 10^5 clients (API keys) under a policy none of them exceeds during a run.
-RATELIMIT_ENV = {
-    "HOTPATH_RATELIMIT_KEY_HEADER": "X-API-Key",
-    "HOTPATH_RATELIMIT_POLICIES": '{ protected = "100/minute, 10/second" }',
-}
+# Allowed path: 10^3 clients (keys) under a policy none of them exceeds during a run. The
+# hotpath servers' writes get a policy no run exceeds either: POST /users measures the write.
+RATELIMIT_ENV = {"HOTPATH_RATELIMIT_POLICIES": '{ protected = "1000000/minute, 100000/second" }'}
+WRITES_ENV = {"HOTPATH_RATELIMIT_POLICIES": '{ users_create = "100000000/minute" }'}
 
 # Sends back the ETag it was last given, as a client holding the dataset does (304s).
 ETAG_LUA = """
@@ -133,13 +136,18 @@ end
 SCENARIOS = [
     Scenario("floor GET /json", "floor", "/json"),
     Scenario(
-        "hotpath GET /health (whole stack, trivial route)", "hotpath", "/health", target=">= 0.85x (issue 12)"
+        "hotpath GET /health (whole stack, trivial route)",
+        "hotpath",
+        "/health",
+        target=">= 0.85x (issue 12)",
+        key=False,
     ),
     Scenario(
         "hotpath GET /health, JSON access log on",
         "hotpath-accesslog",
         "/health",
         target="cost of the access log",
+        key=False,
     ),
     Scenario(
         "hotpath GET /products JSON (in-memory catalogue)",
@@ -147,12 +155,21 @@ SCENARIOS = [
         "/products",
         target=">= 0.85x (issue 3)",
         headers=("Accept: application/json",),
+        key=False,
     ),
     Scenario(
-        "hotpath GET /products msgpack", "hotpath", "/products", headers=("Accept: application/vnd.msgpack",)
+        "hotpath GET /products msgpack",
+        "hotpath",
+        "/products",
+        headers=("Accept: application/vnd.msgpack",),
+        key=False,
     ),
-    Scenario("hotpath GET /products YAML", "hotpath", "/products", headers=("Accept: application/yaml",)),
-    Scenario("hotpath GET /products XML", "hotpath", "/products", headers=("Accept: application/xml",)),
+    Scenario(
+        "hotpath GET /products YAML", "hotpath", "/products", headers=("Accept: application/yaml",), key=False
+    ),
+    Scenario(
+        "hotpath GET /products XML", "hotpath", "/products", headers=("Accept: application/xml",), key=False
+    ),
     # issue 4: the cached, pre-compressed dataset (transfer size: python -m bench.compression)
     Scenario(
         "hotpath GET /large-dataset, Accept-Encoding gzip (cached compressed bytes)",
@@ -160,6 +177,7 @@ SCENARIOS = [
         "/large-dataset",
         target=">= 0.6x (issue 4)",
         headers=("Accept-Encoding: gzip",),
+        key=False,
     ),
     Scenario(
         "hotpath GET /large-dataset, gzip + If-None-Match (304)",
@@ -168,13 +186,15 @@ SCENARIOS = [
         ETAG_LUA,
         ">= 0.6x (issue 4)",
         headers=("Accept-Encoding: gzip",),
+        key=False,
     ),
     Scenario(
-        "hotpath GET /protected-endpoint, allowed (Redis sliding windows, 10^5 API keys)",
+        "hotpath GET /protected-endpoint with a valid key, allowed (keys verified, Redis sliding windows, "
+        "10^3 keys)",
         "hotpath-ratelimit",
         "/protected-endpoint",
         RANDOM_API_KEY_LUA,
-        ">= 0.5x (issue 6)",
+        ">= 0.5x (issues 6, 20)",
     ),
     Scenario(
         "hotpath GET /users/{id} (PostgreSQL, no cache)",
@@ -196,6 +216,7 @@ SCENARIOS = [
         "/products",
         target="scaling across workers",
         headers=("Accept: application/json",),
+        key=False,
     ),
     Scenario(
         "hotpath GET /users/{id}, all cores (workers unpinned, wrk shares a core)",
@@ -205,9 +226,26 @@ SCENARIOS = [
         "scaling across workers",
     ),
     # issue 5: the two-layer cache (GET /users/{id} is cached whole by default)
-    Scenario("hotpath GET /users/{id}, cache L1 hit", "hotpath", "/users/1", target=">= 0.8x (issue 5)"),
+    Scenario(
+        "hotpath GET /users/{id}, cache L1 hit (with a key)",
+        "hotpath",
+        "/users/1",
+        target=">= 0.8x (issue 5)",
+    ),
+    Scenario(
+        "hotpath GET /products JSON, with a key (a public read)",
+        "hotpath",
+        "/products",
+        target="-2 points at most (issue 20)",
+        headers=("Accept: application/json",),
+    ),
     Scenario("hotpath GET /users/{id}, random of 1000, cached", "hotpath", "/users/1", RANDOM_USER_LUA),
-    Scenario("hotpath GET /expensive-calculation/1000, cache hit", "hotpath", "/expensive-calculation/1000"),
+    Scenario(
+        "hotpath GET /expensive-calculation/1000, cache hit",
+        "hotpath",
+        "/expensive-calculation/1000",
+        key=False,
+    ),
     # last: it writes, and PostgreSQL keeps working (WAL, autovacuum) for a while after it
     Scenario("hotpath POST /users (one INSERT each)", "hotpath", "/users", CREATE_USER_LUA, "for reference"),
 ]
@@ -248,11 +286,23 @@ def parse_wrk(out: str) -> Sample:
 
 
 def run_wrk(
-    url: str, duration: float, connections: int, lua: str | None, headers: tuple[str, ...] = ()
+    url: str,
+    duration: float,
+    connections: int,
+    lua: str | None,
+    headers: tuple[str, ...] = (),
+    keys: list[str] | None = None,
 ) -> Sample:
+    """wrk on `url`; with `keys`, the first is sent as Authorization (and as KEY to a Lua
+    script), and a script gets them all as KEYS."""
     cmd = [*taskset(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     for header in headers:
         cmd += ["-H", header]
+    if keys:
+        cmd += ["-H", f"Authorization: Bearer {keys[0]}"]
+        if lua:
+            quoted = ", ".join(f'"Bearer {k}"' for k in keys)
+            lua = f'KEY = "Bearer {keys[0]}"\nKEYS = {{{quoted}}}\n{lua}'
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         if lua:
             f.write(lua)
@@ -309,8 +359,38 @@ def server(
                 proc.wait()
 
 
-async def seed_users(base: str, count: int) -> None:
-    async with aiohttp.ClientSession() as session:
+async def make_keys(env: dict[str, str], workdir: Path, count: int) -> list[str]:
+    """`count` keys with every scope. On the configured servers they are made in the bench's
+    database and announced (as `run.py keys create` does); on embedded ones, the development
+    key the embedded start made is the only one."""
+    if not env.get("DATABASE_URL"):
+        return [(workdir / "var" / "dev-key").read_text().strip()]
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from server.access.apikeys import KeyStore
+    from server.access.scopes import SCOPES
+    from server.config import load_config
+    from server.storage.db import Database
+
+    channel = load_config(env={}).auth.channel
+    pool = await asyncpg.create_pool(env["DATABASE_URL"], min_size=1, max_size=4)
+    r = aioredis.from_url(env["REDIS_URL"])
+    try:
+        store = KeyStore(Database(pool, 10.0, 4))
+        keys = []
+        for i in range(count):
+            record, key = await store.create("bench", f"bench {i}", list(SCOPES))
+            await r.publish(f"{channel}:14", json.dumps({"key": record.id}))
+            keys.append(key)
+        return keys
+    finally:
+        await r.aclose()
+        await pool.close()
+
+
+async def seed_users(base: str, count: int, key: str) -> None:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         sem = asyncio.Semaphore(32)
 
         async def one(i: int) -> None:
@@ -335,6 +415,12 @@ async def _recreate_database(url: str, name: str) -> None:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+
+
+# The benches of one capability (bodies, compression, fan-out, streaming, the feed, jobs, the
+# soak) serve every route without keys: they measure that capability, and the cost of the access
+# check is measured by this module's rows, which send keys.
+OPEN_ROUTES = {"HOTPATH_AUTH_OPEN_ROUTES": '["*"]'}
 
 
 def hotpath_env(workdir: Path) -> tuple[dict[str, str], Path]:
@@ -448,11 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         # seed once, in a hotpath of its own, so measured rounds only read
         with server(hot_cmd, f"http://127.0.0.1:{hot_port}/ready", env):
-            asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS))
+            keys = asyncio.run(make_keys(env, Path(tmp), API_KEYS))
+            asyncio.run(seed_users(f"http://127.0.0.1:{hot_port}", SEED_USERS, keys[0]))
         all_cores = [*hot_cmd[:-1], "auto"]  # one worker per core, the default deployment
         servers = {
             "floor": (floor_cmd, floor_port, "/json", env, SERVER_CPU),
-            "hotpath": (hot_cmd, hot_port, "/ready", env, SERVER_CPU),
+            "hotpath": (hot_cmd, hot_port, "/ready", {**env, **WRITES_ENV}, SERVER_CPU),
             "hotpath-accesslog": (
                 hot_cmd,
                 hot_port,
@@ -477,8 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         floor_result = results[SCENARIOS[0].name]
 
         def measure(name: str, url: str, s: Scenario, round_: int) -> Sample:
-            run_wrk(url, args.warmup, args.connections, s.lua, s.headers)
-            sample = run_wrk(url, args.duration, args.connections, s.lua, s.headers)
+            sent = keys if s.key and s.server != "floor" else None
+            run_wrk(url, args.warmup, args.connections, s.lua, s.headers, sent)
+            sample = run_wrk(url, args.duration, args.connections, s.lua, s.headers, sent)
             print(
                 f"round {round_ + 1}: {name}: {sample.rps:,.0f} req/s, "
                 f"p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, errors {sample.errors}",
@@ -505,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.connections,
                             first.lua,
                             first.headers,
+                            keys if first.key else None,
                         )
                         for s in scenarios:
                             if s.server != kind:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.run import LOAD_CPU, SERVER_CPU, _wait_http, free_port, hotpath_env, taskset
+from bench.run import LOAD_CPU, OPEN_ROUTES, SERVER_CPU, _wait_http, free_port, hotpath_env, taskset
 
 TOKEN = "bench-token"
 REQUEST = b"GET /events?channels=users HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -188,6 +188,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="hotpath-sse-") as tmp:
         env, config = hotpath_env(Path(tmp))
+        env.update(OPEN_ROUTES)
         env.update(
             {
                 "HOTPATH_FEED_ADMIN_TOKEN": TOKEN,

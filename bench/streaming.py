@@ -21,7 +21,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.run import LOAD_CPU, free_port, hotpath_env, server, taskset
+from bench.run import LOAD_CPU, OPEN_ROUTES, free_port, hotpath_env, server, taskset
 
 
 def rss_kib(pid: int) -> int:
@@ -100,6 +100,7 @@ def main() -> int:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="hotpath-stream-") as tmp:
         env, config = hotpath_env(Path(tmp))
+        env.update(OPEN_ROUTES)
         env["HOTPATH_STREAMING_MAX_RECORDS"] = str(max(n, 1_000_000))
         cmd = [sys.executable, "run.py", "--config", str(config), "--port", str(port), "--workers", "1"]
         with server(cmd, f"http://127.0.0.1:{port}/ready", env):

@@ -65,9 +65,10 @@ class Access:
         self.stream_secret = b""
         self._by_prefix: dict[str, KeyRecord] = {}
         self._by_id: dict[int, KeyRecord] = {}
-        self._memo: dict[str, Principal] = {}
+        # credentials verified, by their header's exact text (Guard reads it directly)
+        self.memo: dict[str, Principal] = {}
         self._unknown: dict[str, float] = {}
-        self.used: set[int] = set()  # key ids used since the last write of last_used_at
+        self.used: dict[int, None] = {}  # key ids used since the last write of last_used_at
         self.live = False  # subscribed, and the table loaded since: it is complete
         self.synced = asyncio.Event()
         self._on_revoke: list[Callable[[int], None]] = []
@@ -87,34 +88,30 @@ class Access:
 
     # ------------------------------------------------------------------ per request
 
-    def known(self, token: str) -> Principal | None:
-        """The principal of a credential verified before (None: not known either way yet).
-        Raises Unauthorized for one remembered as unknown, or a key that has expired since."""
-        principal = self._memo.get(token)
+    async def verify(self, token: str, sent: str | None = None) -> Principal:
+        """Verify a credential the memo does not hold: a configured shared token, or a key.
+        `sent`: the header's text it came in, which the memo and the unknown memo are keyed by
+        (the token itself when None). Raises Unauthorized."""
+        sent = token if sent is None else sent
+        principal = self.memo.get(sent)
         if principal is not None:
             if principal.expires_at is not None and principal.expires_at <= time.time():
-                del self._memo[token]
+                del self.memo[sent]
                 raise Unauthorized("this key has expired", invalid=True)
-            if principal.key_id is not None:
-                self.used.add(principal.key_id)
             return principal
-        until = self._unknown.get(token)
+        until = self._unknown.get(sent)
         if until is not None:
             if until > time.monotonic():
                 raise Unauthorized("unknown, revoked or expired key", invalid=True)
-            del self._unknown[token]
-        return None
-
-    async def verify(self, token: str) -> Principal:
-        """Verify a credential not in the memo: a configured shared token, or a key."""
+            del self._unknown[sent]
         given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         for digest, alias in self._aliases:
             if hmac.compare_digest(given, digest):
-                self._remember(token, alias)
+                self._remember(sent, alias)
                 return alias
         parts = split_key(token)
         if parts is None:
-            self._refuse(token)
+            self._refuse(sent)
             raise Unauthorized("not a hotpath key (hp_<prefix>_<secret>)", invalid=True)
         prefix, secret = parts
         if self.live or self.store is None:
@@ -122,16 +119,17 @@ class Access:
         else:  # the table may be stale (a revocation not heard): ask PostgreSQL
             record = await self.store.by_prefix(prefix)
         now = datetime.now(UTC)
-        if (
-            record is None
-            or not hmac.compare_digest(record.digest, digest_of(secret))
-            or not record.active(now)
-        ):
-            self._refuse(token)
+        if record is None or not hmac.compare_digest(record.digest, digest_of(secret)):
+            self._refuse(sent)
             raise Unauthorized("unknown, revoked or expired key", invalid=True)
+        if not record.active(now):
+            self._refuse(sent)
+            raise Unauthorized(
+                "this key has expired" if record.revoked_at is None else "this key was revoked", invalid=True
+            )
         principal = principal_of(record)
-        self._remember(token, principal)
-        self.used.add(record.id)
+        self._remember(sent, principal)
+        self.used[record.id] = None
         return principal
 
     def stream_principal(self, token: str) -> Principal:
@@ -162,9 +160,9 @@ class Access:
         )
 
     def _remember(self, token: str, principal: Principal) -> None:
-        if len(self._memo) >= _MEMO_MAX:
-            self._memo.clear()
-        self._memo[token] = principal
+        if len(self.memo) >= _MEMO_MAX:
+            self.memo.clear()
+        self.memo[token] = principal
 
     def _refuse(self, token: str) -> None:
         cap = self.config.unknown_max
@@ -193,8 +191,8 @@ class Access:
         if record is not None and active:
             self._by_id[key_id] = record
             self._by_prefix[record.prefix] = record
-        for token in [t for t, p in self._memo.items() if p.key_id == key_id]:
-            del self._memo[token]
+        for token in [t for t, p in self.memo.items() if p.key_id == key_id]:
+            del self.memo[token]
         self._unknown.clear()  # a key made just now may have been remembered as unknown
         if not active:
             for callback in self._on_revoke:
@@ -218,7 +216,7 @@ class Access:
         gone = set(self._by_id) - {r.id for r in records}
         self._by_id = {r.id: r for r in records}
         self._by_prefix = {r.prefix: r for r in records}
-        self._memo.clear()
+        self.memo.clear()
         self._unknown.clear()
         for key_id in gone:
             for callback in self._on_revoke:
@@ -296,7 +294,7 @@ class Access:
                 with contextlib.suppress(*_DOWN, RuntimeError):
                     await pubsub.aclose()
             # not live: what was verified may have been revoked meanwhile; verify afresh
-            self._memo.clear()
+            self.memo.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -312,12 +310,13 @@ class Access:
     async def _record_use(self) -> None:
         if not self.used or self.store is None:
             return
-        used, self.used = self.used, set()
+        used = list(self.used)
+        self.used.clear()  # the same dict: each Guard holds it
         now = datetime.now(UTC)
         try:
             await self.store.touch(dict.fromkeys(used, now))
         except BaseException:
-            self.used |= used
+            self.used.update(dict.fromkeys(used))
             raise
 
     async def _record_use_forever(self) -> None:
