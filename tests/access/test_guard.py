@@ -244,3 +244,15 @@ async def test_a_revoke_reaches_another_process_within_a_second(aiohttp_client: 
 
 async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
+
+
+async def test_docs_show_each_operations_scopes(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(closed(cfg)))
+    page = await (await client.get("/docs")).text()
+    section = page[page.index('<section id="process_urls">') :]
+    section = section[: section.index("</section>")]
+    assert "<code>fetch</code>" in section
+    products = page[page.index('<section id="products">') :]
+    assert "open without a key while auth.public_reads is on" in products[: products.index("</section>")]
+    health = page[page.index('<section id="health">') :]
+    assert "Open: no key needed." in health[: health.index("</section>")]
