@@ -17,7 +17,7 @@ from server import records
 from server import users as users_service
 from server.access import declare
 from server.access.scopes import FEED_PUBLISH, FETCH, JOBS, METRICS, READ, USERS_READ, USERS_WRITE
-from server.config import CONFIG
+from server.config import CONFIG, ConfigError
 from server.http import routing
 from server.http.openapi import DOCUMENT, Document, body, document_of
 from server.http.operations import (
@@ -599,6 +599,11 @@ def setup_routes(app: web.Application) -> None:
     """Register every route with its own middleware chain (see middlewares/__init__.py), and
     the API document derived from their declarations (served by handlers/meta.py)."""
     config = app[CONFIG]
+    unknown = sorted(set(config.auth.open_routes) - {"*"} - {route.name for route in API})
+    if unknown:
+        raise ConfigError(
+            "auth.open_routes", f"no route is named {', '.join(unknown)} (see /openapi.json's operationId)"
+        )
     for route in API:
         op = route.operation
         declare(app, route.name, op.scopes, op.public, op.stream_token)

@@ -16,7 +16,7 @@ from server.access import ACCESS, GUARDS
 from server.access.apikeys import KeyStore, split_key
 from server.access.scopes import SCOPES
 from server.app import create_app
-from server.config import Config
+from server.config import Config, ConfigError
 from server.errors import Unauthorized
 from server.routes import API
 from server.storage.pool import DB
@@ -256,3 +256,8 @@ async def test_docs_show_each_operations_scopes(aiohttp_client: Any, cfg: Config
     assert "open without a key while auth.public_reads is on" in products[: products.index("</section>")]
     health = page[page.index('<section id="health">') :]
     assert "Open: no key needed." in health[: health.index("</section>")]
+
+
+def test_open_routes_must_name_routes(cfg: Config) -> None:
+    with pytest.raises(ConfigError, match=r"auth\.open_routes"):
+        create_app(closed(cfg, open_routes=("user", "no_such_route")))
