@@ -27,10 +27,12 @@ from server.feed.events import (
 )
 from server.feed.subscribers import Subscriber
 from server.feed.task_events import FINAL, event_name, frame_data
+from server.http.auth import PRINCIPAL
 from server.http.operations import Param, Response, Schema, header, query
 from server.http.reading import read_body
 from server.http.streams import stream_headers
 from server.jobs import JOBS
+from server.jobs.queue import Viewer
 
 log = logging.getLogger("hotpath.feed")
 
@@ -303,7 +305,8 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     # than the state read (updated_at not newer) is dropped below.
     sub = feed.subscribe(("tasks",))
     try:
-        snapshot = (await request.app[JOBS].get(task_id)).snapshot()  # NotFound -> 404
+        # NotFound -> 404, also for another key's task
+        snapshot = (await request.app[JOBS].get(task_id, Viewer.of(request.get(PRINCIPAL)))).snapshot()
         first = orjson.loads(orjson.dumps(snapshot))  # as every later event: JSON types only
         resp = web.StreamResponse(headers=SSE_HEADERS)
         stream_headers(request, resp)

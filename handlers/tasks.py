@@ -1,4 +1,7 @@
-"""Background tasks: create (notification, report, bulk import), read, list, cancel; reports."""
+"""Background tasks: create (notification, report, bulk import), read, list, cancel; reports.
+
+A task belongs to the key family that made it; reads, lists and cancels answer the caller's
+own tasks only (an admin's: every task), so another key's task is a 404 (server/jobs/queue.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from handlers.common import page_link, path_id, query_int
 from server.config import CONFIG
 from server.errors import Unavailable, ValidationFailed
 from server.http import bodies, bounds
+from server.http.auth import PRINCIPAL
 from server.http.operations import STRING, Body, Param, Schema, header, query
 from server.http.parser_process import ParserUnavailable
 from server.http.reading import (
@@ -26,7 +30,7 @@ from server.http.reading import (
 from server.http.render import Shape
 from server.http.representation import negotiate, represent, represent_rows
 from server.jobs import JOBS, kinds
-from server.jobs.queue import STATES, Job
+from server.jobs.queue import STATES, Job, Viewer
 from server.storage.pool import DB
 from server.users import USER_CREATE
 
@@ -114,7 +118,8 @@ TASK_PAGE = Schema(
 )
 IDEMPOTENCY_KEY = header(
     "Idempotency-Key",
-    "the same key returns the same task, never a second one",
+    "the same key (from the same API key) returns the same task, never a second one; "
+    "keys are per API key: another key's use of the same value makes a task of its own",
     {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
 )
 # list_tasks()
@@ -164,6 +169,12 @@ BULK_BODY = Body(
 )
 
 
+def viewer(request: web.Request) -> Viewer:
+    """Whose tasks the caller may see: its key family's, every task with `admin`, the unowned
+    ones when it calls without a key (an open route)."""
+    return Viewer.of(request.get(PRINCIPAL))
+
+
 def _status_url(request: web.Request, job_id: int) -> str:
     return str(request.app.router["task_status"].url_for(task_id=str(job_id)))
 
@@ -203,7 +214,9 @@ async def _accepted(
     request: web.Request, media: str, kind: str, payload: Mapping[str, Any], estimate: float
 ) -> web.Response:
     key = _idempotency_key(request)
-    job, created = await request.app[JOBS].enqueue(kind, payload, idempotency_key=key)
+    principal = request.get(PRINCIPAL)
+    owner = None if principal is None else principal.owner
+    job, created = await request.app[JOBS].enqueue(kind, payload, idempotency_key=key, owner=owner)
     url = _status_url(request, job.id)
     body = {
         "message": f"{kind.replace('_', ' ')} accepted" if created else "already accepted (Idempotency-Key)",
@@ -270,7 +283,7 @@ def _task(request: web.Request, job: Job) -> dict[str, Any]:
 
 
 async def task_status(request: web.Request) -> web.Response:
-    job = await request.app[JOBS].get(path_id(request, "task_id", "task"))
+    job = await request.app[JOBS].get(path_id(request, "task_id", "task"), viewer(request))
     headers = {} if job.state in ("completed", "failed", "cancelled") else {"Retry-After": "1"}
     return represent(request, _task(request, job), TASK, headers=headers)
 
@@ -278,7 +291,7 @@ async def task_status(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     job_id = path_id(request, "task_id", "task")
     media = negotiate(request)
-    job = await request.app[JOBS].cancel(job_id)
+    job = await request.app[JOBS].cancel(job_id, viewer(request))
     # 200: cancelled now; 202: cancellation asked for, the job stops at its next progress point
     status = 200 if job.state == "cancelled" else 202
     return represent(request, _task(request, job), TASK, status=status, media=media)
@@ -290,7 +303,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         raise ValidationFailed([{"field": "state", "message": f"must be one of {', '.join(STATES)}"}])
     after = query_int(request, "after", 0, minimum=0, maximum=2**63 - 1)
     limit = query_int(request, "limit", PAGE_DEFAULT, minimum=1, maximum=PAGE_MAX)
-    jobs = await request.app[JOBS].page(state, after, limit)
+    jobs = await request.app[JOBS].page(viewer(request), state, after, limit)
     items = [_task(request, j) for j in jobs]
     next_url = None
     headers = {}
@@ -304,5 +317,5 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def get_report(request: web.Request) -> web.Response:
     report_id = path_id(request, "report_id", "report")
-    report = await kinds.get_report(request.app[DB], report_id)
+    report = await kinds.get_report(request.app[DB], report_id, viewer(request))
     return await represent_rows(request, report, REPORT, len(report.get("rows") or ()))

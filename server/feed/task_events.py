@@ -23,9 +23,14 @@ def event_name(snapshot: dict[str, Any]) -> str:
     return f"task.{status}"
 
 
-async def publish_task(feed: Feed, snapshot: dict[str, Any]) -> None:
-    """A job listener (server.jobs.runner.Engine.listeners): every change goes out on `tasks`.
+async def publish_task(feed: Feed, snapshot: dict[str, Any], owner: int | None) -> None:
+    """Through a job listener (server/jobs/__init__.py): every change of a task goes out on
+    `tasks`. `owner` is the task's key family (None: made without a key); only its subscribers
+    (and admins) may see the event, and it is never put into the event's data.
     publish_quietly: a job never fails because the feed could not be told."""
+    # TASK_OWNER_ROUTING (issue 20): Feed.publish_quietly takes no owner= yet. Once the feed
+    # routes `tasks` events by owner, pass `owner=owner` here; until then every subscriber of
+    # `tasks` gets every task's events.
     await feed.publish_quietly("tasks", event_name(snapshot), snapshot)
 
 

@@ -10,9 +10,10 @@ from aiohttp import web
 
 from server.config import CONFIG
 from server.feed import FEED
+from server.feed.core import Feed
 from server.feed.task_events import publish_task
 from server.jobs.kinds import KINDS
-from server.jobs.queue import Engine
+from server.jobs.queue import Engine, Job
 from server.jobs.runner import Runner
 from server.runtime import metrics
 from server.storage.pool import DB
@@ -32,7 +33,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = Engine(app[DB], config.jobs)
     feed = app.get(FEED)
     if feed is not None:  # every state and progress change goes out on the feed's `tasks` channel
-        engine.listeners.append(partial(publish_task, feed))
+        engine.listeners.append(partial(_to_feed, feed))
     app[JOBS] = engine
     app_metrics = app.get(metrics.METRICS)
     if app_metrics is not None:
@@ -44,6 +45,11 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if runner is not None:
         await runner.close()
+
+
+async def _to_feed(feed: Feed, job: Job) -> None:
+    """A job listener: the task's snapshot to the feed, for its owner."""
+    await publish_task(feed, job.snapshot(), job.owner)
 
 
 async def _job_families(app: web.Application) -> list[metrics.Family]:

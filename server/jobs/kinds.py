@@ -26,6 +26,7 @@ from server.errors import NotFound, ValidationFailed
 from server.http import bodies
 from server.http.bounds import DATE_MIN, RANGE_TEXT, date_in_range
 from server.http.operations import Schema
+from server.jobs.queue import Viewer
 from server.jobs.runner import Handler, JobContext, PermanentError
 from server.storage.db import Database, local_statement_timeout
 from server.users import EMAIL_MAX, is_email, validate_user_fields
@@ -315,9 +316,10 @@ SELECT d::date AS day, count(u.id)::int AS signups
  GROUP BY d ORDER BY d
 """
 SQL_USER = "SELECT id, name, email, created_at, updated_at FROM users WHERE id = $1"
+# only the tasks of the report's own owner: a report must not reveal another key's tasks
 SQL_USER_JOBS = """
 SELECT id, kind, state, created_at, finished_at FROM jobs
- WHERE payload->>'user_id' = $1::text ORDER BY id
+ WHERE payload->>'user_id' = $1::text AND owner IS NOT DISTINCT FROM $2::bigint ORDER BY id
 """
 SQL_STORE_REPORT = """
 INSERT INTO reports (job_id, report_type, params, summary, rows)
@@ -326,9 +328,12 @@ ON CONFLICT (job_id) DO UPDATE
    SET params = EXCLUDED.params, summary = EXCLUDED.summary, rows = EXCLUDED.rows, created_at = now()
 RETURNING id
 """
-SQL_GET_REPORT = (
-    "SELECT id, job_id, report_type, params, summary, rows, created_at FROM reports WHERE id = $1"
-)
+# reports.owner is its job's owner (a trigger sets it, server/storage/sql/004_access.sql); the
+# viewer's filter as for jobs (server/jobs/queue.py SQL_GET)
+SQL_GET_REPORT = """
+SELECT id, job_id, report_type, params, summary, rows, created_at FROM reports
+ WHERE id = $1 AND ($2::boolean OR owner IS NOT DISTINCT FROM $3::bigint)
+"""
 
 
 async def generate_report(ctx: JobContext, payload: dict[str, Any]) -> Any:
@@ -357,7 +362,7 @@ async def generate_report(ctx: JobContext, payload: dict[str, Any]) -> Any:
         rows = [{"at": user["created_at"].isoformat(), "event": "signed up", "detail": user["email"]}]
         if user["updated_at"] > user["created_at"]:
             rows.append({"at": user["updated_at"].isoformat(), "event": "profile updated", "detail": ""})
-        for j in await ctx.db.fetch(SQL_USER_JOBS, str(payload["user_id"])):
+        for j in await ctx.db.fetch(SQL_USER_JOBS, str(payload["user_id"]), ctx.job.owner):
             event = f"task {j['kind']}"
             rows.append({"at": j["created_at"].isoformat(), "event": event, "detail": j["state"]})
         rows.sort(key=lambda r: r["at"])
@@ -403,9 +408,10 @@ REPORT = Schema(
 )
 
 
-async def get_report(db: Database, report_id: int) -> dict[str, Any]:
-    """A stored report: id, job (task) id, type, params, summary, rows, created_at."""
-    row = await db.fetchrow(SQL_GET_REPORT, report_id)
+async def get_report(db: Database, report_id: int, viewer: Viewer) -> dict[str, Any]:
+    """A stored report: id, job (task) id, type, params, summary, rows, created_at. NotFound
+    unless `viewer` may see its task (the task's owner, or an admin)."""
+    row = await db.fetchrow(SQL_GET_REPORT, report_id, viewer.every, viewer.owner)
     if row is None:
         raise NotFound(f"report {report_id} does not exist")
     return {

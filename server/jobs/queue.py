@@ -20,6 +20,11 @@ The rules that make it safe:
 
 The statements the runner uses (claim, reap, complete, fail, heartbeat, hand back) live here
 too, beside the ones Engine runs: the fencing rules above are one contract over all of them.
+
+Ownership: a job belongs to the key family that made it (`owner`; NULL when made without a
+key, on an open route). Every read and cancel names a `Viewer` and is filtered in its SQL: a
+caller sees its own jobs (anonymous callers the unowned ones), an admin sees every job; any
+other job is "not found", so its existence is not revealed.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from typing import Any
 import asyncpg
 import orjson
 
+from server.access.scopes import ADMIN
 from server.config import JobsConfig
 from server.errors import Conflict, NotFound, ValidationFailed
+from server.http.auth import Principal
 from server.storage.db import Database
 
 log = logging.getLogger("hotpath.jobs")
@@ -49,23 +56,38 @@ _CLEANUP_BATCH = 5000
 _COLS = (
     "id, kind, payload, state, idempotency_key, attempts, max_attempts, run_after, lease_until, worker,"
     " cancel_requested, progress_done, progress_total, progress_message, result, error,"
-    " created_at, updated_at, started_at, finished_at"
+    " created_at, updated_at, started_at, finished_at, owner"
 )
 _JCOLS = ", ".join(f"j.{c.strip()}" for c in _COLS.split(","))
 
 SQL_INSERT = f"""
-INSERT INTO jobs (kind, payload, idempotency_key, max_attempts) VALUES ($1, $2::jsonb, $3, $4)
+INSERT INTO jobs (kind, payload, idempotency_key, max_attempts, owner) VALUES ($1, $2::jsonb, $3, $4, $5)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING {_COLS}
 """
 SQL_INSERT_MANY = """
-INSERT INTO jobs (kind, payload, max_attempts)
-SELECT $1, p::jsonb, $3 FROM unnest($2::text[]) AS p
+INSERT INTO jobs (kind, payload, max_attempts, owner)
+SELECT $1, p::jsonb, $3, $4 FROM unnest($2::text[]) AS p
 """
+# $1 is the stored (namespaced) key, unique over the table: see stored_key().
 SQL_BY_KEY = f"SELECT {_COLS} FROM jobs WHERE idempotency_key = $1"
-SQL_GET = f"SELECT {_COLS} FROM jobs WHERE id = $1"
+# The reads and the cancel by id: the primary key finds the row, then the viewer's filter
+# ($2: every job, an admin; else $3, the owner: NULL for the unowned jobs).
+SQL_GET = f"""
+SELECT {_COLS} FROM jobs WHERE id = $1 AND ($2::boolean OR owner IS NOT DISTINCT FROM $3::bigint)
+"""
+# Pages: an admin's over every job; anyone else's over its own, by the expression of the index
+# jobs_owner_id (IS NOT DISTINCT FROM would scan the primary key and filter every row).
 SQL_PAGE = f"SELECT {_COLS} FROM jobs WHERE id > $1 ORDER BY id LIMIT $2"
 SQL_PAGE_STATE = f"SELECT {_COLS} FROM jobs WHERE state = $3 AND id > $1 ORDER BY id LIMIT $2"
+SQL_PAGE_OWNER = f"""
+SELECT {_COLS} FROM jobs WHERE COALESCE(owner, 0) = COALESCE($3::bigint, 0) AND id > $1
+ ORDER BY id LIMIT $2
+"""
+SQL_PAGE_OWNER_STATE = f"""
+SELECT {_COLS} FROM jobs WHERE COALESCE(owner, 0) = COALESCE($3::bigint, 0) AND state = $4 AND id > $1
+ ORDER BY id LIMIT $2
+"""
 # ARRAY(...) rather than IN (...): the locking subquery must run exactly once.
 SQL_CLAIM = f"""
 UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker = $2,
@@ -138,6 +160,7 @@ UPDATE jobs SET cancel_requested = true,
        state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
        finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END, updated_at = now()
  WHERE id = $1 AND state IN ('queued', 'processing')
+   AND ($2::boolean OR owner IS NOT DISTINCT FROM $3::bigint)
 RETURNING {_COLS}
 """
 SQL_CLEANUP = f"""
@@ -147,7 +170,41 @@ DELETE FROM jobs WHERE id = ANY(ARRAY(
 """
 SQL_WAKE = "SELECT pg_notify('hotpath_jobs', '')"
 
-Listener = Callable[[dict[str, Any]], Awaitable[None]]
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Whose jobs a caller may read and cancel: those of `owner` (a key family; None: the
+    unowned jobs, made without a key), or every job (`every`: the admin scope)."""
+
+    owner: int | None
+    every: bool = False
+
+    @classmethod
+    def of(cls, principal: Principal | None) -> Viewer:
+        """The viewer a request's verified caller is (None: anonymous, on an open route)."""
+        if principal is None:
+            return ANONYMOUS
+        return cls(principal.owner, ADMIN in principal.scopes)
+
+
+ANONYMOUS = Viewer(None)
+EVERY = Viewer(None, every=True)  # the operator's view (admin, the command line, tests)
+
+
+def stored_key(idempotency_key: str, owner: int | None) -> str:
+    """The value kept in jobs.idempotency_key: the client's key itself for an unowned job, and
+    "<owner> <key>" for an owned one, so each owner has keys of its own.
+
+    Why a namespaced value and not a UNIQUE (owner, idempotency_key) constraint: the workers of
+    the previous release, still running during a rolling restart, insert with ON CONFLICT
+    (idempotency_key), which needs the unique constraint on that column alone. They make
+    unowned jobs only and store the raw key, as this code does for unowned jobs, so both agree.
+    A client's key is visible ASCII without spaces (handlers/tasks.py), so a raw key never
+    equals a namespaced one, and no two owners' keys meet."""
+    return idempotency_key if owner is None else f"{owner} {idempotency_key}"
+
+
+Listener = Callable[["Job"], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -174,6 +231,9 @@ class Job:
     updated_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    # the key family that made it (None: made without a key); never in snapshot(), which
+    # other callers and the feed may see
+    owner: int | None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
@@ -184,7 +244,7 @@ class Job:
         return cls(**values)
 
     def snapshot(self) -> dict[str, Any]:
-        """The public view (GET /task-status, listeners): no payload, no worker internals."""
+        """The public view (GET /task-status, the feed): no payload, no worker internals, no owner."""
         out: dict[str, Any] = {
             "task_id": self.id,
             "kind": self.kind,
@@ -216,8 +276,9 @@ def _dumps(value: Any) -> str:
 class Engine:
     """Enqueue, read, list and cancel jobs; used by web processes and workers alike.
 
-    `listeners` are awaited with the job's snapshot on every state or progress change made
-    by this process (the SSE feed publishes them); a failing listener is logged, not raised.
+    `listeners` are awaited with the job on every state or progress change made by this
+    process (the SSE feed publishes its snapshot to its owner); a failing listener is logged,
+    not raised.
     They run inline on the job's path, so each should only hand the snapshot on (a queue, a
     pub/sub publish), not do slow work.
     """
@@ -230,24 +291,30 @@ class Engine:
     async def publish(self, job: Job) -> None:
         if not self.listeners:
             return
-        snap = job.snapshot()
         for listener in list(self.listeners):
             try:
-                await listener(snap)
+                await listener(job)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("job listener failed for job %d", job.id)
 
     async def enqueue(
-        self, kind: str, payload: Mapping[str, Any], *, idempotency_key: str | None = None
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        owner: int | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a job; returns (job, created). With a key already used, the existing job and
-        False; Conflict when that key was used for a different kind or payload."""
+        """Insert a job belonging to `owner` (a key family; None: unowned); returns (job,
+        created). With a key this owner already used, its existing job and False; Conflict when
+        that key was used for a different kind or payload. Keys are per owner."""
         body = _dumps(payload)
+        stored = None if idempotency_key is None else stored_key(idempotency_key, owner)
         try:
             row = await self.db.fetchrow(
-                SQL_INSERT, kind, body, idempotency_key, self.config.attempts_for(kind)
+                SQL_INSERT, kind, body, stored, self.config.attempts_for(kind), owner
             )
         except asyncpg.UntranslatableCharacterError:  # jsonb cannot hold \u0000
             raise ValidationFailed(
@@ -258,41 +325,52 @@ class Engine:
             job = Job.from_row(row)
             await self.publish(job)
             return job, True
-        assert idempotency_key is not None  # without a key there is nothing to conflict on
-        existing = await self.db.fetchrow(SQL_BY_KEY, idempotency_key)
+        assert stored is not None  # without a key there is nothing to conflict on
+        existing = await self.db.fetchrow(SQL_BY_KEY, stored)
         if existing is None:  # deleted by cleanup between the two statements: try once more
-            return await self.enqueue(kind, payload, idempotency_key=idempotency_key)
+            return await self.enqueue(kind, payload, idempotency_key=idempotency_key, owner=owner)
         job = Job.from_row(existing)
-        if job.kind != kind or job.payload != orjson.loads(body):
+        # the owner check cannot fail (the stored key names the owner); it is there so that a
+        # mistake in stored_key() is a 409, never another owner's task
+        if job.kind != kind or job.payload != orjson.loads(body) or job.owner != owner:
             raise Conflict("this Idempotency-Key was already used for a different request")
         return job, False
 
-    async def enqueue_many(self, kind: str, payloads: list[Mapping[str, Any]]) -> None:
-        """Insert many jobs of one kind in one statement (one NOTIFY)."""
+    async def enqueue_many(
+        self, kind: str, payloads: list[Mapping[str, Any]], *, owner: int | None = None
+    ) -> None:
+        """Insert many jobs of one kind, all belonging to `owner`, in one statement (one NOTIFY)."""
         await self.db.execute(
-            SQL_INSERT_MANY, kind, [_dumps(p) for p in payloads], self.config.attempts_for(kind)
+            SQL_INSERT_MANY, kind, [_dumps(p) for p in payloads], self.config.attempts_for(kind), owner
         )
 
-    async def get(self, job_id: int) -> Job:
-        row = await self.db.fetchrow(SQL_GET, job_id)
+    async def get(self, job_id: int, viewer: Viewer) -> Job:
+        """The job, if `viewer` may see it; NotFound otherwise (as for a job that does not exist)."""
+        row = await self.db.fetchrow(SQL_GET, job_id, viewer.every, viewer.owner)
         if row is None:
             raise NotFound(f"task {job_id} does not exist")
         return Job.from_row(row)
 
-    async def page(self, state: str | None, after: int, limit: int) -> list[Job]:
-        """Up to `limit` jobs with id > `after` (optionally in one state), in id order."""
-        if state is None:
-            rows = await self.db.fetch(SQL_PAGE, after, limit)
+    async def page(self, viewer: Viewer, state: str | None, after: int, limit: int) -> list[Job]:
+        """Up to `limit` of the jobs `viewer` may see with id > `after` (optionally in one
+        state), in id order."""
+        if viewer.every:
+            if state is None:
+                rows = await self.db.fetch(SQL_PAGE, after, limit)
+            else:
+                rows = await self.db.fetch(SQL_PAGE_STATE, after, limit, state)
+        elif state is None:
+            rows = await self.db.fetch(SQL_PAGE_OWNER, after, limit, viewer.owner)
         else:
-            rows = await self.db.fetch(SQL_PAGE_STATE, after, limit, state)
+            rows = await self.db.fetch(SQL_PAGE_OWNER_STATE, after, limit, viewer.owner, state)
         return [Job.from_row(r) for r in rows]
 
-    async def cancel(self, job_id: int) -> Job:
+    async def cancel(self, job_id: int, viewer: Viewer) -> Job:
         """Queued: cancelled at once. Processing: flagged; the job stops at its next progress
-        point. Final already: Conflict. Unknown: NotFound."""
-        row = await self.db.fetchrow(SQL_CANCEL, job_id)
+        point. Final already: Conflict. Unknown, or not the viewer's: NotFound."""
+        row = await self.db.fetchrow(SQL_CANCEL, job_id, viewer.every, viewer.owner)
         if row is None:
-            job = await self.get(job_id)
+            job = await self.get(job_id, viewer)
             raise Conflict(f"task {job_id} is already {job.state}")
         job = Job.from_row(row)
         await self.publish(job)

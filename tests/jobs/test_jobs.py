@@ -30,7 +30,7 @@ from server.config import Config
 from server.http.representation import OFF_LOOP_ROWS
 from server.jobs import JOBS
 from server.jobs.kinds import BULK_ERRORS_KEPT, KINDS
-from server.jobs.queue import FINAL, Engine
+from server.jobs.queue import EVERY, FINAL, Engine, Job
 from server.jobs.runner import JobContext, PermanentError, Runner
 from server.storage.db import Database
 from tests.helpers import PYTHON, ROOT, free_port, replace, until
@@ -618,7 +618,7 @@ class Harness:
 
     async def wait(self, job_id: int, states: frozenset[str] = FINAL, timeout: float = 20.0) -> Any:
         async def check() -> Any:
-            job = await self.engine.get(job_id)
+            job = await self.engine.get(job_id, EVERY)
             return job if job.state in states else None
 
         return await until(check, f"job {job_id} in {sorted(states)}", timeout)
@@ -670,13 +670,13 @@ async def test_cancel_a_processing_task_at_its_next_progress_point(jcfg: Config)
     async with Harness(jcfg, {"long": long}) as h:
         events: list[dict[str, Any]] = []
 
-        async def listener(snapshot: dict[str, Any]) -> None:
-            events.append(snapshot)
+        async def listener(job: Job) -> None:
+            events.append(job.snapshot())
 
         h.engine.listeners.append(listener)
         job, _ = await h.engine.enqueue("long", {})
         await asyncio.wait_for(started.wait(), 10)
-        cancelling = await h.engine.cancel(job.id)
+        cancelling = await h.engine.cancel(job.id, EVERY)
         assert cancelling.state == "processing" and cancelling.cancel_requested
         done = await h.wait(job.id)
         assert done.state == "cancelled"
@@ -759,8 +759,8 @@ async def test_graceful_shutdown_hands_back_running_jobs(jcfg: Config) -> None:
         closing = asyncio.create_task(h.runner.close())
         release.set()  # the quick job finishes within the timeout, the stuck one does not
         await closing
-        assert (await h.engine.get(a.id)).state == "completed"
-        back = await h.engine.get(b.id)
+        assert (await h.engine.get(a.id, EVERY)).state == "completed"
+        back = await h.engine.get(b.id, EVERY)
         assert back.state == "queued" and back.attempts == 0 and back.worker is None
     finally:
         await h.pool.close()

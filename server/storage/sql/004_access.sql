@@ -39,4 +39,25 @@ CREATE TABLE access_secrets (
 
 -- The key family that made a task (NULL: made on an open route, without a key). Added
 -- nullable, so the workers of a rolling restart that do not know it keep inserting.
+-- Idempotency keys stay UNIQUE over the whole table (old workers still run ON CONFLICT
+-- (idempotency_key)); an owned task stores its key namespaced as "<owner> <key>"
+-- (server/jobs/queue.py).
 ALTER TABLE jobs ADD COLUMN owner bigint;
+-- GET /tasks: a caller's own tasks in id order. COALESCE(owner, 0), not owner: the queries
+-- compare it with COALESCE($n, 0) (0 is never a key id), which an index serves where
+-- IS NOT DISTINCT FROM is not indexable; the unowned tasks are one range of it too.
+CREATE INDEX jobs_owner_id ON jobs ((COALESCE(owner, 0)), id);
+
+-- A report belongs to its job's owner, and keeps that after the job is cleaned up. Set by a
+-- trigger from the job, not by the statement that stores the report: a report stored by a
+-- worker of the previous release (which does not know the column) still gets its owner.
+ALTER TABLE reports ADD COLUMN owner bigint;
+
+CREATE FUNCTION reports_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.owner := (SELECT owner FROM jobs WHERE id = NEW.job_id);
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER reports_owned BEFORE INSERT ON reports FOR EACH ROW EXECUTE FUNCTION reports_owner();
