@@ -16,7 +16,7 @@ from server import products as catalogue
 from server import records
 from server import users as users_service
 from server.access import declare
-from server.access.scopes import FEED_PUBLISH, FETCH, JOBS, METRICS, READ, USERS_READ, USERS_WRITE
+from server.access.scopes import ADMIN, FEED_PUBLISH, FETCH, JOBS, METRICS, READ, USERS_READ, USERS_WRITE
 from server.config import CONFIG, ConfigError
 from server.http import routing
 from server.http.openapi import DOCUMENT, Document, body, document_of
@@ -63,7 +63,11 @@ TAGS = {
 # The problems many operations share.
 UNAVAILABLE = "database or Redis unavailable; see Retry-After"
 NO_USER = "no such user"
-NO_TASK = "no such task"
+# A task belongs to the key family that made it: another key's task is "not found" too, so its
+# existence is not revealed (an admin's key reads and cancels every task).
+NO_TASK = "no such task (or not yours)"
+# Reading and cancelling tasks: a key with `jobs` its own tasks, a key with `admin` every task.
+_TASK_READ = (JOBS, ADMIN)
 # represent(etag=True), the kept answers and the cache middleware honour If-None-Match.
 NOT_MODIFIED = Response("the client's copy (If-None-Match) is current")
 _CREATED_HEADERS = {"Location": {"schema": {"type": "string"}, "description": "URL of the new user"}}
@@ -81,6 +85,13 @@ _STREAM: dict[int, Response | Problem | str] = {
     400: "unknown channel or malformed last event id",
     503: "feed.max_subscribers streams are open on this process, or it is shutting down; Retry-After",
 }
+
+
+_OWNED = (
+    "A task belongs to the API key that made it (with its rotations): only that key, or one with "
+    "`admin`, sees it; any other caller gets 404. Tasks made without a key (on an open route) are "
+    "seen by callers without a key."
+)
 
 
 def _task_create(summary: str, fields: Body, query: tuple[Param, ...] = ()) -> Operation:
@@ -474,7 +485,8 @@ API: tuple[Route, ...] = (
             ("tasks",),
             {200: Response("the task", tasks.TASK_SCHEMA), 404: NO_TASK, 503: UNAVAILABLE},
             negotiated=True,
-            scopes=(JOBS,),
+            description=_OWNED,
+            scopes=_TASK_READ,
         ),
     ),
     delete(
@@ -492,7 +504,8 @@ API: tuple[Route, ...] = (
                 503: UNAVAILABLE,
             },
             negotiated=True,
-            scopes=(JOBS,),
+            description=_OWNED,
+            scopes=_TASK_READ,
         ),
     ),
     get(
@@ -505,7 +518,9 @@ API: tuple[Route, ...] = (
             {200: Response("a page", tasks.TASK_PAGE), 422: "bad state, after or limit", 503: UNAVAILABLE},
             negotiated=True,
             query=tasks.PAGE_QUERY,
-            scopes=(JOBS,),
+            description="Only the tasks of the calling key's family (every task for a key with `admin`; "
+            "without a key, on an open route, the tasks made without a key).",
+            scopes=_TASK_READ,
         ),
     ),
     get(
@@ -523,8 +538,9 @@ API: tuple[Route, ...] = (
             },
             description="Events: task.created, task.retrying, task.progress, task.completed, task.failed, "
             "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
-            "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops.",
-            scopes=(JOBS,),
+            "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops. "
+            + _OWNED,
+            scopes=_TASK_READ,
             stream_token=True,
         ),
         allow_head=False,
@@ -536,9 +552,10 @@ API: tuple[Route, ...] = (
         Operation(
             "A generated report (CSV gives its rows)",
             ("tasks",),
-            {200: Response("the report", REPORT), 404: "no such report", 503: UNAVAILABLE},
+            {200: Response("the report", REPORT), 404: "no such report (or not yours)", 503: UNAVAILABLE},
             negotiated=True,
-            scopes=(JOBS,),
+            description="A report belongs to the owner of the task that made it, as the task does.",
+            scopes=_TASK_READ,
         ),
     ),
     get(

@@ -134,6 +134,41 @@ FIXES: dict[tuple[str, str, str], tuple[str, str]] = {
         "page or limit is not an integer, or is below its minimum",
     ),
 }
+# 10. A task belongs to the key that made it (issue 20): another key's task or report is "not
+#     found" too, the operations say so, and Idempotency-Key is per API key.
+OWNED = (
+    "A task belongs to the API key that made it (with its rotations): only that key, or one with "
+    "`admin`, sees it; any other caller gets 404. Tasks made without a key (on an open route) are "
+    "seen by callers without a key."
+)
+FIXES.update(
+    {
+        **{
+            (path, method, "404"): ("no such task", "no such task (or not yours)")
+            for path, method in [
+                ("/task-status/{task_id}", "get"),
+                ("/task-status/{task_id}", "delete"),
+                ("/tasks/{task_id}/events", "get"),
+            ]
+        },
+        ("/reports/{report_id}", "get", "404"): ("no such report", "no such report (or not yours)"),
+    }
+)
+OWNED_DESCRIPTIONS = {
+    ("/task-status/{task_id}", "get"): OWNED,
+    ("/task-status/{task_id}", "delete"): OWNED,
+    ("/tasks", "get"): "Only the tasks of the calling key's family (every task for a key with `admin`; "
+    "without a key, on an open route, the tasks made without a key).",
+    (
+        "/reports/{report_id}",
+        "get",
+    ): "A report belongs to the owner of the task that made it, as the task does.",
+}
+OWNED_APPENDED = {("/tasks/{task_id}/events", "get"): " " + OWNED}
+IDEMPOTENCY_KEY = (
+    "the same key (from the same API key) returns the same task, never a second one; "
+    "keys are per API key: another key's use of the same value makes a task of its own"
+)
 # 9. GET of a user, a profile (represent(etag=True), the cache middleware) and the products
 #    (kept answers) answer If-None-Match with 304.
 NOT_MODIFIED = [("/users/{user_id}", "get"), ("/users/{user_id}/profile", "get"), ("/products", "get")]
@@ -230,6 +265,13 @@ def intended(before: dict[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
                 old, new = FIXES[path, method, status]
                 assert response["description"] == old
                 response["description"] = new
+        if (path, method) in OWNED_DESCRIPTIONS:
+            op["description"] = OWNED_DESCRIPTIONS[path, method]
+        if (path, method) in OWNED_APPENDED:
+            op["description"] += OWNED_APPENDED[path, method]
+        for param in op.get("parameters", []):
+            if param["name"] == "Idempotency-Key":
+                param["description"] = IDEMPOTENCY_KEY
         if (path, method) in NOT_MODIFIED:
             op["responses"]["304"] = {"description": "the client's copy (If-None-Match) is current"}
     for item in spec["paths"].values():
