@@ -94,8 +94,11 @@ _OWNED = (
 )
 
 
-def _task_create(summary: str, fields: Body, query: tuple[Param, ...] = ()) -> Operation:
-    """POST of a task: its fields as a body (or, from the old clients, as query parameters)."""
+def _task_create(
+    summary: str, fields: Body, query: tuple[Param, ...] = (), also: tuple[str, ...] = ()
+) -> Operation:
+    """POST of a task: its fields as a body (or, from the old clients, as query parameters).
+    `also`: what the task touches besides (a report reads users, an import writes them)."""
     return Operation(
         summary,
         ("tasks",),
@@ -104,6 +107,7 @@ def _task_create(summary: str, fields: Body, query: tuple[Param, ...] = ()) -> O
         body=fields,
         query=(tasks.IDEMPOTENCY_KEY, *query),
         scopes=(JOBS,),
+        also=also,
     )
 
 
@@ -465,6 +469,7 @@ API: tuple[Route, ...] = (
             "Build a report from the database in the background; the finished task links to /reports/{id}",
             tasks.REPORT_BODY,
             tasks.REPORT_QUERY,
+            also=(USERS_READ,),  # a report shows users' data (user-activity: name and email)
         ),
     ),
     post(
@@ -474,6 +479,7 @@ API: tuple[Route, ...] = (
         _task_create(
             "Import user records (validated per row, upserted by email) in the background",
             tasks.BULK_BODY,
+            also=(USERS_WRITE,),  # it creates and changes users
         ),
     ),
     get(
@@ -623,7 +629,7 @@ def setup_routes(app: web.Application) -> None:
         )
     for route in API:
         op = route.operation
-        declare(app, route.name, op.scopes, op.public, op.stream_token)
+        declare(app, route.name, op.scopes, op.public, op.stream_token, op.also)
         handler = bound_handler(route.handler, route.name, app, config, route.quick)
         definition = route.definition
         routing.register(app.router, web.RouteDef(route.method, definition.path, handler, definition.kwargs))

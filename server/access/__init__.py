@@ -23,12 +23,20 @@ ACCESS = web.AppKey("hotpath.access", Access)
 GUARDS = web.AppKey("hotpath.guards", dict[str, Guard])
 
 
-def declare(app: web.Application, route: str, scopes: tuple[str, ...], public: bool, streams: bool) -> None:
+def declare(
+    app: web.Application,
+    route: str,
+    scopes: tuple[str, ...],
+    public: bool,
+    streams: bool,
+    also: tuple[str, ...] = (),
+) -> None:
     """Bind the access check of one route from its declaration (server/routes.py): `scopes`
-    (any one of them admits; empty: no check at all), `public` (a read of public data)."""
+    (any one of them admits; empty: no check at all), `also` (needed as well), `public` (a
+    read of public data), `streams` (an event stream: stream tokens accepted)."""
     if not scopes:
         return
-    unknown = [scope for scope in scopes if scope not in SCOPES]
+    unknown = [scope for scope in (*scopes, *also) if scope not in SCOPES]
     if unknown:
         raise ValueError(f"route {route} names unknown scopes {unknown}")
     access = app[ACCESS]
@@ -37,7 +45,7 @@ def declare(app: web.Application, route: str, scopes: tuple[str, ...], public: b
     if public:
         scopes = tuple(dict.fromkeys((*scopes, READ)))
     alias = app[CONFIG].ratelimit.key_header
-    app.setdefault(GUARDS, {})[route] = Guard(access, scopes, open_, alias, streams)
+    app.setdefault(GUARDS, {})[route] = Guard(access, scopes, open_, alias, streams, also)
 
 
 async def access_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -35,15 +35,22 @@ class Guard:
     lookup of the header's exact text in the memo of verified credentials, and one set test
     of the scopes (python -m bench.inprocess --calls: 4-5 calls a request)."""
 
-    __slots__ = ("_memo", "_used", "access", "alias", "need", "open", "scopes", "streams")
+    __slots__ = ("_memo", "_used", "access", "alias", "also", "need", "open", "scopes", "streams")
 
     def __init__(
-        self, access: Access, scopes: tuple[str, ...], open_: bool, alias: str, streams: bool = False
+        self,
+        access: Access,
+        scopes: tuple[str, ...],
+        open_: bool,
+        alias: str,
+        streams: bool = False,
+        also: tuple[str, ...] = (),
     ) -> None:
         self.access = access
         self.scopes = scopes
         self.open = open_  # callers without a credential may pass
         self.need = None if open_ else frozenset(scopes)  # a principal must hold one of these
+        self.also = frozenset(also) if also and not open_ else None  # ... and all of these
         self.alias = istr(alias) if alias else None  # ratelimit.key_header: the key under another name
         self.streams = streams  # an event stream: a stream token is accepted too
         self._memo = access.memo
@@ -75,8 +82,8 @@ class Guard:
         if principal.key_id is not None:
             self._used[principal.key_id] = None
         need = self.need
-        if need is not None and need.isdisjoint(principal.scopes):
-            raise Forbidden(self.scopes)
+        if need is not None and (need.isdisjoint(principal.scopes) or self.also is not None):
+            self.refuse(principal)
         request[PRINCIPAL] = principal
         return None
 
@@ -93,7 +100,15 @@ class Guard:
         self.admit(request, await self.access.verify(token, sent))
 
     def admit(self, request: web.Request, principal: Principal) -> None:
-        need = self.need
-        if need is not None and need.isdisjoint(principal.scopes):
-            raise Forbidden(self.scopes)
+        if self.need is not None:
+            self.refuse(principal)
         request[PRINCIPAL] = principal
+
+    def refuse(self, principal: Principal) -> None:
+        """Raise Forbidden unless `principal` holds one of the scopes and every one of `also`."""
+        assert self.need is not None
+        held = principal.scopes
+        if self.need.isdisjoint(held):
+            raise Forbidden(self.scopes)
+        if self.also is not None and not self.also <= held:
+            raise Forbidden(tuple(sorted(self.also - held)))

@@ -191,7 +191,8 @@ def _operation(name: str, op: Operation, gather: _Components) -> dict[str, Any]:
         out["parameters"] = [_param(p, gather) for p in params]
     if op.scopes:
         scheme = gather.scheme(op.security or API_KEY)
-        out["security"] = [*([{}] if op.public else []), *({scheme: [scope]} for scope in op.scopes)]
+        needed = [{scheme: [scope, *op.also]} for scope in op.scopes]
+        out["security"] = [{}, *needed] if op.public else needed
     elif op.security is not None:
         out["security"] = [{gather.scheme(op.security): []}]
     if op.body is not None:

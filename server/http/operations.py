@@ -117,6 +117,7 @@ class Operation:
     key holding any one of them; none: anyone, unchecked), enforced by server/access/guard.py.
     `public`: a read of public data, open while auth.public_reads is on. `stream_token`: an
     event stream, which also takes a stream token (a browser's EventSource sends no header).
+    `also`: scopes a key needs as well (a bulk import writes users: `jobs` and `users:write`).
     `security`: a scheme other than the API keys that this operation names."""
 
     summary: str
@@ -130,6 +131,7 @@ class Operation:
     scopes: tuple[str, ...] = ()
     public: bool = False
     stream_token: bool = False
+    also: tuple[str, ...] = ()  # scopes needed besides one of `scopes` (all of them)
 
 
 @dataclass(frozen=True, eq=False)

@@ -175,7 +175,8 @@ NOT_MODIFIED = [("/users/{user_id}", "get"), ("/users/{user_id}/profile", "get")
 # 10. API keys (issue 20). Each operation the route table gives scopes names them: the apiKey
 #     scheme, one alternative per scope (a key needs one), after an empty alternative for public
 #     reads, whose description says they are open; it answers 401 and 403 (the same problems
-#     everywhere). /metrics and POST /events are guarded by keys (their shared tokens are aliases
+#     everywhere). A task that reads or writes users needs that scope as well (all scopes of an
+#     alternative are needed). /metrics and POST /events are guarded by keys (their shared tokens are aliases
 #     of keys), not by their handlers' own 401/403; event streams take a stream token (?token=).
 DECLARED = {route.name: route.operation for route in API}
 PUBLIC_NOTE = "Open to callers without a key while auth.public_reads is on (the default)."
@@ -215,7 +216,7 @@ def _access(op: dict[str, Any], access_errors: Mapping[str, Any]) -> None:
         op["summary"] = EVENTS_SUMMARY
     if not declared.scopes:
         return
-    alternatives = [{"apiKey": [scope]} for scope in declared.scopes]
+    alternatives = [{"apiKey": [scope, *declared.also]} for scope in declared.scopes]
     op["security"] = [{}, *alternatives] if declared.public else alternatives
     if declared.public:
         op["description"] = f"{op['description']} {PUBLIC_NOTE}" if "description" in op else PUBLIC_NOTE

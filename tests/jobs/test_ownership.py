@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from server.access import ACCESS, KeyStore
-from server.access.scopes import ADMIN, JOBS
+from server.access.scopes import ADMIN, JOBS, USERS_READ
 from server.app import create_app
 from server.config import Config
 from server.jobs import JOBS as JOB_ENGINE
@@ -159,7 +159,7 @@ async def test_two_keys_each_see_only_their_own_tasks(aiohttp_client: Any, ocfg:
 async def test_a_report_answers_only_the_owner_of_its_task(aiohttp_client: Any, ocfg: Config) -> None:
     client = await aiohttp_client(create_app(replace(ocfg, jobs={**FAST, "concurrency": 2})))
     keys = Keys(client)
-    alice, alice_owner = await keys.make("alice", JOBS)
+    alice, alice_owner = await keys.make("alice", JOBS, USERS_READ)  # a report reads users
     bob, _ = await keys.make("bob", JOBS)
     admin, _ = await keys.make("operator", ADMIN)
     resp = await client.post("/generate-report", json=REPORT, headers=alice)
