@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from server.access.apikeys import KeyStore
+from server.access.changes import redis_db
 from server.access.guard import Guard
 from server.access.scopes import READ, SCOPES
 from server.access.verifier import Access
@@ -44,7 +45,6 @@ async def access_ctx(app: web.Application) -> AsyncIterator[None]:
     """Load the keys, subscribe to their changes, and record their use until shutdown."""
     access = app[ACCESS]
     redis = app[REDIS]
-    db_number = int(redis.connection_pool.connection_kwargs.get("db", 0))
-    await access.open(KeyStore(app[DB]), redis, db_number, app[CONFIG].redis.connect_timeout * 2)
+    await access.open(KeyStore(app[DB]), redis, redis_db(redis), app[CONFIG].redis.connect_timeout * 2)
     yield
     await access.close()
