@@ -1,8 +1,10 @@
-"""hotpath command line: serve (default), worker or migrate.
+"""hotpath command line: serve (default), worker, migrate or keys.
 
 python run.py [serve] [--host H] [--port P] [--workers N|auto] [--config PATH]
 python run.py worker [--config PATH]      background jobs only, no HTTP listener
 python run.py migrate [--config PATH]
+python run.py keys create --name NAME (--scopes a,b | --all-scopes) [--expires 30d] [--rate 1000/minute]
+python run.py keys scopes | list [--all] | revoke ID | rotate ID [--overlap 1h]
 
 With more than one worker this process supervises N `run.py serve --listen-fd` children
 that share its listening socket (server/runtime/supervisor.py).
@@ -42,23 +44,103 @@ EXIT_CONFIG = 2
 EXIT_STARTUP = 1
 
 
+# What an option left out means (the subcommands' options default to "not given", so that
+# `run.py --port 1 serve` and `run.py serve --port 1` both keep the port).
+_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "host": None,
+    "port": None,
+    "workers": None,
+    "listen_fd": None,
+    "ready_fd": None,
+    "board_fd": None,
+    "slot": 0,
+}
+
+
+def _key_id(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a key id is a positive number, not {text!r}")
+    return int(text)
+
+
+def add_keys_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`keys` and its commands (carried out by server/access/cli.py)."""
+    keys = commands.add_parser(
+        "keys",
+        parents=[common],
+        help="manage API keys: create, scopes, list, revoke, rotate",
+        description="Manage API keys in the configured (or embedded) PostgreSQL; running servers "
+        "are told through Redis. A new key is printed alone on the last line of standard output.",
+    )
+    sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    create = sub.add_parser("create", parents=[common], help="make a key (printed alone on the last line)")
+    create.add_argument(
+        "--name", required=True, help="what the key is for (shown in lists and the audit log)"
+    )
+    which = create.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scopes", help="comma-separated scopes (see `keys scopes`)")
+    which.add_argument("--all-scopes", action="store_true", help="every scope, admin included")
+    create.add_argument(
+        "--expires",
+        default=None,
+        help="when it stops working: a duration (30d, 12h) or an ISO 8601 date-time",
+    )
+    create.add_argument(
+        "--rate", default=None, help='its own rate limit instead of the routes\', e.g. "1000/minute"'
+    )
+    sub.add_parser("scopes", parents=[common], help="every scope with what it allows")
+    listing = sub.add_parser("list", parents=[common], help="the active keys")
+    listing.add_argument("--all", action="store_true", help="revoked and expired keys too")
+    revoke = sub.add_parser("revoke", parents=[common], help="revoke a key at once")
+    revoke.add_argument("key_id", metavar="ID", type=_key_id)
+    rotate = sub.add_parser(
+        "rotate", parents=[common], help="issue a replacement (printed alone on the last line)"
+    )
+    rotate.add_argument("key_id", metavar="ID", type=_key_id)
+    rotate.add_argument(
+        "--overlap",
+        default=None,
+        help="how long the old key keeps working: seconds or a duration (90m, 1h, 2d); "
+        "default auth.rotate_overlap",
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="run.py", description="hotpath API server")
-    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "migrate", "worker"))
-    parser.add_argument("--config", default=None, help="path to a config.toml (default: the project's)")
-    parser.add_argument("--host", default=None, help="listen address (overrides server.host)")
-    parser.add_argument("--port", default=None, help="listen port (overrides server.port)")
-    parser.add_argument(
-        "--workers", default=None, help="worker processes: a number, or auto = one per core (server.workers)"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="path to a config.toml (default: the project's)"
+    )
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--host", default=argparse.SUPPRESS, help="listen address (overrides server.host)")
+    serving.add_argument("--port", default=argparse.SUPPRESS, help="listen port (overrides server.port)")
+    serving.add_argument(
+        "--workers",
+        default=argparse.SUPPRESS,
+        help="worker processes: a number, or auto = one per core (server.workers)",
     )
     # Set by the supervisor for its workers: the inherited listening socket, and a pipe to
     # write one byte into once this worker listens.
-    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serving.add_argument("--listen-fd", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    serving.add_argument("--ready-fd", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     # ... and the board where workers say they are at their connection cap, with our slot on it.
-    parser.add_argument("--board-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    serving.add_argument("--board-fd", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    serving.add_argument("--slot", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="hotpath API server (no command: serve)", parents=[common, serving]
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", parents=[common, serving], help="serve HTTP (the default)")
+    commands.add_parser("migrate", parents=[common, serving], help="apply the database migrations and exit")
+    commands.add_parser("worker", parents=[common, serving], help="run background jobs only, no HTTP")
+    add_keys_parser(commands, common)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args.command = "serve"
+    for name, value in _DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -280,6 +362,8 @@ def serve(config: Config, args: argparse.Namespace) -> int:
             if resolved is None:
                 return EXIT_STARTUP
             config = resolved
+            if config.auth.dev_key and not dev_key(config):
+                return EXIT_STARTUP
         count = resolve_workers(config.server.workers)
         if count > 1:
             return supervise(config, args, count)
@@ -294,6 +378,43 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
             log.info("embedded PostgreSQL and Redis stopped")
+
+
+def dev_key(config: Config) -> bool:
+    """The development key of an embedded start (auth.dev_key), made before any worker starts:
+    shown once when made, kept in <embedded.data_dir>/dev-key. False when the database failed."""
+    from server.access.cli import bootstrap_dev_key
+    from server.errors import StartupError
+    from server.storage.migrations import MigrationError
+
+    try:
+        found = bootstrap_dev_key(config, config.embedded_data_dir, new_loop)
+    except (StartupError, MigrationError) as exc:
+        log.error("%s", exc)
+        return False
+    if found.state == "created":
+        # Written to the console, never to the log: a key is a secret (shown this once).
+        sys.stderr.write(f"development key (every scope): {found.key}\n")
+        sys.stderr.flush()
+        log.info("development key %d made; kept in %s", found.record.id, found.path)
+    elif found.state == "kept":
+        log.info("development key (every scope): in %s", found.path)
+    else:
+        log.warning(
+            "a development key (id %d) is active but %s does not hold it: revoke it "
+            "(python run.py keys revoke %d) and start again for a new one",
+            found.record.id,
+            found.path,
+            found.record.id,
+        )
+    return True
+
+
+def keys(config: Config, args: argparse.Namespace) -> int:
+    from server.access.cli import keys_main
+
+    signal.signal(signal.SIGTERM, _raise_exit)  # an embedded PostgreSQL started for us is stopped
+    return keys_main(config, args, new_loop)
 
 
 def migrate(config: Config) -> int:
@@ -413,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return migrate(config)
         if args.command == "worker":
             return worker(config)
+        if args.command == "keys":
+            return keys(config, args)
         return serve(config, args)
     except KeyboardInterrupt:
         return 130

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from handlers import calculation, datasets, feed, fetch, health, legacy, meta, products, tasks, users
+from handlers import admin, calculation, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bound_handler
 from server import calculation as calculation_service
 from server import products as catalogue
@@ -45,6 +45,7 @@ REPORT_ID = PathNumber(
 )
 RECORD_COUNT = PathNumber("record_count", 12, "how many records (at most streaming.max_records)")
 VALUE = PathNumber("value", 9, "at most cache.expensive_max")
+KEY_ID = PathNumber("key_id", 19, "numeric key id")
 
 # Each tag groups the operations of one area in the API document.
 TAGS = {
@@ -58,6 +59,7 @@ TAGS = {
     "feed": "The real-time feed (server-sent events)",
     "tasks": "Background tasks and the reports they make",
     "cache": "The two-layer cache",
+    "admin": "API keys and the audit log (the admin scope); every call is written to the audit log",
 }
 
 # The problems many operations share.
@@ -68,6 +70,7 @@ NO_USER = "no such user"
 NO_TASK = "no such task (or not yours)"
 # Reading and cancelling tasks: a key with `jobs` its own tasks, a key with `admin` every task.
 _TASK_READ = (JOBS, ADMIN)
+NO_KEY = "no such key, or it is revoked or expired already"
 # represent(etag=True), the kept answers and the cache middleware honour If-None-Match.
 NOT_MODIFIED = Response("the client's copy (If-None-Match) is current")
 _CREATED_HEADERS = {"Location": {"schema": {"type": "string"}, "description": "URL of the new user"}}
@@ -590,6 +593,89 @@ API: tuple[Route, ...] = (
             scopes=(METRICS,),
         ),
     ),
+    get(
+        "/admin/scopes",
+        admin.scopes,
+        "admin_scopes",
+        Operation(
+            "Every scope a key can hold, with what it allows",
+            ("admin",),
+            {200: Response("the scopes", admin.SCOPE_LIST), 503: UNAVAILABLE},
+            scopes=(ADMIN,),
+        ),
+    ),
+    get(
+        "/admin/keys",
+        admin.list_keys,
+        "admin_keys",
+        Operation(
+            "The keys (active ones; ?all=1: revoked and expired too), without their secrets",
+            ("admin",),
+            {200: Response("the keys", admin.API_KEY_LIST), 422: "all is not 0 or 1", 503: UNAVAILABLE},
+            query=admin.KEYS_QUERY,
+            scopes=(ADMIN,),
+        ),
+    ),
+    post(
+        "/admin/keys",
+        admin.create_key,
+        "admin_keys_create",
+        Operation(
+            "Make a key: the answer shows it this once (`key`)",
+            ("admin",),
+            {201: Response("made", admin.API_KEY_CREATED), 503: UNAVAILABLE},
+            description="Every process applies the new key within a message's time (Redis pub/sub).",
+            body=body(admin.API_KEY_CREATE),
+            scopes=(ADMIN,),
+        ),
+    ),
+    post(
+        ("/admin/keys/", KEY_ID, "/rotate"),
+        admin.rotate_key,
+        "admin_key_rotate",
+        Operation(
+            "Issue a replacement of a key (same name, scopes, rate, expiry and tasks); the old key "
+            "keeps working for the overlap",
+            ("admin",),
+            {
+                201: Response(
+                    "the replacement, shown this once (`key`), and the rotated key", admin.API_KEY_ROTATED
+                ),
+                404: NO_KEY,
+                409: "the key was rotated already: rotate its replacement",
+                503: UNAVAILABLE,
+            },
+            body=body(admin.API_KEY_ROTATE, required=False),
+            scopes=(ADMIN,),
+        ),
+    ),
+    delete(
+        ("/admin/keys/", KEY_ID),
+        admin.revoke_key,
+        "admin_key_revoke",
+        Operation(
+            "Revoke a key: every process refuses it within a second",
+            ("admin",),
+            {200: Response("revoked", admin.API_KEY), 404: NO_KEY, 503: UNAVAILABLE},
+            scopes=(ADMIN,),
+        ),
+    ),
+    get(
+        "/admin/audit",
+        admin.audit,
+        "admin_audit",
+        Operation(
+            "The audit log, newest first (keyset pagination: ?before=<id>)",
+            ("admin",),
+            {
+                200: Response("a page", admin.AUDIT_PAGE),
+                422: "before or limit is not an integer, or is below its minimum",
+                503: UNAVAILABLE,
+            },
+            query=admin.AUDIT_QUERY,
+            scopes=(ADMIN,),
+        ),
+    ),
 )
 # What aiohttp registers, one definition per declared route.
 ROUTES: tuple[web.RouteDef, ...] = tuple(route.definition for route in API)
@@ -627,6 +713,9 @@ def setup_routes(app: web.Application) -> None:
         raise ConfigError(
             "auth.open_routes", f"no route is named {', '.join(unknown)} (see /openapi.json's operationId)"
         )
+    admin_routes = sorted(set(config.auth.open_routes) & {r.name for r in API if ADMIN in r.operation.scopes})
+    if admin_routes:
+        raise ConfigError("auth.open_routes", f"{', '.join(admin_routes)}: the admin routes are never open")
     for route in API:
         op = route.operation
         declare(app, route.name, op.scopes, op.public, op.stream_token, op.also)

@@ -114,6 +114,8 @@ async def clean_state(base_config: Config) -> AsyncIterator[None]:
         exists = await conn.fetchval("SELECT to_regclass('users') IS NOT NULL")
         if exists:
             await conn.execute("TRUNCATE users RESTART IDENTITY CASCADE")
+        if await conn.fetchval("SELECT to_regclass('api_keys') IS NOT NULL"):
+            await conn.execute("TRUNCATE api_keys, audit_log RESTART IDENTITY")
     finally:
         await conn.close()
     r = aioredis.from_url(base_config.redis.url)

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from server.access.apikeys import KeyStore
+from server.access.changes import redis_db
 from server.access.guard import Guard
-from server.access.scopes import READ, SCOPES
+from server.access.scopes import ADMIN, READ, SCOPES
 from server.access.verifier import Access
 from server.config import CONFIG
 from server.storage.pool import DB
@@ -42,6 +43,8 @@ def declare(
     access = app[ACCESS]
     cfg = access.config
     open_ = "*" in cfg.open_routes or route in cfg.open_routes or (public and cfg.public_reads)
+    if ADMIN in scopes:  # managing keys is never open, not even with open_routes = ["*"]
+        open_ = False
     if public:
         scopes = tuple(dict.fromkeys((*scopes, READ)))
     alias = app[CONFIG].ratelimit.key_header
@@ -52,7 +55,6 @@ async def access_ctx(app: web.Application) -> AsyncIterator[None]:
     """Load the keys, subscribe to their changes, and record their use until shutdown."""
     access = app[ACCESS]
     redis = app[REDIS]
-    db_number = int(redis.connection_pool.connection_kwargs.get("db", 0))
-    await access.open(KeyStore(app[DB]), redis, db_number, app[CONFIG].redis.connect_timeout * 2)
+    await access.open(KeyStore(app[DB]), redis, redis_db(redis), app[CONFIG].redis.connect_timeout * 2)
     yield
     await access.close()

@@ -15,12 +15,12 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from server.errors import NotFound
+from server.errors import Conflict, NotFound
 from server.storage.db import Database
 
 __all__ = ["KEY_PATTERN", "KeyRecord", "KeyStore", "digest_of", "new_key", "split_key"]
@@ -172,13 +172,16 @@ class KeyStore:
 
     async def rotate(self, actor: str, key_id: int, overlap: float) -> tuple[KeyRecord, KeyRecord, str]:
         """A replacement of an active key (same name, scopes, rate and expiry, same owner); the
-        old key keeps working for `overlap` seconds. (old record, new record, new key)."""
+        old key keeps working for `overlap` seconds. (old record, new record, new key).
+        NotFound for a key that is not active, Conflict for one rotated already."""
         token, prefix, digest = new_key()
         async with self.db.acquire() as conn, conn.transaction():
             old_row = await conn.fetchrow(SQL_GET_FOR_UPDATE, key_id)
-            if old_row is None or old_row["revoked_at"] is not None:
+            if old_row is None or not _record(old_row).active(datetime.now(UTC)):
                 raise NotFound(f"no active key {key_id}")
             old = _record(old_row)
+            if old.replaced_by is not None:  # one line of rotations: the newest key rotates
+                raise Conflict(f"key {key_id} was already rotated: rotate its replacement {old.replaced_by}")
             row = await conn.fetchrow(
                 SQL_INSERT, old.owner, prefix, digest, old.name, list(old.scopes), old.rate, old.expires_at
             )
@@ -200,6 +203,7 @@ class KeyStore:
         return old, new, token
 
     async def revoke(self, actor: str, key_id: int) -> KeyRecord:
+        """Revoke a key at once (NotFound when it is unknown or revoked already)."""
         async with self.db.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(SQL_REVOKE, key_id)
             if row is None:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from server.access import tokens
 from server.access.apikeys import KeyRecord, KeyStore, digest_of, split_key
+from server.access.changes import announce, change_channel
 from server.access.scopes import FEED_PUBLISH, METRICS
 from server.config import Config
 from server.errors import Unauthorized, Unavailable
@@ -204,7 +205,7 @@ class Access:
             self._apply(key_id, await self.store.get(key_id))
         if self._redis is not None:
             try:
-                await self._redis.publish(self.channel, json.dumps({"key": key_id}))
+                await announce(self._redis, self.channel, key_id)
             except REDIS_DOWN as exc:
                 log.warning(
                     "could not announce a change of key %d (%s); others see it within a second", key_id, exc
@@ -239,7 +240,7 @@ class Access:
                     connection_class=pool.connection_class, **pool.connection_kwargs
                 )
             )
-            self.channel = f"{self.config.channel}:{db_number}"
+            self.channel = change_channel(self.config.channel, db_number)
             self._tasks.append(loop.create_task(self._listen_forever()))
             try:
                 await asyncio.wait_for(self.synced.wait(), timeout)

@@ -109,6 +109,10 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{quote(str(self.socket))}?db=0"
 
+    def answers(self) -> bool:
+        """Whether a Redis (ours, or another process's on the same data dir) answers on the socket."""
+        return _redis_ping(self.socket)
+
     def start(self, timeout: float = 10.0) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         argv = [

@@ -21,7 +21,7 @@ DB = web.AppKey("hotpath.db", Database)
 
 # Errors worth retrying at start: the server is down, starting, or briefly refusing.
 # Anything else (bad password, unknown database) fails at once: waiting will not fix it.
-_PG_TRANSIENT: tuple[type[BaseException], ...] = (
+PG_TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.CannotConnectNowError,
@@ -103,7 +103,7 @@ async def create_pg_pool(app: web.Application) -> asyncpg.Pool:
             init=limits.init,
         )
 
-    return await retry_until(target, attempt, _PG_TRANSIENT, cfg.start_timeout)
+    return await retry_until(target, attempt, PG_TRANSIENT, cfg.start_timeout)
 
 
 async def pg_pool_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -269,3 +269,11 @@ async def test_docs_show_each_operations_scopes(aiohttp_client: Any, cfg: Config
 def test_open_routes_must_name_routes(cfg: Config) -> None:
     with pytest.raises(ConfigError, match=r"auth\.open_routes"):
         create_app(closed(cfg, open_routes=("user", "no_such_route")))
+
+
+async def test_admin_routes_are_never_open(aiohttp_client: Any, cfg: Config) -> None:
+    client = await aiohttp_client(create_app(closed(cfg, open_routes=("*",))))
+    assert (await client.get("/users")).status == 200
+    assert (await client.get("/admin/keys")).status == 401
+    with pytest.raises(ConfigError, match="never open"):
+        create_app(closed(cfg, open_routes=("admin_keys",)))

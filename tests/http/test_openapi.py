@@ -72,11 +72,13 @@ DOCUMENT_TAGS = [
     {"name": "feed", "description": "The real-time feed (server-sent events)"},
     {"name": "tasks", "description": "Background tasks and the reports they make"},
     {"name": "cache", "description": "The two-layer cache"},
+    # the admin routes' (issue 20: keys and the audit log)
+    {"name": "admin", "description": TAGS["admin"]},
 ]
 # 2. A path parameter's schema says how many digits it may have (maxLength: the digits of its
 #    number() declaration), and /expensive-calculation/{value} declares its `value` on the path
 #    item, like every other path.
-PATH_DIGITS = {"user_id": 19, "task_id": 19, "report_id": 19, "record_count": 12, "value": 9}
+PATH_DIGITS = {"user_id": 19, "task_id": 19, "report_id": 19, "record_count": 12, "value": 9, "key_id": 19}
 # 3. ?format= lists the representations in server/http/render.py's FORMATS order (txt, csv).
 FORMATS = ["json", "msgpack", "yaml", "xml", "txt", "csv", "html"]
 # 4. Response shapes by name: the three inline response schemas are components now.
