@@ -43,7 +43,7 @@ def declare(
     access = app[ACCESS]
     cfg = access.config
     open_ = "*" in cfg.open_routes or route in cfg.open_routes or (public and cfg.public_reads)
-    if ADMIN in scopes:  # managing keys is never open, not even with open_routes = ["*"]
+    if scopes == (ADMIN,):  # the admin routes are never open, not even with open_routes = ["*"]
         open_ = False
     if public:
         scopes = tuple(dict.fromkeys((*scopes, READ)))
