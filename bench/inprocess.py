@@ -1,6 +1,6 @@
 """Per-request cost through aiohttp's whole server path, in one process, without sockets.
 
-    python -m bench.inprocess [--repeats N] [--calls]
+    python -m bench.inprocess [--repeats N] [--calls] [--origin URL]
 
 wrk's req/s on these shared VMs moves by a third from one minute to the next; this does not
 need a quiet machine to compare two versions of the code. It builds the bare floor app
@@ -13,7 +13,9 @@ handler, response headers and body) except the kernel's socket work, which is th
 both apps. Routes are measured in turn, round after round; a route's figure is the best of
 its rounds (each round: the 10th percentile of its batches), so a burst of noise from a
 neighbour costs a round, not the result. With --calls, cProfile also counts the Python
-function calls per request: a figure that does not move with the machine at all.
+function calls per request: a figure that does not move with the machine at all. With
+--origin, hotpath runs with that origin in cors.allow_origins and every request to it sends it
+as its Origin header (the cost of CORS on a cross-origin request).
 
 Needs DATABASE_URL and REDIS_URL (a database `hotpath_bench` is recreated, Redis db 14 used).
 Loopback only; nothing listens on a port.
@@ -149,7 +151,9 @@ async def calls_per_request(route: Route) -> float:
     return pstats.Stats(profile).total_calls / (10 * BATCH)  # type: ignore[attr-defined,no-any-return]
 
 
-async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, float | None]]:
+async def measure(
+    repeats: int, count_calls: bool, origin: str | None = None
+) -> list[tuple[Route, float, float | None]]:
     from server.app import create_app
     from server.config import load_config
 
@@ -157,7 +161,8 @@ async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, f
     floor_app.router.add_get("/json", json_handler)
     floor = web.AppRunner(floor_app, access_log=None)
     await floor.setup()
-    hot = web.AppRunner(create_app(load_config()), access_log=None)
+    config = load_config(overrides={"cors": {"allow_origins": [origin]}} if origin else None)
+    hot = web.AppRunner(create_app(config), access_log=None)
     await hot.setup()
     try:
         await _seed(hot)
@@ -174,6 +179,9 @@ async def measure(repeats: int, count_calls: bool) -> list[tuple[Route, float, f
             Route("hotpath GET /expensive-calculation/1000, cache hit", hot, "/expensive-calculation/1000"),
             Route("hotpath GET /large-dataset gzip", hot, "/large-dataset", ("Accept-Encoding: gzip",)),
         ]
+        if origin:
+            for route in routes[1:]:
+                route.headers = (*route.headers, f"Origin: {origin}")
         for route in routes:  # warm: caches filled, code paths taken once
             await one_round(route, batches=10)
         best = {route.name: float("inf") for route in routes}
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="rounds over all routes")
     parser.add_argument("--calls", action="store_true", help="also count Python calls per request")
+    parser.add_argument("--origin", help="allow this CORS origin and send it with every request to hotpath")
     args = parser.parse_args(argv)
     if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         print("bench.inprocess needs DATABASE_URL and REDIS_URL", file=sys.stderr)
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hotpath-inprocess-") as tmp:
         env, _config = hotpath_env(Path(tmp))  # a fresh bench database, Redis db 14
         os.environ.update({"DATABASE_URL": env["DATABASE_URL"], "REDIS_URL": env["REDIS_URL"]})
-        results = uvloop.run(measure(args.repeats, args.calls))
+        results = uvloop.run(measure(args.repeats, args.calls, args.origin))
     print(render(results))
     return 0
 

@@ -14,6 +14,14 @@ before awaiting the chain; None goes the ordinary way. An answer then costs no c
 for that layer, and is counted, timed, given its id and turned into a problem on error exactly
 like any other.
 
+CORS (server/http/cors.py): with cors.allow_origins set, each route's closure is bound the app's
+policy and gives every answer it returns unprepared (quick ones included) its CORS headers, last,
+after the layers inside it answered: so the cache never keeps them. With no origins allowed the
+policy is None and nothing more is done. The catch-all route, where every OPTIONS request ends,
+answers CORS preflights itself, before the layers inside it (a preflight carries no credentials:
+no rate limit or key check may refuse it; the catch-all declares no scopes, so it has no key
+check), whether CORS is on or off (then with a 403).
+
 Two forms, one body: `request_context_middleware` is a plain middleware that looks up the route
 name and the metrics per request (for a route composed without binding, as small test apps do),
 and `for_route()` gives the same layer with both (and the route's access check, made before
@@ -36,7 +44,8 @@ from aiohttp.typedefs import Handler
 
 from server.access import GUARDS
 from server.access.guard import Guard
-from server.http.layers import REQUEST_ID_HEADER, Layer, Quick, Wrapping
+from server.http.cors import CORS, ORIGIN, Cors, preflight_first
+from server.http.layers import CATCH_ALL, REQUEST_ID_HEADER, Layer, Quick, Wrapping
 from server.http.problems import REQUEST_ID, abort_started, problem_for, response_began
 from server.runtime.metrics import METRICS, Metrics
 
@@ -101,18 +110,25 @@ _OFF = _Off()
 
 
 def _wrap(
-    handler: Handler, route: str, metrics: Metrics | _Off, quick: Quick | None, guard: Guard | None = None
+    handler: Handler,
+    route: str,
+    metrics: Metrics | _Off,
+    quick: Quick | None,
+    guard: Guard | None = None,
+    cors: Cors | None = None,
 ) -> Handler:
     """`handler` inside this layer, as one coroutine function of the request. aiohttp calls a
     route's handler with the request alone, and a closure takes that call about 0.4 µs more
     cheaply than a partial whose other arguments are keywords.
 
     `guard`: the route's access check (server/access/guard.py), made here, before the quick
-    answer is tried, so that a refusal is a problem like any other and a quick path survives."""
+    answer is tried, so that a refusal is a problem like any other and a quick path survives.
+    `cors`: the app's CORS policy (server/http/cors.py), None when CORS is off."""
 
     pending = metrics.pending
     if guard is not None:
         check, resolve = guard.check, guard.resolve
+    cors_apply = cors.apply if cors is not None else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
         rid = request.headers.get(REQUEST_ID_HEADER)
@@ -142,6 +158,8 @@ def _wrap(
         except web.HTTPException as exc:  # a redirect: it leaves as an exception, with our id
             status = exc.status
             exc.headers[REQUEST_ID_HEADER] = rid
+            if cors_apply is not None:
+                cors_apply(request.headers.get(ORIGIN), exc.headers)
             raise
         except asyncio.CancelledError:
             status = 499  # the client went away before the answer was complete
@@ -156,6 +174,8 @@ def _wrap(
             durations.append(perf_counter() - started)
         if answer is not None or not response.prepared:  # a quick answer is never prepared
             response.headers[REQUEST_ID_HEADER] = rid
+            if cors_apply is not None:
+                cors_apply(request.headers.get(ORIGIN), response.headers)
         return response
 
     return update_wrapper(handle, handler)
@@ -166,32 +186,45 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         metrics: Metrics | _Off = request.app[METRICS] or _OFF
     except KeyError:
         metrics = _OFF
-    return await _wrap(handler, request.match_info.route.name or "", metrics, None)(request)
+    route = request.match_info.route.name or ""
+    return await _wrap(handler, route, metrics, None, cors=request.app.get(CORS))(request)
 
 
 class RouteContext(Wrapping):
     """request_context_middleware for one route: its name, its app's metrics and the quick
-    answer of the layer inside it (middlewares/__init__.py), bound once at start-up. Called
-    as a middleware it behaves like request_context_middleware; compose() has it `wrap` the
-    next layer instead, which gives aiohttp the closure above."""
+    answer of the layer inside it (middlewares/__init__.py) and its app's CORS policy, bound
+    once at start-up. Called as a middleware it behaves like request_context_middleware;
+    compose() has it `wrap` the next layer instead, which gives aiohttp the closure above."""
 
-    __slots__ = ("guard", "metrics", "quick", "route")
+    __slots__ = ("cors", "guard", "metrics", "quick", "route")
 
-    def __init__(self, route: str, metrics: Metrics | _Off, quick: Quick | None, guard: Guard | None) -> None:
+    def __init__(
+        self,
+        route: str,
+        metrics: Metrics | _Off,
+        quick: Quick | None,
+        guard: Guard | None,
+        cors: Cors | None = None,
+    ) -> None:
         self.route = route
         self.metrics = metrics
         self.quick = quick
         self.guard = guard
+        self.cors = cors
 
     def wrap(self, handler: Handler) -> Handler:
-        return _wrap(handler, self.route, self.metrics, self.quick, self.guard)
+        return _wrap(handler, self.route, self.metrics, self.quick, self.guard, self.cors)
 
 
 def for_route(route: str, app: web.Application, quick: Quick | None = None) -> RouteContext:
     """request_context_middleware for one route of `app`, its name and metrics bound now, and
-    the quick answer of the layer inside it, if it has one (middlewares/__init__.py)."""
+    the quick answer of the layer inside it, if it has one (middlewares/__init__.py). The
+    catch-all route answers CORS preflights first (server/http/cors.py)."""
     metrics: Metrics | _Off = app.get(METRICS) or _OFF
-    return RouteContext(route, metrics, quick, app.get(GUARDS, {}).get(route))
+    cors = app.get(CORS)
+    if route == CATCH_ALL:
+        quick = preflight_first(cors, quick)
+    return RouteContext(route, metrics, quick, app.get(GUARDS, {}).get(route), cors)
 
 
 LAYER = Layer(request_context_middleware, bind=for_route, try_quick=for_route)

@@ -13,8 +13,9 @@ from server.cache import cache_ctx
 from server.config import CONFIG, Config, load_config
 from server.feed import feed_ctx, feed_shutdown, task_publisher_ctx
 from server.fetch import http_client_ctx
-from server.http import compression
+from server.http import compression, cors
 from server.http.compression import COMPRESSION
+from server.http.cors import CORS
 from server.http.negotiation import NEGOTIATOR, Negotiator
 from server.http.reading import parser_process_ctx
 from server.http.render import OFFERS
@@ -47,6 +48,7 @@ def create_app(config: Config) -> web.Application:
     mcfg = config.metrics
     app[METRICS] = Metrics(Path(mcfg.shared_dir) if mcfg.shared_dir else None) if mcfg.enabled else None
     app[COMPRESSION] = compression.from_config(config.compression)
+    app[CORS] = cors.from_config(config.cors)  # None when no origin is allowed: no CORS work at all
     app[LARGE_DATASET] = LargeDataset(app[COMPRESSION], config.compression.dataset_ttl)
     aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("server", "templates"), autoescape=True)
     app.cleanup_ctx.append(pg_pool_ctx)

@@ -19,6 +19,7 @@ from server.access import declare
 from server.access.scopes import ADMIN, FEED_PUBLISH, FETCH, JOBS, METRICS, READ, USERS_READ, USERS_WRITE
 from server.config import CONFIG, ConfigError
 from server.http import routing
+from server.http.layers import CATCH_ALL
 from server.http.openapi import DOCUMENT, Document, body, document_of
 from server.http.operations import (
     STRING,
@@ -679,12 +680,14 @@ API: tuple[Route, ...] = (
 )
 # What aiohttp registers, one definition per declared route.
 ROUTES: tuple[web.RouteDef, ...] = tuple(route.definition for route in API)
-UNMATCHED = "unmatched"
+UNMATCHED = CATCH_ALL
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:
     """Catch-all route, registered last: 405 with Allow when another route has this path,
-    404 otherwise. It runs through the same middleware chain as every other route."""
+    404 otherwise. It runs through the same middleware chain as every other route. No route
+    declares OPTIONS, so every OPTIONS request comes here; CORS preflights among them are
+    answered by this route's outermost layer before they reach it (server/http/cors.py)."""
     own = request.match_info.route.resource
     allowed: set[str] = set()
     for resource in request.app.router.resources():

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -27,6 +27,21 @@ from server.app import create_app
 from server.config import Config, load_config
 from server.runtime.embedded import EmbeddedServices
 from server.urls import with_database
+from tests.helpers import require_program
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's build (.ci/run installs it); never `playwright install`
+# Without the background-networking flags Chromium keeps trying to reach the internet.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 async def _admin(url: str, sql: str) -> None:
@@ -135,3 +150,17 @@ def cfg(base_config: Config, clean_state: None) -> Config:
 async def client(aiohttp_client: Any, cfg: Config) -> Any:
     """A test client over the real app: cleanup contexts open the real pool and Redis."""
     return await aiohttp_client(create_app(cfg))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium driven by Playwright: skipped where it is not installed, a failure in CI."""
+    require_program(CHROMIUM, "chromium")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            await b.close()

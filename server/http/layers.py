@@ -23,11 +23,14 @@ from multidict import istr
 
 from server.config import Config
 
-__all__ = ["REQUEST_ID_HEADER", "Layer", "Quick", "QuickFor", "Wrapping"]
+__all__ = ["CATCH_ALL", "REQUEST_ID_HEADER", "Layer", "Quick", "QuickFor", "Wrapping"]
 
 # Set by the outermost layer on every response; a handler that prepares its own response gets
 # it from server/http/streams.py's stream_headers().
 REQUEST_ID_HEADER = istr("X-Request-ID")
+# The name of the catch-all route (server/routes.py registers it last): unmatched paths, methods
+# no route declares, and so every OPTIONS request (CORS preflights, server/http/cors.py).
+CATCH_ALL = "unmatched"
 
 Quick = Callable[[web.Request], web.Response | None]
 # route name, app -> the quick answer of a handler for that route (bound once, at start-up)

@@ -2,7 +2,8 @@
 
 A middleware can only change headers before they are sent; a streaming handler sends them
 at prepare(), inside the handler. Such handlers call stream_headers() just before prepare()
-and get what the middlewares would have added: the request id, the rate-limit headers and,
+and get what the middlewares would have added: the request id, the rate-limit headers, the
+CORS headers (server/http/cors.py: an EventSource on another origin reads the stream) and,
 for an EncodedStream of a compressible type, the content coding the client accepts (the
 body is then compressed as it is written). text/event-stream is never compressed.
 """
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from server.http.codings import StreamEncoder, stream_encoder
 from server.http.compression import COMPRESSION, Compression, no_transform
+from server.http.cors import CORS, ORIGIN
 from server.http.layers import REQUEST_ID_HEADER
 from server.http.problems import REQUEST_ID
 
@@ -86,6 +88,9 @@ def stream_headers(request: web.Request, response: web.StreamResponse) -> None:
     decision = request.get(RATE_LIMIT)
     if decision is not None:
         response.headers.update(decision.headers())
+    cors = request.app.get(CORS)
+    if cors is not None:
+        cors.apply(request.headers.get(ORIGIN), response.headers)
     state = request.app.get(COMPRESSION)
     if state is None or not state.enabled or not isinstance(response, EncodedStream):
         return

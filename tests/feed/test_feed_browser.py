@@ -1,40 +1,17 @@
 """The live feed page in a real browser: Debian's headless Chromium driven by Playwright loads
-/feed from a live server on 127.0.0.1, the test publishes, the page shows it."""
+/feed from a live server on 127.0.0.1, the test publishes, the page shows it. The `browser`
+fixture is tests/conftest.py's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from server.app import create_app
 from server.config import Config
 from server.feed import FEED
-from tests.helpers import replace, require_program
-
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps trying to reach the internet.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    require_program(CHROMIUM, "chromium")  # skipped on a bare machine, a failure in CI
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield b
-        finally:
-            await b.close()
+from tests.helpers import replace
 
 
 async def test_live_page_shows_published_events(aiohttp_server: Any, cfg: Config, browser: Browser) -> None:

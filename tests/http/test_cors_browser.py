@@ -1,0 +1,101 @@
+"""CORS in a real browser (headless Chromium, tests/conftest.py's `browser`): a page served by a
+second aiohttp server on another loopback port, another origin, reads hotpath's API with
+fetch (a simple GET, and a POST that needs a preflight) and opens an EventSource on the feed;
+a page from an origin that is not allowed is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import ClientSession, web
+from playwright.async_api import Browser
+
+from server.app import create_app
+from server.config import Config
+from server.runtime.metrics import METRICS
+from tests.helpers import replace
+
+PAGE = "<!doctype html><html><head><title>a page elsewhere</title></head><body>elsewhere</body></html>"
+
+# Run inside the page: what a page's script sees of the API (fetch rejects when CORS refuses).
+READ = """async (api) => {
+  const r = await fetch(api + "/products", {headers: {"Accept": "application/json"}});
+  const body = await r.json();
+  return {status: r.status, items: body.items.length, rid: r.headers.get("X-Request-ID")};
+}"""
+CREATE = """async (api) => {
+  const r = await fetch(api + "/users", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "Idempotency-Key": "not-needed-here"},
+    body: JSON.stringify({name: "Grace Hopper", email: "grace@example.com"}),
+  });
+  return {status: r.status, location: r.headers.get("Location"), user: await r.json()};
+}"""
+SUBSCRIBE = """(api) => new Promise((resolve) => {
+  const source = new EventSource(api + "/events?channels=ticker");
+  source.onmessage = (event) => { source.close(); resolve({data: event.data, id: event.lastEventId}); };
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) resolve({closed: true});
+  };
+})"""
+# The same requests from a page whose origin is not allowed: what each one gives the page.
+REFUSED = """async (api) => {
+  const outcome = async (request) => {
+    try { await request(); return "read"; } catch (error) { return error.name; }
+  };
+  return {
+    read: await outcome(() => fetch(api + "/products", {headers: {"Accept": "application/json"}})),
+    create: await outcome(() => fetch(api + "/users", {
+      method: "POST",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({name: "Mallory", email: "mallory@example.com"}),
+    })),
+  };
+}"""
+
+
+async def page_server(aiohttp_server: Any) -> Any:
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    return await aiohttp_server(app, host="127.0.0.1")
+
+
+async def test_a_page_on_another_origin_uses_the_api(
+    aiohttp_server: Any, cfg: Config, browser: Browser
+) -> None:
+    allowed = await page_server(aiohttp_server)
+    other = await page_server(aiohttp_server)
+    allowed_origin = f"http://127.0.0.1:{allowed.port}"
+    config = replace(
+        cfg,
+        cors={"allow_origins": (allowed_origin,)},
+        feed={"ticker": True, "ticker_interval": 0.2, "retry": 200},
+    )
+    api_server = await aiohttp_server(create_app(config), host="127.0.0.1")
+    api = f"http://127.0.0.1:{api_server.port}"
+    seen = api_server.app[METRICS].pending  # (route, method, status) of every answer so far
+    page = await browser.new_page()
+    try:
+        await page.goto(f"{allowed_origin}/")
+        read = await page.evaluate(READ, api)
+        assert read["status"] == 200 and read["items"] > 0
+        assert read["rid"]  # an exposed header the page may read
+        created = await page.evaluate(CREATE, api)  # JSON and a custom header: preflighted
+        assert created["status"] == 201 and created["user"]["email"] == "grace@example.com"
+        assert created["location"].endswith(f"/users/{created['user']['id']}")
+        assert ("unmatched", "OPTIONS", 204) in seen  # its preflight, answered by the catch-all
+        event = await page.evaluate(SUBSCRIBE, api)
+        assert "closed" not in event and event["id"] and event["data"]
+
+        await page.goto(f"http://127.0.0.1:{other.port}/")  # an origin that is not allowed
+        assert await page.evaluate(REFUSED, api) == {"read": "TypeError", "create": "TypeError"}
+        assert ("unmatched", "OPTIONS", 403) in seen  # the POST's preflight was refused
+        assert await page.evaluate(SUBSCRIBE, api) == {"closed": True}
+    finally:
+        await page.close()
+    async with ClientSession() as session, session.get(f"{api}/users") as resp:
+        emails = [user["email"] for user in (await resp.json())["items"]]
+    assert emails == ["grace@example.com"]  # the refused page's POST never ran
