@@ -25,7 +25,7 @@ from functools import partial
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from server.config import CorsConfig
 from server.http.compression import VARY, add_vary
@@ -34,8 +34,11 @@ from server.http.problems import problem_response
 
 __all__ = ["CORS", "Cors", "from_config", "normalise_origin", "preflight", "preflight_first"]
 
+# Header names as istr: a CIMultiDict takes them without folding their case per call
 ORIGIN = hdrs.ORIGIN
 _ALLOW_ORIGIN = hdrs.ACCESS_CONTROL_ALLOW_ORIGIN
+_EXPOSE = hdrs.ACCESS_CONTROL_EXPOSE_HEADERS
+_CREDENTIALS = hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS
 _REQUEST_METHOD = hdrs.ACCESS_CONTROL_REQUEST_METHOD
 _REQUEST_HEADERS = hdrs.ACCESS_CONTROL_REQUEST_HEADERS
 _PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
@@ -65,7 +68,8 @@ class Cors:
     """The policy of one app: which origins may read its answers, and the headers they get."""
 
     __slots__ = (
-        "_actual",
+        "_credentials",
+        "_expose",
         "_preflight",
         "_star",
         "_vary",
@@ -83,16 +87,12 @@ class Cors:
         self._star = "*" if self.any_origin and not config.allow_credentials else None
         self.allow_headers = ", ".join(config.allow_headers)
         self._wanted_headers = frozenset(h.strip().lower() for h in config.allow_headers)
-        credentials = (("Access-Control-Allow-Credentials", "true"),) if config.allow_credentials else ()
-        expose = (
-            (("Access-Control-Expose-Headers", ", ".join(config.expose_headers)),)
-            if config.expose_headers
-            else ()
-        )
-        self._actual: tuple[tuple[str, str], ...] = expose + credentials
-        self._preflight: tuple[tuple[str, str], ...] = (
-            ("Access-Control-Allow-Methods", ", ".join(config.allow_methods)),
-            ("Access-Control-Max-Age", str(config.max_age)),
+        self._expose = ", ".join(config.expose_headers) if config.expose_headers else None
+        self._credentials = config.allow_credentials
+        credentials = ((_CREDENTIALS, "true"),) if config.allow_credentials else ()
+        self._preflight: tuple[tuple[istr, str], ...] = (
+            (hdrs.ACCESS_CONTROL_ALLOW_METHODS, ", ".join(config.allow_methods)),
+            (hdrs.ACCESS_CONTROL_MAX_AGE, str(config.max_age)),
             *credentials,
             (VARY, _PREFLIGHT_VARY),
         )
@@ -122,12 +122,17 @@ class Cors:
                 headers[VARY] = merged
         if origin is None:
             return
-        allow = self.allowed(origin)
-        if allow is None:
+        # allowed(), inlined: this runs for every answer to a cross-origin request
+        if origin in self.origins:
+            headers[_ALLOW_ORIGIN] = origin
+        elif self.any_origin:
+            headers[_ALLOW_ORIGIN] = self._star or origin
+        else:
             return
-        headers[_ALLOW_ORIGIN] = allow
-        for name, value in self._actual:
-            headers[name] = value
+        if self._expose is not None:
+            headers[_EXPOSE] = self._expose
+        if self._credentials:
+            headers[_CREDENTIALS] = "true"
 
     def _merged_vary(self, vary: str) -> str:
         out = CIMultiDict({VARY: vary})
@@ -154,7 +159,7 @@ class Cors:
         out = CIMultiDict[str]({_ALLOW_ORIGIN: allow})
         out.extend(self._preflight)
         if self.headers_allowed(request_headers.get(_REQUEST_HEADERS)):
-            out["Access-Control-Allow-Headers"] = self.allow_headers
+            out[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = self.allow_headers
         return web.Response(status=204, headers=out)
 
 
