@@ -9,9 +9,12 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from server.access import ACCESS, GUARDS
+from server.access.scopes import USERS_WRITE
 from server.app import create_app
 from server.config import Config, CorsConfig
 from server.http.cors import CORS, Cors, from_config, normalise_origin
+from server.http.layers import CATCH_ALL
 from server.products import CATALOGUE
 from tests.helpers import replace
 
@@ -296,3 +299,33 @@ async def test_redirects_get_the_headers(aiohttp_client: Any) -> None:
     client = await aiohttp_client(app)
     resp = await client.get("/moved", headers={"Origin": APP}, allow_redirects=False)
     assert resp.status == 302 and resp.headers[ACAO] == APP and resp.headers["Vary"] == "Origin"
+
+
+async def test_no_key_check_refuses_a_preflight(aiohttp_client: Any, cfg: Config) -> None:
+    """With the shipped access rules (writes need a key, nothing else open), a preflight, which
+    carries no credentials, is answered for a protected route; the refusals a page then gets
+    for a request without a key carry the CORS headers, so the page can read them."""
+    config = replace(cors_cfg(cfg), auth={"open_routes": (), "public_reads": False})
+    app = create_app(config)
+    client = await aiohttp_client(app)
+    assert CATCH_ALL not in app[GUARDS]  # the catch-all declares no scopes: no key check
+    ask = {
+        "Origin": APP,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    for path in ("/users", "/admin/keys", "/metrics"):
+        resp = await client.options(path, headers=ask)
+        assert resp.status == 204 and resp.headers[ACAO] == APP, path
+    refused = await client.post(
+        "/users", json={"name": "Ada", "email": "ada@example.com"}, headers={"Origin": APP}
+    )
+    assert refused.status == 401 and refused.headers[ACAO] == APP and "WWW-Authenticate" in refused.headers
+    record, key = await app[ACCESS].store.create("test", "page", [USERS_WRITE])
+    await app[ACCESS].changed(record.id)
+    created = await client.post(
+        "/users",
+        json={"name": "Ada", "email": "ada@example.com"},
+        headers={"Origin": APP, "Authorization": f"Bearer {key}"},
+    )
+    assert created.status == 201 and created.headers[ACAO] == APP

@@ -1,18 +1,23 @@
 """CORS in a real browser (headless Chromium, tests/conftest.py's `browser`): a page served by a
 second aiohttp server on another loopback port, another origin, reads hotpath's API with
-fetch (a simple GET, and a POST that needs a preflight) and opens an EventSource on the feed;
-a page from an origin that is not allowed is refused."""
+fetch (a public read; a POST with a key, which needs a preflight; the same POST without one,
+whose 401 the page can read) and opens an EventSource on the feed; a page from an origin that
+is not allowed is refused. hotpath runs with the shipped access rules (nothing open but the
+public reads), not the suite's open routes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 from playwright.async_api import Browser
 
+from server.access import ACCESS
+from server.access.scopes import USERS_WRITE
 from server.app import create_app
 from server.config import Config
 from server.runtime.metrics import METRICS
+from server.storage.pool import DB
 from tests.helpers import replace
 
 PAGE = "<!doctype html><html><head><title>a page elsewhere</title></head><body>elsewhere</body></html>"
@@ -23,13 +28,15 @@ READ = """async (api) => {
   const body = await r.json();
   return {status: r.status, items: body.items.length, rid: r.headers.get("X-Request-ID")};
 }"""
-CREATE = """async (api) => {
+CREATE = """async ([api, key]) => {
+  const headers = {"Content-Type": "application/json"};
+  if (key) headers["Authorization"] = "Bearer " + key;
   const r = await fetch(api + "/users", {
     method: "POST",
-    headers: {"Content-Type": "application/json", "Idempotency-Key": "not-needed-here"},
+    headers,
     body: JSON.stringify({name: "Grace Hopper", email: "grace@example.com"}),
   });
-  return {status: r.status, location: r.headers.get("Location"), user: await r.json()};
+  return {status: r.status, location: r.headers.get("Location"), body: await r.json()};
 }"""
 SUBSCRIBE = """(api) => new Promise((resolve) => {
   const source = new EventSource(api + "/events?channels=ticker");
@@ -39,7 +46,7 @@ SUBSCRIBE = """(api) => new Promise((resolve) => {
   };
 })"""
 # The same requests from a page whose origin is not allowed: what each one gives the page.
-REFUSED = """async (api) => {
+REFUSED = """async ([api, key]) => {
   const outcome = async (request) => {
     try { await request(); return "read"; } catch (error) { return error.name; }
   };
@@ -47,7 +54,7 @@ REFUSED = """async (api) => {
     read: await outcome(() => fetch(api + "/products", {headers: {"Accept": "application/json"}})),
     create: await outcome(() => fetch(api + "/users", {
       method: "POST",
-      headers: {"Content-Type": "application/json"},
+      headers: {"Content-Type": "application/json", "Authorization": "Bearer " + key},
       body: JSON.stringify({name: "Mallory", email: "mallory@example.com"}),
     })),
   };
@@ -73,9 +80,13 @@ async def test_a_page_on_another_origin_uses_the_api(
         cfg,
         cors={"allow_origins": (allowed_origin,)},
         feed={"ticker": True, "ticker_interval": 0.2, "retry": 200},
+        auth={"open_routes": ()},  # the shipped rules: writes need a key, public reads are open
     )
     api_server = await aiohttp_server(create_app(config), host="127.0.0.1")
     api = f"http://127.0.0.1:{api_server.port}"
+    access = api_server.app[ACCESS]
+    record, key = await access.store.create("test", "page", [USERS_WRITE])
+    await access.changed(record.id)
     seen = api_server.app[METRICS].pending  # (route, method, status) of every answer so far
     page = await browser.new_page()
     try:
@@ -83,19 +94,21 @@ async def test_a_page_on_another_origin_uses_the_api(
         read = await page.evaluate(READ, api)
         assert read["status"] == 200 and read["items"] > 0
         assert read["rid"]  # an exposed header the page may read
-        created = await page.evaluate(CREATE, api)  # JSON and a custom header: preflighted
-        assert created["status"] == 201 and created["user"]["email"] == "grace@example.com"
-        assert created["location"].endswith(f"/users/{created['user']['id']}")
+        # JSON and Authorization: preflighted (the preflight carries no key, and passes)
+        created = await page.evaluate(CREATE, [api, key])
+        assert created["status"] == 201 and created["body"]["email"] == "grace@example.com"
+        assert created["location"].endswith(f"/users/{created['body']['id']}")
         assert ("unmatched", "OPTIONS", 204) in seen  # its preflight, answered by the catch-all
+        anonymous = await page.evaluate(CREATE, [api, None])  # the page reads why it was refused
+        assert anonymous["status"] == 401 and anonymous["body"]["status"] == 401
         event = await page.evaluate(SUBSCRIBE, api)
         assert "closed" not in event and event["id"] and event["data"]
 
         await page.goto(f"http://127.0.0.1:{other.port}/")  # an origin that is not allowed
-        assert await page.evaluate(REFUSED, api) == {"read": "TypeError", "create": "TypeError"}
+        assert await page.evaluate(REFUSED, [api, key]) == {"read": "TypeError", "create": "TypeError"}
         assert ("unmatched", "OPTIONS", 403) in seen  # the POST's preflight was refused
         assert await page.evaluate(SUBSCRIBE, api) == {"closed": True}
     finally:
         await page.close()
-    async with ClientSession() as session, session.get(f"{api}/users") as resp:
-        emails = [user["email"] for user in (await resp.json())["items"]]
-    assert emails == ["grace@example.com"]  # the refused page's POST never ran
+    emails = [row["email"] for row in await api_server.app[DB].fetch("SELECT email FROM users")]
+    assert emails == ["grace@example.com"]  # neither the anonymous POST nor the refused page's ran
