@@ -288,6 +288,7 @@ class CorsConfig:
         "X-Rate-Remaining",
         "X-Rate-Reset",
         "X-Cache",
+        "WWW-Authenticate",
     )
     max_age: int = field(default=600, metadata=_range(0, 86400))
     allow_credentials: bool = False
