@@ -215,11 +215,13 @@ class Subscribers:
             sub.expiry.cancel()
             sub.expiry = None
 
-    def revoked(self, key_id: int) -> None:
+    def revoked(self, key_id: int, lapsed: bool = False) -> None:
         """The key `key_id` is no longer valid: every stream opened with it (or with a stream
-        token issued to it) gets the `revoked` frame after what it has pending, and ends."""
+        token issued to it) gets the `revoked` frame (`expired` when it `lapsed`: a rotated
+        key's overlap ran out) after what it has pending, and ends."""
+        frame = self._expired if lapsed else self._revoked
         for sub in self._by_key.get(key_id, ()):
-            sub.finish(self._revoked)
+            sub.finish(frame)
 
     def shutdown(self) -> None:
         """Refuse new subscribers; every open stream gets the farewell frame (with a retry
@@ -276,4 +278,4 @@ class Subscribers:
             gone = self.key_gone
             if gone is not None:
                 for key_id in [k for k in self._by_key if gone(k)]:
-                    self.revoked(key_id)
+                    self.revoked(key_id, lapsed=True)
