@@ -434,9 +434,11 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     task_id = path_id(request, "task_id", "task")
     feed = request.app[FEED]
     cfg = request.app[CONFIG].feed
-    # the caller's own task events (all of them for admin), as on /events: a stream token must
-    # name the tasks channel
-    audience = feed.audience(request.get(PRINCIPAL), ("tasks",), opened=_opened(request))
+    # The caller must be allowed the tasks channel (a stream token must name it), but the
+    # stream takes every owner's events of it: it keeps those of this one task, whose reading
+    # below decides who may follow it; a task made without a key (owner NULL) still streams.
+    feed.audience(request.get(PRINCIPAL), ("tasks",), opened=_opened(request))
+    audience = Audience(frozenset({"tasks"}))
     # Subscribe before reading the state: a change in between is not lost, and one older
     # than the state read (updated_at not newer) is dropped below.
     sub = _subscribe(request, feed, audience)
