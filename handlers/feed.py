@@ -417,14 +417,13 @@ def _validate_token_request(body: Any, default_ttl: float, max_ttl: float) -> tu
 
 
 async def page(request: web.Request) -> web.Response:
-    """GET /feed: the live page (inline script and style, no external assets)."""
-    context = {
-        "title": "Live feed",
-        "channels": CHANNELS,
-        "events_url": str(request.app.router["events"].url_for()),
-    }
+    """GET /feed: the live page (inline script and style, no external assets); ?token= (a stream
+    token) opens the private channels it names."""
+    context = {"title": "Live feed", "events_url": str(request.app.router["events"].url_for())}
     resp = aiohttp_jinja2.render_template("feed.html", request, context)
     resp.headers["Cache-Control"] = "no-cache"
+    # the page may carry a stream token in its URL (/feed?token=): no Referer repeats it
+    resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
 
 
