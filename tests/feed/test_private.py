@@ -25,7 +25,9 @@ from server.config import Config
 from server.feed import FEED
 from server.feed.task_events import publish_task
 from tests.feed.test_feed import SSE, feed_cfg, subscribed
+from tests.feed.test_task_events import NOTE
 from tests.helpers import replace, until
+from tests.jobs.test_jobs import truncate_jobs
 
 
 @pytest.fixture
@@ -336,3 +338,27 @@ async def test_a_rotated_keys_streams_end_with_its_overlap(aiohttp_client: Any, 
     await access.changed(record.id)
     await access.changed(new.id)
     assert (await ending(sse))["event"] == "expired"
+
+
+async def test_tasks_made_over_http_reach_only_their_keys_streams(aiohttp_client: Any, pcfg: Config) -> None:
+    """Each key makes a task with POST /send-notification: the task's events (from the job
+    engine's listener) reach that key's stream alone."""
+    await truncate_jobs(pcfg)
+    client = await aiohttp_client(create_app(replace(pcfg, jobs={"concurrency": 0})))
+    _, alice = await make_key(client, "jobs")
+    _, bob = await make_key(client, "jobs")
+    a = await stream(client, "/events?channels=tasks", headers=bearer(alice))
+    b = await stream(client, "/events?channels=tasks", headers=bearer(bob))
+    await subscribed(client, 2)
+
+    async def task(key: str) -> int:
+        resp = await client.post("/send-notification", json=NOTE, headers=bearer(key))
+        assert resp.status == 202, await resp.text()
+        task_id: int = (await resp.json())["task_id"]
+        return task_id
+
+    a1, b1, a2 = await task(alice), await task(bob), await task(alice)
+    assert [orjson.loads((await a.next() or {})["data"])["task_id"] for _ in range(2)] == [a1, a2]
+    event = await b.next()
+    assert event is not None and event["event"] == "task.created"
+    assert orjson.loads(event["data"])["task_id"] == b1 and "owner" not in orjson.loads(event["data"])
