@@ -20,7 +20,7 @@ from server.access.guard import STREAM_COOKIE
 from server.config import CONFIG
 from server.errors import Unauthorized, ValidationFailed
 from server.feed import FEED
-from server.feed.audience import Audience
+from server.feed.audience import Audience, owned_by
 from server.feed.core import Feed
 from server.feed.events import (
     CHANNELS,
@@ -43,6 +43,7 @@ from server.jobs.queue import Viewer
 
 log = logging.getLogger("hotpath.feed")
 
+_TASKS = frozenset({"tasks"})
 # The old service's /stream-real-time sent only ticker events (data: timestamp, value, status):
 # its clients keep getting just those unless they ask for more. /events carries every channel.
 LEGACY_CHANNELS = ("ticker",)
@@ -433,17 +434,19 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     task_id = path_id(request, "task_id", "task")
     feed = request.app[FEED]
     cfg = request.app[CONFIG].feed
-    # The caller must be allowed the tasks channel (a stream token must name it), but the
-    # stream takes every owner's events of it: it keeps those of this one task, whose reading
-    # below decides who may follow it; a task made without a key (owner NULL) still streams.
-    feed.audience(request.get(PRINCIPAL), ("tasks",), opened=_opened(request))
-    audience = Audience(frozenset({"tasks"}))
+    principal = request.get(PRINCIPAL)
+    # The caller must be allowed the tasks channel (a stream token must name it). It can only
+    # follow a task it may read (the reading below answers 404 for others), so its stream takes
+    # the events of the tasks it may read alone: a key's own, every one for admin, the ones
+    # made without a key for a caller without one (server/jobs/queue.py's Viewer).
+    feed.audience(principal, ("tasks",), opened=_opened(request))
+    audience = owned_by(principal, _TASKS, _TASKS)
     # Subscribe before reading the state: a change in between is not lost, and one older
     # than the state read (updated_at not newer) is dropped below.
     sub = _subscribe(request, feed, audience)
     try:
         # NotFound -> 404, also for another key's task
-        snapshot = (await request.app[JOBS].get(task_id, Viewer.of(request.get(PRINCIPAL)))).snapshot()
+        snapshot = (await request.app[JOBS].get(task_id, Viewer.of(principal))).snapshot()
         first = orjson.loads(orjson.dumps(snapshot))  # as every later event: JSON types only
         resp = web.StreamResponse(headers=SSE_HEADERS)
         stream_headers(request, resp)

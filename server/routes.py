@@ -588,8 +588,7 @@ API: tuple[Route, ...] = (
             "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
             "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops. "
             "A stream token (?token=) must name the tasks channel (403 otherwise); `expired` and "
-            "`revoked` end the stream with its credential. "
-            + _OWNED,
+            "`revoked` end the stream with its credential. " + _OWNED,
             scopes=_TASK_READ,
             stream_token=True,
         ),

@@ -9,9 +9,11 @@ of its owner, never tests each subscriber per event (server/feed/subscribers.py)
 - A private channel: a principal holding one of its reader scopes (`admin` reads every one).
 - `tasks`, when private: each event goes to the subscribers of its owner (the key family that
   made the task) and to `admin` subscribers; an event with no owner to `admin` ones alone.
-- A route opened by auth.open_routes (the migration path for clients without keys) has no
-  check: every channel, every owner's events, as before keys existed (a stream token still
-  limits its holder to its channels).
+- A route opened by auth.open_routes (the migration path for clients without keys) checks no
+  channel's scopes: callers without a key read every channel, as before keys existed. Task
+  events still go by owner there, as GET /task-status answers (server/jobs/queue.py's Viewer):
+  a caller without a key gets those of the tasks made without one. A stream token still limits
+  its holder to its channels.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from server.access.scopes import ADMIN, JOBS, READ, USERS_READ
 from server.errors import DomainError
 from server.http.auth import Principal
 
-__all__ = ["OWNED", "Audience", "ChannelForbidden", "Channels"]
+__all__ = ["NOBODY", "OWNED", "Audience", "ChannelForbidden", "Channels", "owned_by"]
 
 # Channels whose events carry an owner (the Redis stream field `o`): a task's key family.
 OWNED: frozenset[str] = frozenset({"tasks"})
+# The owner, as a routed subscriber names it, of the events that have none (tasks made without a key)
+NOBODY = b""
 # The scopes that may read a private channel (a private channel not named here: `read`).
 READERS: dict[str, tuple[str, ...]] = {"users": (USERS_READ, ADMIN), "tasks": (JOBS, ADMIN)}
 _READERS_DEFAULT = (READ, ADMIN)
@@ -35,17 +39,29 @@ _READERS_DEFAULT = (READ, ADMIN)
 @dataclass(frozen=True, slots=True)
 class Audience:
     """What one subscriber receives: `channels`; of those in `routed`, only the events of
-    `owner` (the owner's id as the stream field holds it: ASCII digits)."""
+    `owner` (the owner's id as the stream field holds it, ASCII digits; NOBODY: the events
+    that have no owner)."""
 
     channels: frozenset[str]
     routed: frozenset[str] = frozenset()
-    owner: bytes | None = None
+    owner: bytes = NOBODY
 
     def admits(self, channel: str, owner: bytes | None) -> bool:
         """Whether an event of `channel` with `owner` (None: none) is for this subscriber."""
         if channel not in self.channels:
             return False
-        return channel not in self.routed or (owner is not None and owner == self.owner)
+        return channel not in self.routed or (owner or NOBODY) == self.owner
+
+
+def owned_by(principal: Principal | None, channels: frozenset[str], routed: frozenset[str]) -> Audience:
+    """`channels`, those in `routed` limited to the caller's own events: a key's (its family's),
+    every owner's for `admin`, the ownerless ones for a caller without a key (or a shared
+    token), as server/jobs/queue.py's Viewer decides whose tasks a caller sees."""
+    mine = channels & routed
+    if not mine or (principal is not None and ADMIN in principal.scopes):
+        return Audience(channels)
+    owner = principal.owner if principal is not None else None
+    return Audience(channels, mine, NOBODY if owner is None else str(owner).encode())
 
 
 class ChannelForbidden(DomainError):
@@ -119,11 +135,7 @@ class Channels:
                 first = refusal
         if not readable and first is not None:
             raise first  # nothing of the default set is readable: say why rather than stay silent
-        channels = frozenset(readable)
-        routed = channels & self.routed
-        if opened or not routed or principal is None or ADMIN in principal.scopes:
-            return Audience(channels)
-        return Audience(channels, routed, str(principal.owner).encode())
+        return owned_by(principal, frozenset(readable), self.routed)
 
     @staticmethod
     def _token_refusal(principal: Principal | None, channel: str) -> ChannelForbidden | None:

@@ -14,7 +14,7 @@ import orjson
 
 from server.config import FeedConfig
 from server.errors import Unavailable
-from server.feed.audience import Audience
+from server.feed.audience import NOBODY, Audience
 from server.feed.events import CHANNELS, HEARTBEAT, EventKey, Frame, encode_event, entry_frame
 
 log = logging.getLogger("hotpath.feed")
@@ -176,7 +176,6 @@ class Subscribers:
         self._all.add(sub)
         for channel in sub.channels:
             if channel in audience.routed:
-                assert audience.owner is not None
                 self._by_owner[channel].setdefault(audience.owner, set()).add(sub)
             else:
                 self._by_channel[channel].add(sub)
@@ -197,7 +196,6 @@ class Subscribers:
         for channel in sub.channels:
             if channel in audience.routed:
                 owners = self._by_owner[channel]
-                assert audience.owner is not None
                 group = owners.get(audience.owner)
                 if group is not None:
                     group.discard(sub)
@@ -238,7 +236,7 @@ class Subscribers:
             channel = fields.get(b"c", b"").decode()
             subs = by_channel.get(channel)
             owners = by_owner.get(channel)
-            mine = owners.get(fields.get(b"o", b"")) if owners else None
+            mine = owners.get(fields.get(b"o", NOBODY)) if owners else None
             if not subs and not mine:
                 continue
             frame = entry_frame(raw_id, fields)

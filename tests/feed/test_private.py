@@ -11,23 +11,25 @@ import asyncio
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from server.access import ACCESS
 from server.access.apikeys import KeyRecord
 from server.access.guard import STREAM_COOKIE
-from server.app import create_app
+from server.app import create_app, create_worker_app
 from server.config import Config
 from server.feed import FEED
 from server.feed.task_events import publish_task
 from tests.feed.test_feed import SSE, feed_cfg, subscribed
-from tests.feed.test_task_events import NOTE
+from tests.feed.test_task_events import NOTE, events_until_end
 from tests.helpers import replace, until
-from tests.jobs.test_jobs import truncate_jobs
+from tests.jobs.test_jobs import FAST, truncate_jobs
 
 
 @pytest.fixture
@@ -362,3 +364,44 @@ async def test_tasks_made_over_http_reach_only_their_keys_streams(aiohttp_client
     event = await b.next()
     assert event is not None and event["event"] == "task.created"
     assert orjson.loads(event["data"])["task_id"] == b1 and "owner" not in orjson.loads(event["data"])
+
+
+async def test_a_key_follows_its_own_task_to_its_end(
+    aiohttp_client: Any, pcfg: Config, tmp_path: Path
+) -> None:
+    """GET /tasks/{id}/events with a key takes that key's task events only (by owner, as
+    /events does), and follows its task run by a worker-only process to the end."""
+    await truncate_jobs(pcfg)
+    config = replace(pcfg, jobs=FAST, embedded={"data_dir": str(tmp_path)})
+    client = await aiohttp_client(create_app(replace(config, jobs={"concurrency": 0})))  # runs none
+    _, alice = await make_key(client, "jobs")
+    created = await client.post("/send-notification", json=NOTE, headers=bearer(alice))
+    assert created.status == 202
+    task_id = (await created.json())["task_id"]
+    resp = await client.get(f"/tasks/{task_id}/events", headers=bearer(alice))
+    assert resp.status == 200
+    runner = web.AppRunner(create_worker_app(config))
+    await runner.setup()  # the worker takes the task; its changes reach the stream via the feed
+    try:
+        events = await events_until_end(resp)
+    finally:
+        await runner.cleanup()
+    assert events[0]["event"] == "task.created" and events[-1]["event"] == "task.completed"
+    assert {e["task_id"] for e in events} == {task_id}
+
+
+async def test_an_open_route_reads_every_channel_and_unowned_tasks(aiohttp_client: Any, pcfg: Config) -> None:
+    """auth.open_routes naming `events` (the migration path): callers without a key read the
+    private channels again, and get the task events of the tasks made without a key only."""
+    client = await aiohttp_client(create_app(replace(pcfg, auth={"open_routes": ("events",)})))
+    feed = client.app[FEED]
+    sse = await stream(client, "/events?channels=users,tasks")
+    await subscribed(client)
+    user = await feed.publish("users", "user.created", {"id": 1})
+    await feed.publish("tasks", "task.created", {"task_id": 1}, owner=12345)
+    unowned = await feed.publish("tasks", "task.created", {"task_id": 2})
+    assert [(await sse.next() or {}).get("id") for _ in range(2)] == [user, unowned]
+    replay = await stream(client, "/events?channels=tasks", headers={"Last-Event-ID": user})
+    assert (await replay.next() or {}).get("id") == unowned
+    # /stream-real-time is not opened: its private channels stay closed to callers without a key
+    assert (await refused(client, "/stream-real-time?channels=users", 403))["channel"] == "users"

@@ -199,18 +199,23 @@ ADDED = {"feed_tokens", "admin_scopes", "admin_keys", "admin_keys_create", "admi
 
 # 12. Private feed channels (issue 20): the streams say which channels a caller gets, and how a
 #     stream ends with its credential; /events defaults to the channels the caller may read.
-FEED_STREAMS = {"events", "stream_real_time", "task_events"}
+FEED_STREAMS = {"events", "stream_real_time"}
 EVENTS_STREAM_SUMMARY = "The live event stream (default: every channel the caller may read)"
+TASK_EVENTS_NOTE = (
+    " A stream token (?token=) must name the tasks channel (403 otherwise); `expired` and `revoked` "
+    "end the stream with its credential."
+)
 
 
 def _feed(op: dict[str, Any]) -> None:
+    if op["operationId"] == "task_events":
+        op["description"] += TASK_EVENTS_NOTE
     if op["operationId"] not in FEED_STREAMS:
         return
     if op["operationId"] == "events":
         op["summary"] = EVENTS_STREAM_SUMMARY
-    description = DECLARED[op["operationId"]].description
-    assert description
-    op["description"] = description
+    assert "description" not in op
+    op["description"] = DECLARED[op["operationId"]].description
 
 
 def _operations(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
