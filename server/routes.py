@@ -753,7 +753,8 @@ def setup_routes(app: web.Application) -> None:
         raise ConfigError(
             "auth.open_routes", f"no route is named {', '.join(unknown)} (see /openapi.json's operationId)"
         )
-    admin_routes = sorted(set(config.auth.open_routes) & {r.name for r in API if r.operation.scopes == (ADMIN,)})
+    admin_only = {r.name for r in API if r.operation.scopes == (ADMIN,)}
+    admin_routes = sorted(set(config.auth.open_routes) & admin_only)
     if admin_routes:
         raise ConfigError("auth.open_routes", f"{', '.join(admin_routes)}: the admin routes are never open")
     for route in API:
