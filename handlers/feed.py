@@ -1,9 +1,12 @@
-"""The real-time feed over server-sent events: the stream, publishing, and the live page."""
+"""The real-time feed over server-sent events: the stream, publishing, stream tokens, and the
+live page."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +15,13 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from handlers.common import json_response, path_id
+from server.access import ACCESS, route_opened, tokens
+from server.access.guard import STREAM_COOKIE
 from server.config import CONFIG
-from server.errors import ValidationFailed
+from server.errors import Unauthorized, ValidationFailed
 from server.feed import FEED
+from server.feed.audience import Audience, owned_by
+from server.feed.core import Feed
 from server.feed.events import (
     CHANNELS,
     EVENT_ID_PATTERN,
@@ -36,6 +43,7 @@ from server.jobs.queue import Viewer
 
 log = logging.getLogger("hotpath.feed")
 
+_TASKS = frozenset({"tasks"})
 # The old service's /stream-real-time sent only ticker events (data: timestamp, value, status):
 # its clients keep getting just those unless they ask for more. /events carries every channel.
 LEGACY_CHANNELS = ("ticker",)
@@ -99,6 +107,49 @@ FEED_EVENT = Schema(
         },
     },
 )
+# What issue_token() reads and answers.
+FEED_TOKEN_REQUEST = Schema(
+    "FeedTokenRequest",
+    {
+        "type": "object",
+        "required": ["channels"],
+        "additionalProperties": False,
+        "properties": {
+            "channels": {
+                "type": "array",
+                "items": {"enum": list(CHANNELS)},
+                "minItems": 1,
+                "uniqueItems": True,
+                "description": "the channels the token may read; the key must be allowed to read each",
+            },
+            "ttl": {
+                "type": "number",
+                "minimum": 1,
+                "description": "seconds the token lives (default auth.stream_token_ttl, at most "
+                "auth.stream_token_max_ttl; never beyond the key's own expiry)",
+            },
+        },
+    },
+)
+FEED_TOKEN = Schema(
+    "FeedToken",
+    {
+        "type": "object",
+        "required": ["token", "expires_at", "channels"],
+        "properties": {
+            "token": {"type": "string", "description": "hps_...: pass it as ?token= (EventSource) or cookie"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "channels": {"type": "array", "items": {"enum": list(CHANNELS)}},
+        },
+    },
+)
+TOKEN_QUERY: tuple[Param, ...] = (
+    query(
+        "cookie",
+        f"1: also set the token as the cookie {STREAM_COOKIE} (HttpOnly, SameSite=Strict, Path=/), "
+        "which streams of this site then take without ?token=",
+    ),
+)
 FEED_PUBLISHED = Schema(
     "FeedPublished",
     {
@@ -109,10 +160,11 @@ FEED_PUBLISHED = Schema(
 )
 
 
-def _channels(request: web.Request, default: tuple[str, ...]) -> tuple[str, ...]:
+def _channels(request: web.Request) -> tuple[str, ...] | None:
+    """The channels the client named (?channels=), None when it named none."""
     raw = request.query.get("channels")
     if raw is None or not raw.strip():
-        return default
+        return None
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     unknown = [n for n in names if n not in CHANNELS]
     if unknown:
@@ -146,21 +198,37 @@ async def _write(sub: Subscriber, resp: web.StreamResponse, data: bytes) -> None
         sub.writing_since = 0.0
 
 
+def _subscribe(request: web.Request, feed: Feed, audience: Audience) -> Subscriber:
+    """A mailbox for `audience`, tied to the caller's credential: a revocation of its key, or
+    the expiry of the key or the stream token, ends the stream."""
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return feed.subscribe(audience)
+    return feed.subscribe(audience, key_id=principal.key_id, expires_at=principal.expires_at)
+
+
+def _opened(request: web.Request) -> bool:
+    """The route is open by auth.open_routes: no channel is closed to anyone there."""
+    return route_opened(request.app[CONFIG].auth, request.match_info.route.name or "")
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
-    """GET /events and /stream-real-time: replay after Last-Event-ID, then live events."""
-    default = LEGACY_CHANNELS if request.match_info.route.name == "stream_real_time" else CHANNELS
-    channels = _channels(request, default)
-    after = _last_event_id(request)
+    """GET /events and /stream-real-time: replay after Last-Event-ID, then live events, of the
+    channels the caller may read (server/feed/audience.py)."""
+    route = request.match_info.route.name
+    default = LEGACY_CHANNELS if route == "stream_real_time" else CHANNELS
     feed = request.app[FEED]
+    audience = feed.audience(request.get(PRINCIPAL), _channels(request), default, _opened(request))
+    after = _last_event_id(request)
     cfg = request.app[CONFIG].feed
     # Subscribe first, then read the history: an event published in between is in both, and
     # the key comparison below drops the second copy. Nothing falls in the gap.
-    sub = feed.subscribe(channels)
+    sub = _subscribe(request, feed, audience)
     try:
         replayed: list[Frame] = []
         sent = (0, 0)
         if after is not None:
-            replayed, sent = await feed.replay(after, channels)
+            replayed, sent = await feed.replay(after, audience)
         resp = web.StreamResponse(headers=SSE_HEADERS)
         if request.version >= HttpVersion11:
             # Chunked by our choice, not only by aiohttp's default for a body of no length: the
@@ -283,15 +351,80 @@ def _validate_event(body: Any) -> tuple[str, str, Any]:
     return str(channel), str(event), body["data"]
 
 
-async def page(request: web.Request) -> web.Response:
-    """GET /feed: the live page (inline script and style, no external assets)."""
-    context = {
-        "title": "Live feed",
-        "channels": CHANNELS,
-        "events_url": str(request.app.router["events"].url_for()),
+async def issue_token(request: web.Request) -> web.Response:
+    """POST /feed/tokens: {channels, ttl?} -> 201 {token, expires_at, channels}: a signed,
+    short-lived stream token for the calling key (server/access/tokens.py), for clients that
+    cannot send Authorization (a browser's EventSource). ?cookie=1 also sets it as a cookie."""
+    principal = request.get(PRINCIPAL)
+    if principal is None or principal.key_id is None:
+        raise Unauthorized(
+            "a stream token is issued to an API key: send Authorization: Bearer <key>", invalid=False
+        )
+    auth = request.app[CONFIG].auth
+    channels, ttl = _validate_token_request(
+        await read_body(request), auth.stream_token_ttl, auth.stream_token_max_ttl
+    )
+    rights = request.app[FEED].channels
+    for channel in channels:
+        refusal = rights.refusal(principal, channel)
+        if refusal is not None:
+            raise refusal
+    if principal.expires_at is not None:  # never outlives its key
+        ttl = min(ttl, principal.expires_at - time.time())
+    token, expires_at = tokens.issue(request.app[ACCESS].stream_secret, principal.key_id, channels, ttl)
+    body = {
+        "token": token,
+        "expires_at": dt.datetime.fromtimestamp(expires_at, dt.UTC).isoformat(),
+        "channels": channels,
     }
+    resp = json_response(body, status=201, headers={"Cache-Control": "no-store"})
+    if request.query.get("cookie") in ("1", "true"):
+        resp.set_cookie(
+            STREAM_COOKIE,
+            token,
+            max_age=max(0, int(expires_at - time.time())),
+            path="/",
+            secure=request.secure,
+            httponly=True,
+            samesite="Strict",
+        )
+    return resp
+
+
+def _validate_token_request(body: Any, default_ttl: float, max_ttl: float) -> tuple[list[str], float]:
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"field": "body", "message": "must be an object {channels, ttl}"}])
+    errors = [
+        {"field": str(name), "message": "unknown field"} for name in sorted(set(body) - {"channels", "ttl"})
+    ]
+    channels = body.get("channels")
+    if (
+        not isinstance(channels, list)
+        or not channels
+        or not all(isinstance(c, str) and c in CHANNELS for c in channels)
+    ):
+        errors.append(
+            {"field": "channels", "message": f"a non-empty array of channels: {', '.join(CHANNELS)}"}
+        )
+        channels = []
+    ttl = body.get("ttl", default_ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 1 <= ttl <= max_ttl:
+        errors.append(
+            {"field": "ttl", "message": f"seconds, from 1 to {max_ttl:g} (auth.stream_token_max_ttl)"}
+        )
+    if errors:
+        raise ValidationFailed(errors)
+    return list(dict.fromkeys(channels)), float(ttl)
+
+
+async def page(request: web.Request) -> web.Response:
+    """GET /feed: the live page (inline script and style, no external assets); ?token= (a stream
+    token) opens the private channels it names."""
+    context = {"title": "Live feed", "events_url": str(request.app.router["events"].url_for())}
     resp = aiohttp_jinja2.render_template("feed.html", request, context)
     resp.headers["Cache-Control"] = "no-cache"
+    # the page may carry a stream token in its URL (/feed?token=): no Referer repeats it
+    resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
 
 
@@ -301,12 +434,19 @@ async def task_stream(request: web.Request) -> web.StreamResponse:
     task_id = path_id(request, "task_id", "task")
     feed = request.app[FEED]
     cfg = request.app[CONFIG].feed
+    principal = request.get(PRINCIPAL)
+    # The caller must be allowed the tasks channel (a stream token must name it). It can only
+    # follow a task it may read (the reading below answers 404 for others), so its stream takes
+    # the events of the tasks it may read alone: a key's own, every one for admin, the ones
+    # made without a key for a caller without one (server/jobs/queue.py's Viewer).
+    feed.audience(principal, ("tasks",), opened=_opened(request))
+    audience = owned_by(principal, _TASKS, _TASKS)
     # Subscribe before reading the state: a change in between is not lost, and one older
     # than the state read (updated_at not newer) is dropped below.
-    sub = feed.subscribe(("tasks",))
+    sub = _subscribe(request, feed, audience)
     try:
         # NotFound -> 404, also for another key's task
-        snapshot = (await request.app[JOBS].get(task_id, Viewer.of(request.get(PRINCIPAL)))).snapshot()
+        snapshot = (await request.app[JOBS].get(task_id, Viewer.of(principal))).snapshot()
         first = orjson.loads(orjson.dumps(snapshot))  # as every later event: JSON types only
         resp = web.StreamResponse(headers=SSE_HEADERS)
         stream_headers(request, resp)

@@ -89,6 +89,18 @@ _STREAM: dict[int, Response | Problem | str] = {
     400: "unknown channel or malformed last event id",
     503: "feed.max_subscribers streams are open on this process, or it is shutting down; Retry-After",
 }
+# Who may open a stream: anyone while auth.public_reads is on (public channels), any key that
+# can read one channel; which channels it then gets is the feed's decision (server/feed/audience.py).
+_FEED_READERS = (READ, USERS_READ, JOBS, ADMIN)
+_CHANNEL_ACCESS = (
+    "Private channels (feed.private_channels: users, tasks) need a key or a stream token "
+    "(POST /feed/tokens) allowed to read them: users needs users:read, tasks gives a key the "
+    "events of its own tasks (admin: every one). Without a key, public channels only: the "
+    "default channels narrow to what the caller may read, and a private channel named in "
+    "?channels= without the right to read it is a 403 whose `channel` names it (so is one a "
+    "stream token does not name). A stream ends with an `expired` event (and a retry: hint) "
+    "when its stream token or key expires, and with `revoked` when its key is revoked."
+)
 
 
 _OWNED = (
@@ -407,8 +419,9 @@ API: tuple[Route, ...] = (
             "The live event stream (default channel: ticker, as the old clients expect)",
             ("feed",),
             _STREAM,
+            description=_CHANNEL_ACCESS,
             query=feed.STREAM_QUERY,
-            scopes=(READ,),
+            scopes=_FEED_READERS,
             public=True,
             stream_token=True,
         ),
@@ -419,11 +432,12 @@ API: tuple[Route, ...] = (
         feed.stream,
         "events",
         Operation(
-            "The live event stream (default: every channel)",
+            "The live event stream (default: every channel the caller may read)",
             ("feed",),
             _STREAM,
+            description=_CHANNEL_ACCESS,
             query=feed.STREAM_QUERY,
-            scopes=(READ,),
+            scopes=_FEED_READERS,
             public=True,
             stream_token=True,
         ),
@@ -443,6 +457,31 @@ API: tuple[Route, ...] = (
             },
             body=body(feed.FEED_EVENT),
             scopes=(FEED_PUBLISH,),
+        ),
+    ),
+    post(
+        "/feed/tokens",
+        feed.issue_token,
+        "feed_tokens",
+        Operation(
+            "A short-lived stream token for some feed channels, for clients that cannot send "
+            "Authorization (a browser's EventSource: /events?token=...)",
+            ("feed",),
+            {
+                201: Response(
+                    "the token (shown once; signed, not stored), with Cache-Control: no-store",
+                    feed.FEED_TOKEN,
+                ),
+                422: "unknown channel, no channels, or ttl outside 1..auth.stream_token_max_ttl",
+            },
+            description="Each channel asked for must be readable by the key: public ones by any key, "
+            "users with users:read, tasks with jobs (the token then carries the key's own tasks); "
+            "otherwise 403, with `channel` naming the first that is not. "
+            "The token lives auth.stream_token_ttl seconds unless `ttl` asks for another lifetime, "
+            "never beyond its key; a stream opened with it ends when it expires or its key is revoked.",
+            body=body(feed.FEED_TOKEN_REQUEST),
+            query=feed.TOKEN_QUERY,
+            scopes=_FEED_READERS,
         ),
     ),
     get(
@@ -549,7 +588,8 @@ API: tuple[Route, ...] = (
             description="Events: task.created, task.retrying, task.progress, task.completed, task.failed, "
             "task.cancelled; each `data` is the task as GET /task-status/{task_id} shows it (JSON). "
             "Heartbeat comments keep the connection open; `shutdown` ends it when the server stops. "
-            + _OWNED,
+            "A stream token (?token=) must name the tasks channel (403 otherwise); `expired` and "
+            "`revoked` end the stream with its credential. " + _OWNED,
             scopes=_TASK_READ,
             stream_token=True,
         ),

@@ -88,6 +88,8 @@ def test_cli_overrides_beat_environment() -> None:
         ("", {"HOTPATH_NOPE_X": "1"}, "HOTPATH_NOPE_X"),
         ("", {"DATABASE_URL": "postgresql://x/y"}, "redis.url"),
         ("[server\n", {}, "config.toml"),
+        ('[feed]\nprivate_channels = ["users", "secrets"]\n', {}, "feed.private_channels"),
+        ("[auth]\nstream_token_ttl = 600\nstream_token_max_ttl = 60\n", {}, "auth.stream_token_ttl"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:

@@ -13,15 +13,20 @@ from server.access.changes import redis_db
 from server.access.guard import Guard
 from server.access.scopes import ADMIN, READ, SCOPES
 from server.access.verifier import Access
-from server.config import CONFIG
+from server.config import CONFIG, AuthConfig
 from server.storage.pool import DB
 from server.storage.redis_client import REDIS
 
-__all__ = ["ACCESS", "Access", "Guard", "KeyStore", "access_ctx", "declare"]
+__all__ = ["ACCESS", "Access", "Guard", "KeyStore", "access_ctx", "declare", "route_opened"]
 
 ACCESS = web.AppKey("hotpath.access", Access)
 # the guards of an app's routes, by route name (filled by declare() while routes are set up)
 GUARDS = web.AppKey("hotpath.guards", dict[str, Guard])
+
+
+def route_opened(cfg: AuthConfig, route: str) -> bool:
+    """The route is opened by auth.open_routes (by name, or "*"): no check applies to it."""
+    return "*" in cfg.open_routes or route in cfg.open_routes
 
 
 def declare(
@@ -42,7 +47,7 @@ def declare(
         raise ValueError(f"route {route} names unknown scopes {unknown}")
     access = app[ACCESS]
     cfg = access.config
-    open_ = "*" in cfg.open_routes or route in cfg.open_routes or (public and cfg.public_reads)
+    open_ = route_opened(cfg, route) or (public and cfg.public_reads)
     if scopes == (ADMIN,):  # the admin routes are never open, not even with open_routes = ["*"]
         open_ = False
     if public:

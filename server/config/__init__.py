@@ -13,6 +13,7 @@ from aiohttp import web
 from server.config.loading import ENV_PREFIX, ConfigError, load_config, parse_rates
 from server.config.sections import (
     DEFAULT_CONFIG_PATH,
+    FEED_CHANNELS,
     AuthConfig,
     CacheConfig,
     CompressionConfig,
@@ -39,6 +40,7 @@ __all__ = (
     "CONFIG",
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
+    "FEED_CHANNELS",
     "AuthConfig",
     "CacheConfig",
     "CompressionConfig",

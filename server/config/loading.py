@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.config.sections import DEFAULT_CONFIG_PATH, Config
+from server.config.sections import DEFAULT_CONFIG_PATH, FEED_CHANNELS, Config
 from server.urls import mask_url
 
 ENV_PREFIX = "HOTPATH_"
@@ -201,6 +201,16 @@ def _validate_whole(config: Config) -> None:
         if unknown or policy.get("ttl", 0) <= 0:
             why = f"unknown {', '.join(unknown)}" if unknown else "needs ttl > 0"
             raise ConfigError(f"cache.routes.{route}", f"{why} (keys: ttl, grace, max_age)")
+    for channel in config.feed.private_channels:
+        if channel not in FEED_CHANNELS:
+            raise ConfigError(
+                "feed.private_channels", f"{channel!r} is not one of {', '.join(FEED_CHANNELS)}"
+            )
+    auth = config.auth
+    if auth.stream_token_ttl > auth.stream_token_max_ttl:
+        raise ConfigError(
+            "auth.stream_token_ttl", f"must be <= auth.stream_token_max_ttl ({auth.stream_token_max_ttl})"
+        )
     cors = config.cors
     for origin in cors.allow_origins:
         parts = urlsplit(origin)

@@ -165,6 +165,10 @@ class CompressionConfig:
     dataset_max_age: int = field(default=60, metadata=_range(0))
 
 
+# The feed's channels (server/feed/events.py); feed.private_channels names some of them.
+FEED_CHANNELS: tuple[str, ...] = ("ticker", "users", "tasks")
+
+
 @dataclass(frozen=True, slots=True)
 class FeedConfig:
     admin_token: str = ""

@@ -9,6 +9,7 @@ from functools import partial
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from server.access import ACCESS
 from server.config import CONFIG
 from server.feed.core import Feed
 from server.runtime import metrics
@@ -38,6 +39,13 @@ async def feed_ctx(app: web.Application) -> AsyncIterator[None]:
         await feed.close()
         raise
     app[FEED] = feed
+    access = app.get(ACCESS)
+    if access is not None:
+        # a revoked key's streams end at once; one that lapses unannounced (a rotated key after
+        # its overlap) at the next heartbeat step. Only while the key table is known complete:
+        # otherwise a key made elsewhere since would look gone.
+        access.on_revoke(feed.revoked)
+        feed.key_gone = lambda key_id: access.live and not access.is_active(key_id)
     metrics.register(app, partial(_feed_families, feed))
     yield
     await feed.close()

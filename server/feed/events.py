@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-CHANNELS: tuple[str, ...] = ("ticker", "users", "tasks")
+from server.config import FEED_CHANNELS
+
+CHANNELS: tuple[str, ...] = FEED_CHANNELS
 # An event name goes on an `event:` line: no newlines, nothing a client could trip on.
 EVENT_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 EVENT_NAME = re.compile(EVENT_NAME_PATTERN + r"\Z")

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exc
 
 from server.config import FeedConfig
+from server.feed.audience import Audience
 from server.feed.events import (
     CHANNELS,
     EVENT_NAME,
@@ -51,31 +52,39 @@ class EventStream:
         # no stream yet: everything it will ever hold is new
         return newest[0][0].decode() if newest else "0-0"
 
-    async def publish(self, channel: str, event: str, data: Any) -> str:
+    async def publish(self, channel: str, event: str, data: Any, owner: int | None = None) -> str:
         """Append an event to the stream; every subscriber of `channel` in every process gets
-        it. `data`: a string is sent as it is (newlines allowed), anything else as JSON.
-        Returns the event id. ValueError for an unknown channel or a bad event name."""
+        it (on an owner-routed channel, only those of `owner`). `data`: a string is sent as it
+        is (newlines allowed), anything else as JSON; `owner` goes in a field of its own, never
+        in what clients see. Returns the event id. ValueError for an unknown channel or a bad
+        event name."""
         if channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; channels: {', '.join(CHANNELS)}")
         if not EVENT_NAME.match(event):
             raise ValueError(f"bad event name {event!r}: 1-64 of A-Z a-z 0-9 _ . : -")
         fields: dict[Any, Any] = {"c": channel, "e": event, "d": _payload(data).encode("utf-8", "replace")}
+        if owner is not None:
+            fields["o"] = str(int(owner))
         entry_id: Any = await self._redis.xadd(self.key, fields, maxlen=self._history, approximate=True)
         return str(entry_id.decode())
 
-    async def publish_quietly(self, channel: str, event: str, data: Any) -> str | None:
+    async def publish_quietly(
+        self, channel: str, event: str, data: Any, owner: int | None = None
+    ) -> str | None:
         """publish() for side effects of a write that already succeeded: a failure is logged,
         never raised (the write must not fail because the feed could not be told)."""
         try:
-            return await self.publish(channel, event, data)
+            return await self.publish(channel, event, data, owner)
         except Exception as exc:  # CancelledError is not an Exception and passes
             log.warning("feed: could not publish %s/%s: %s: %s", channel, event, type(exc).__name__, exc)
             return None
 
-    async def replay(self, after: str, channels: Collection[str]) -> tuple[list[Frame], EventKey]:
-        """Frames of `channels` published after the id `after`, from the stream's history,
-        plus the key of the newest event accounted for. When `after` is older than the
-        history (trimmed away) or unknown to this stream, the only frame is a `resync`."""
+    async def replay(self, after: str, audience: Audience | Collection[str]) -> tuple[list[Frame], EventKey]:
+        """Frames for `audience` (or of some channels) published after the id `after`, from the
+        stream's history, plus the key of the newest event accounted for. When `after` is older
+        than the history (trimmed away) or unknown to this stream, the only frame is a `resync`."""
+        if not isinstance(audience, Audience):
+            audience = Audience(frozenset(audience))
         after_key = parse_event_id(after)
         if after_key is None:
             raise ValueError(f"not an event id: {after!r}")
@@ -98,7 +107,7 @@ class EventStream:
             return [_resync(after, newest, "the id is not from this feed")], newest_key
         if trimmed and (first_key is None or after_key < first_key):
             return [_resync(after, newest, "events after that id were trimmed")], newest_key
-        wanted = set(channels)
+        admits = audience.admits
         frames: list[Frame] = []
         last = after_key
         for raw_id, fields in entries:
@@ -106,7 +115,7 @@ class EventStream:
             if frame is None or frame.key is None:
                 continue
             last = frame.key
-            if fields.get(b"c", b"").decode() in wanted:
+            if admits(fields.get(b"c", b"").decode(), fields.get(b"o")):
                 frames.append(frame)
         return frames, max(last, after_key)
 

@@ -25,13 +25,13 @@ def event_name(snapshot: dict[str, Any]) -> str:
 
 async def publish_task(feed: Feed, snapshot: dict[str, Any], owner: int | None) -> None:
     """Through a job listener (server/jobs/__init__.py): every change of a task goes out on
-    `tasks`. `owner` is the task's key family (None: made without a key); only its subscribers
-    (and admins) may see the event, and it is never put into the event's data.
-    publish_quietly: a job never fails because the feed could not be told."""
-    # TASK_OWNER_ROUTING (issue 20): Feed.publish_quietly takes no owner= yet. Once the feed
-    # routes `tasks` events by owner, pass `owner=owner` here; until then every subscriber of
-    # `tasks` gets every task's events.
-    await feed.publish_quietly("tasks", event_name(snapshot), snapshot)
+    `tasks`, to the subscribers of its `owner` (the key family that made it; None: made without
+    a key, so `admin` subscribers only while tasks is private). The owner travels beside the
+    event, never in its data. publish_quietly: a job never fails because the feed could not
+    be told."""
+    if "owner" in snapshot:
+        snapshot = {k: v for k, v in snapshot.items() if k != "owner"}
+    await feed.publish_quietly("tasks", event_name(snapshot), snapshot, owner)
 
 
 def frame_data(frame: Frame) -> dict[str, Any] | None:

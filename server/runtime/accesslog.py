@@ -49,6 +49,8 @@ class JsonAccessLogger(AbstractAccessLogger):
                 "rid": request.get(REQUEST_ID),
                 "route": route,
                 "method": request.method,
+                # the path alone, never the query string: a stream token travels there
+                # (?token=, what a browser's EventSource can send), and so may other secrets
                 "path": request.path,
                 "status": response.status,
                 "bytes": response.content_length

@@ -4,10 +4,13 @@ fixture is tests/conftest.py's."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
+import aiohttp
 from playwright.async_api import Browser
 
+from server.access import ACCESS
 from server.app import create_app
 from server.config import Config
 from server.feed import FEED
@@ -42,3 +45,51 @@ async def test_live_page_shows_published_events(aiohttp_server: Any, cfg: Config
     await page.locator("#users li[data-event='user.deleted']", has_text=missed).wait_for(timeout=10_000)
     await page.wait_for_selector('#state[data-state="open"]', timeout=10_000)
     await page.close()
+
+
+async def test_live_page_opens_private_channels_with_a_stream_token(
+    aiohttp_server: Any, cfg: Config, browser: Browser
+) -> None:
+    """As shipped (keys required, users private): the page without a token shows the public
+    ticker and no user changes; with a stream token in its URL (/feed?token=) it shows them,
+    and takes the token out of its address."""
+    config = replace(
+        cfg,
+        auth={"open_routes": ()},
+        feed={"ticker": True, "ticker_interval": 0.2, "key_prefix": f"hotpath:test:{secrets.token_hex(6)}:"},
+    )
+    server = await aiohttp_server(create_app(config), host="127.0.0.1")
+    feed, access = server.app[FEED], server.app[ACCESS]
+    assert access.store is not None
+    record, key = await access.store.create("test", "browser", ["users:read"])
+    await access.changed(record.id)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/feed/tokens"),
+            json={"channels": ["ticker", "users"]},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp,
+    ):
+        assert resp.status == 201
+        token = (await resp.json())["token"]
+
+    anonymous, private = await browser.new_page(), await browser.new_page()
+    await anonymous.goto(f"http://127.0.0.1:{server.port}/feed")
+    await private.goto(f"http://127.0.0.1:{server.port}/feed?token={token}")
+    for page in (anonymous, private):
+        await page.wait_for_selector('#state[data-state="open"]', timeout=10_000)
+        await page.wait_for_function(
+            "document.getElementById('tick-value').textContent !== '–'", timeout=10_000
+        )
+    assert private.url == f"http://127.0.0.1:{server.port}/feed"
+
+    event_id = await feed.publish("users", "user.created", {"id": 7, "name": "Sam Secret"})
+    await private.locator("#users li", has_text="Sam Secret").wait_for(timeout=10_000)
+    # the anonymous page has seen ticks published after the user event, and not the event
+    await anonymous.wait_for_function(
+        f"document.getElementById('last-id').textContent > {event_id!r}", timeout=10_000
+    )
+    assert await anonymous.locator("#users li").count() == 0
+    await anonymous.close()
+    await private.close()

@@ -197,6 +197,26 @@ STREAM_TOKEN = {
 ADDED = {"feed_tokens", "admin_scopes", "admin_keys", "admin_keys_create", "admin_key_rotate",
          "admin_key_revoke", "admin_audit"}  # fmt: skip
 
+# 12. Private feed channels (issue 20): the streams say which channels a caller gets, and how a
+#     stream ends with its credential; /events defaults to the channels the caller may read.
+FEED_STREAMS = {"events", "stream_real_time"}
+EVENTS_STREAM_SUMMARY = "The live event stream (default: every channel the caller may read)"
+TASK_EVENTS_NOTE = (
+    " A stream token (?token=) must name the tasks channel (403 otherwise); `expired` and `revoked` "
+    "end the stream with its credential."
+)
+
+
+def _feed(op: dict[str, Any]) -> None:
+    if op["operationId"] == "task_events":
+        op["description"] += TASK_EVENTS_NOTE
+    if op["operationId"] not in FEED_STREAMS:
+        return
+    if op["operationId"] == "events":
+        op["summary"] = EVENTS_STREAM_SUMMARY
+    assert "description" not in op
+    op["description"] = DECLARED[op["operationId"]].description
+
 
 def _operations(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return [
@@ -249,6 +269,7 @@ def intended(before: dict[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
     for path, method, op in _operations(spec):
         if op["operationId"] in ADDED:
             continue
+        _feed(op)
         _access(op, access_errors)
         op["tags"] = OPERATION_TAGS[op["operationId"]]
         item = spec["paths"][path]

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from server.access import ACCESS
+from server.access.guard import STREAM_COOKIE
 from server.app import create_app
 from server.runtime.accesslog import BufferedLineHandler, JsonAccessLogger
+from tests.helpers import replace, until
 
 
 async def test_one_json_line_per_request(
@@ -33,6 +36,41 @@ async def test_one_json_line_per_request(
     assert first["rid"] == "trace-9" and first["method"] == "GET" and first["path"] == "/health"
     assert first["bytes"] > 0 and first["ms"] >= 0 and first["remote"] == "127.0.0.1"
     assert all(x["rid"] for x in lines)
+
+
+async def test_stream_tokens_are_never_logged(
+    aiohttp_client: Any, cfg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream token travels in an event stream's query string (?token=, what EventSource can
+    send) or a cookie: the line names the path alone."""
+    caplog.set_level(logging.INFO, logger="hotpath.access")
+    server = TestServer(create_app(replace(cfg, auth={"open_routes": ()})))
+    await server.start_server(
+        access_log=logging.getLogger("hotpath.access"), access_log_class=JsonAccessLogger
+    )
+    client = await aiohttp_client(server)
+    access = client.app[ACCESS]
+    record, key = await access.store.create("test", "access log", ["users:read"])
+    await access.changed(record.id)
+    resp = await client.post(
+        "/feed/tokens", json={"channels": ["users"]}, headers={"Authorization": f"Bearer {key}"}
+    )
+    token = (await resp.json())["token"]
+    assert (await client.get("/events", params={"token": token + "x", "channels": "users"})).status == 401
+    assert (await client.get("/events", cookies={STREAM_COOKIE: token + "y"})).status == 401
+    stream = await client.get("/events", params={"token": token})
+    assert stream.status == 200
+    await access.store.revoke("test", record.id)
+    await access.changed(record.id)  # which ends the stream: its line is written
+    assert b"event: revoked" in await stream.read()
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "hotpath.access"]
+
+    lines = await until(lambda: len(logged()) == 4 and logged(), "four lines")
+    assert not [line for line in lines if token in line or key in line or "hps_" in line]
+    assert [json.loads(line)["path"] for line in lines] == ["/feed/tokens", "/events", "/events", "/events"]
+    assert [json.loads(line)["status"] for line in lines] == [201, 401, 401, 200]
 
 
 def test_buffered_handler_writes_every_line_by_close(tmp_path: Path) -> None:

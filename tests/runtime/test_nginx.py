@@ -30,6 +30,7 @@ class Stack:
     direct: str  # hotpath itself
     proxied: str  # through nginx, HTTP
     tls: str  # through nginx, HTTPS + HTTP/2
+    access_log: Path  # nginx's
 
 
 def deploy_config(tmp: Path, hotpath_port: int, http_port: int, tls_port: int) -> Path:
@@ -49,6 +50,7 @@ def deploy_config(tmp: Path, hotpath_port: int, http_port: int, tls_port: int) -
         ("/etc/ssl/hotpath/fullchain.pem", str(tmp / "cert.pem")),
         ("/etc/ssl/hotpath/privkey.pem", str(tmp / "key.pem")),
         ("/etc/nginx/snippets/hotpath-locations.conf", str(DEPLOY / "hotpath-locations.conf")),
+        ("/var/log/nginx/hotpath.access.log", str(tmp / "access.log")),
     ):
         assert old in text, f"deploy/nginx.conf no longer has {old!r}: update this test"
         text = text.replace(old, new)
@@ -101,7 +103,10 @@ def stack(base_config: Config, tmp_path_factory: pytest.TempPathFactory) -> Iter
         )
     proxy = subprocess.Popen([nginx, "-c", str(main)], stderr=subprocess.DEVNULL)
     stack = Stack(
-        f"http://127.0.0.1:{hot_port}", f"http://127.0.0.1:{http_port}", f"https://127.0.0.1:{tls_port}"
+        f"http://127.0.0.1:{hot_port}",
+        f"http://127.0.0.1:{http_port}",
+        f"https://127.0.0.1:{tls_port}",
+        tmp / "access.log",
     )
     try:
         wait_until_ready(stack.proxied + "/ready", [hot, proxy])
@@ -127,6 +132,20 @@ async def test_api_through_the_proxy(stack: Stack) -> None:
             assert (await r.json())["email"] == "via@nginx.example"
         async with session.get(stack.proxied + "/no/such/path") as r:
             assert r.status == 404 and r.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_access_log_masks_stream_tokens(stack: Stack) -> None:
+    """A stream token in an event stream's URL (what EventSource sends) never reaches nginx's
+    log; the rest of the request line does."""
+    secret = "hps_e30.c2VjcmV0LXNpZ25hdHVyZQ"
+    async with aiohttp.ClientSession() as session:
+        for query in (f"token={secret}", f"channels=ticker&token={secret}&last_event_id=1-0"):
+            async with session.get(f"{stack.proxied}/events?{query}") as r:
+                assert r.status == 401  # not a token this deployment signed
+    logged = stack.access_log.read_text()
+    assert secret not in logged
+    assert '"GET /events?token=- HTTP/1.1" 401' in logged
+    assert '"GET /events?channels=ticker&token=-&last_event_id=1-0 HTTP/1.1" 401' in logged
 
 
 async def test_rate_limit_counts_the_real_client_not_the_proxy(stack: Stack) -> None:
