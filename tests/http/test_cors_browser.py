@@ -1,24 +1,26 @@
 """CORS in a real browser (headless Chromium, tests/conftest.py's `browser`): a page served by a
 second aiohttp server on another loopback port, another origin, reads hotpath's API with
 fetch (a public read; a POST with a key, which needs a preflight; the same POST without one,
-whose 401 the page can read) and opens an EventSource on the feed; a page from an origin that
+whose 401 the page can read) and opens an EventSource on the feed, on a public channel and on a
+private one with a stream token; a page from an origin that
 is not allowed is refused. hotpath runs with the shipped access rules (nothing open but the
 public reads), not the suite's open routes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 from playwright.async_api import Browser
 
 from server.access import ACCESS
-from server.access.scopes import USERS_WRITE
+from server.access.scopes import USERS_READ, USERS_WRITE
 from server.app import create_app
 from server.config import Config
 from server.runtime.metrics import METRICS
 from server.storage.pool import DB
-from tests.helpers import replace
+from tests.helpers import replace, until
 
 PAGE = "<!doctype html><html><head><title>a page elsewhere</title></head><body>elsewhere</body></html>"
 
@@ -45,6 +47,28 @@ SUBSCRIBE = """(api) => new Promise((resolve) => {
     if (source.readyState === EventSource.CLOSED) resolve({closed: true});
   };
 })"""
+# A private channel: the page asks POST /feed/tokens (with its key) for a stream token, and opens
+# an EventSource with it (an EventSource sends no Authorization header), until `want` arrives.
+PRIVATE = """async ([api, key, want]) => {
+  const r = await fetch(api + "/feed/tokens", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "Authorization": "Bearer " + key},
+    body: JSON.stringify({channels: ["users"], ttl: 60}),
+  });
+  if (r.status !== 201) return {status: r.status};
+  const {token} = await r.json();
+  return await new Promise((resolve) => {
+    const source = new EventSource(api + "/events?channels=users&token=" + encodeURIComponent(token));
+    source.onopen = () => { window.privateOpen = true; };
+    source.addEventListener("user.created", (event) => {
+      const data = JSON.parse(event.data);
+      if (data.email === want) { source.close(); resolve({status: 201, email: data.email}); }
+    });
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) resolve({closed: true});
+    };
+  });
+}"""
 # The same requests from a page whose origin is not allowed: what each one gives the page.
 REFUSED = """async ([api, key]) => {
   const outcome = async (request) => {
@@ -85,7 +109,7 @@ async def test_a_page_on_another_origin_uses_the_api(
     api_server = await aiohttp_server(create_app(config), host="127.0.0.1")
     api = f"http://127.0.0.1:{api_server.port}"
     access = api_server.app[ACCESS]
-    record, key = await access.store.create("test", "page", [USERS_WRITE])
+    record, key = await access.store.create("test", "page", [USERS_WRITE, USERS_READ])
     await access.changed(record.id)
     seen = api_server.app[METRICS].pending  # (route, method, status) of every answer so far
     page = await browser.new_page()
@@ -103,6 +127,15 @@ async def test_a_page_on_another_origin_uses_the_api(
         assert anonymous["status"] == 401 and anonymous["body"]["status"] == 401
         event = await page.evaluate(SUBSCRIBE, api)
         assert "closed" not in event and event["id"] and event["data"]
+        # the users channel is private: the page's key (users:read) gets it a stream token
+        private = asyncio.ensure_future(page.evaluate(PRIVATE, [api, key, "ada@example.com"]))
+        await until(lambda: private.done() or page.evaluate("window.privateOpen === true"), "the stream")
+        assert not private.done(), private.result()
+        made = await page.evaluate(
+            CREATE.replace("Grace Hopper", "Ada").replace("grace@", "ada@"), [api, key]
+        )
+        assert made["status"] == 201
+        assert await asyncio.wait_for(private, 10) == {"status": 201, "email": "ada@example.com"}
 
         await page.goto(f"http://127.0.0.1:{other.port}/")  # an origin that is not allowed
         assert await page.evaluate(REFUSED, [api, key]) == {"read": "TypeError", "create": "TypeError"}
@@ -111,4 +144,7 @@ async def test_a_page_on_another_origin_uses_the_api(
     finally:
         await page.close()
     emails = [row["email"] for row in await api_server.app[DB].fetch("SELECT email FROM users")]
-    assert emails == ["grace@example.com"]  # neither the anonymous POST nor the refused page's ran
+    assert emails == [
+        "grace@example.com",
+        "ada@example.com",
+    ]  # neither the anonymous POST nor the refused page's ran
