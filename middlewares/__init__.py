@@ -45,10 +45,12 @@ MIDDLEWARES: tuple[Middleware, ...] = tuple(layer.middleware for layer in LAYERS
 _DECLARED: dict[Middleware, Layer] = {layer.middleware: layer for layer in LAYERS}
 
 
-def chain_for(route_name: str, config: Config) -> tuple[Middleware, ...]:
+def chain_for(route_name: str, config: Config, method: str = "GET") -> tuple[Middleware, ...]:
     """The middlewares of one route, in LAYERS order: those whose layer applies to it."""
     return tuple(
-        layer.middleware for layer in LAYERS if layer.applies is None or layer.applies(route_name, config)
+        layer.middleware
+        for layer in LAYERS
+        if layer.applies is None or layer.applies(route_name, config, method)
     )
 
 
@@ -101,9 +103,10 @@ def bound_handler(
     app: web.Application,
     config: Config,
     quick_for: QuickFor | None = None,
+    method: str = "GET",
 ) -> Handler:
-    """`handler` as route `route_name` of `app` serves it: inside the chain of the layers that
-    apply to that route, bound to it, with the handler's own quick answer when it has one
-    (`quick_for`). Called once per route, at start-up."""
+    """`handler` as route `route_name` (answering `method`) of `app` serves it: inside the
+    chain of the layers that apply to that route, bound to it, with the handler's own quick
+    answer when it has one (`quick_for`). Called once per route, at start-up."""
     quick = quick_for(route_name, app) if quick_for is not None else None
-    return compose(handler, bind(chain_for(route_name, config), route_name, app, quick))
+    return compose(handler, bind(chain_for(route_name, config, method), route_name, app, quick))

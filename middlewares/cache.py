@@ -39,7 +39,7 @@ _READS = frozenset({"GET", "HEAD"})
 _MEMO_MAX = 4096
 
 
-def applies(route_name: str, config: Config) -> bool:
+def applies(route_name: str, config: Config, method: str) -> bool:
     """Only the routes with a policy in cache.routes get this middleware in their chain."""
     return config.cache.enabled and route_name in config.cache.routes
 

@@ -30,7 +30,7 @@ TINY_ROUTES = frozenset({"health", "ready"})
 SELF_ENCODED = frozenset({"products", "large_dataset"})
 
 
-def applies(route_name: str, config: Config) -> bool:
+def applies(route_name: str, config: Config, method: str) -> bool:
     return config.compression.enabled and route_name not in TINY_ROUTES | SELF_ENCODED
 
 

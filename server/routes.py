@@ -763,14 +763,14 @@ def setup_routes(app: web.Application) -> None:
     for route in API:
         op = route.operation
         declare(app, route.name, op.scopes, op.public, op.stream_token, op.also)
-        handler = bound_handler(route.handler, route.name, app, config, route.quick)
+        handler = bound_handler(route.handler, route.name, app, config, route.quick, route.method)
         definition = route.definition
         routing.register(app.router, web.RouteDef(route.method, definition.path, handler, definition.kwargs))
     # [\s\S]*, not .*: a path may hold an encoded newline (%0A), and "." stops at it
     app.router.add_route(
         "*",
         r"/{tail:[\s\S]*}",
-        bound_handler(unmatched, UNMATCHED, app, config),
+        bound_handler(unmatched, UNMATCHED, app, config, method="*"),
         name=UNMATCHED,
     )
     app[DOCUMENT] = api_document()

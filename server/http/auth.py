@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -52,11 +52,14 @@ class Principal:
     rate: str | None = None
     expires_at: float | None = None
     channels: frozenset[str] | None = None  # a stream token: only these feed channels
+    # What the rate limiter counts this caller as: its key's family (a rotated key and its
+    # replacement share one budget), or the shared token's name. Made once, with the principal
+    # (the verifier keeps principals per credential), so the limiter reads one attribute.
+    identity: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def identity(self) -> str:
-        """What the rate limiter counts this caller as."""
-        return f"key:{self.owner}" if self.owner is not None else f"alias:{self.name}"
+    def __post_init__(self) -> None:
+        identity = f"key:{self.owner}" if self.owner is not None else f"alias:{self.name}"
+        object.__setattr__(self, "identity", identity)
 
     def allows(self, scopes: Collection[str]) -> bool:
         """Holds one of `scopes` (a route's scopes are alternatives)."""

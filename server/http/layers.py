@@ -41,8 +41,9 @@ QuickFor = Callable[[str, web.Application], Quick]
 class Layer:
     """One middleware and its per-route hooks, each read once per route at start-up.
 
-    - `applies(route, config)`: whether the route's chain holds this layer at all (None: every
-      route); a route it does nothing for then pays nothing for it.
+    - `applies(route, config, method)`: whether the route's chain holds this layer at all
+      (None: every route); a route it does nothing for then pays nothing for it. `method` is
+      the route's ("GET", "POST", ...; "*" for the catch-all).
     - `bind(route, app)`: the middleware with what it would look up per request (the route's
       name, its policy) bound now. None: `middleware` as it is.
     - `quick(route, app)`: a quick answer this layer offers when it comes right after a layer
@@ -52,7 +53,7 @@ class Layer:
     """
 
     middleware: Middleware
-    applies: Callable[[str, Config], bool] | None = None
+    applies: Callable[[str, Config, str], bool] | None = None
     bind: Callable[[str, web.Application], Middleware] | None = None
     quick: Callable[[str, web.Application], tuple[Quick, Middleware]] | None = None
     try_quick: Callable[[str, web.Application, Quick], Middleware] | None = None

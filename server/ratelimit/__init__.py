@@ -37,7 +37,7 @@ async def ratelimit_ctx(app: web.Application) -> AsyncIterator[None]:
             RespConnection(app[CONFIG].redis.url, timeout=app[CONFIG].redis.socket_timeout), cfg.max_batch
         ),
         policies,
-        ClientIdentity(cfg.trusted_proxies, cfg.key_header, cfg.ipv6_prefix),
+        ClientIdentity(cfg.trusted_proxies, cfg.ipv6_prefix),
         fail_mode=cfg.fail_mode,
         processes=cfg.processes,
         retry_interval=cfg.retry_interval,

@@ -1,7 +1,10 @@
-"""Who a rate-limited request counts against: an API key, else the client's address.
+"""Who an anonymous rate-limited request counts against: the client's address.
 
-X-Forwarded-For / Forwarded are believed only when the socket peer is a trusted proxy; IPv6
-clients are grouped by their network prefix.
+A verified caller (an API key, checked by the access layer before the limiter runs) counts as
+its key (server/http/auth.py's `Principal.identity`); nothing a client merely sends makes an
+identity of its own here, so an invented key can never buy a fresh budget. X-Forwarded-For /
+Forwarded are believed only when the socket peer is a trusted proxy; IPv6 clients are grouped
+by their network prefix.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 
 class ClientIdentity:
-    """Who a request counts against: an API key when configured and sent, else the client IP.
+    """Who an anonymous request counts against: the client IP.
 
     X-Forwarded-For / Forwarded are believed only when the socket peer is a trusted proxy,
     and then walked right to left past trusted hops: the first untrusted address is the
@@ -20,12 +23,10 @@ class ClientIdentity:
     their /ipv6_prefix network (one host usually owns a whole /64).
     """
 
-    def __init__(self, trusted_proxies: Iterable[str], key_header: str = "", ipv6_prefix: int = 64) -> None:
+    def __init__(self, trusted_proxies: Iterable[str], ipv6_prefix: int = 64) -> None:
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
-        self.key_header = key_header
         self.ipv6_prefix = ipv6_prefix
         self._trusted_memo: dict[str, bool] = {}
-        self._key_memo: dict[str, str] = {}
 
     def is_trusted(self, address: str) -> bool:
         known = self._trusted_memo.get(address)
@@ -51,17 +52,6 @@ class ClientIdentity:
         return hops[0] if hops else peer
 
     def identify(self, headers: Mapping[str, str], peer: str | None) -> str:
-        if self.key_header:
-            key = headers.get(self.key_header)
-            if key:
-                ident = self._key_memo.get(key)
-                if ident is None:
-                    # never store raw API keys in Redis
-                    ident = "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-                    if len(self._key_memo) >= 4096:
-                        self._key_memo.clear()
-                    self._key_memo[key] = ident
-                return ident
         ip = self.client_ip(headers, peer)
         try:
             addr = ipaddress.ip_address(ip)

@@ -15,17 +15,24 @@ from collections.abc import Mapping
 
 from server.ratelimit.identity import ClientIdentity
 from server.ratelimit.local import LocalWindows
-from server.ratelimit.policy import Decision, Policy
+from server.ratelimit.policy import Decision, Policy, key_policy
 from server.ratelimit.windows import RedisWindows
 from server.storage.outage import REDIS_FAILED, Outage
 
 log = logging.getLogger("hotpath.ratelimit")
 
 FAIL_MODES = ("open", "closed", "local")
+_TIERS_MAX = 1024  # distinct key rates whose policies are kept; beyond, they are built afresh
 
 
 class RateLimiter:
-    """Policies by route name, client identity, and decisions with Redis or the fail mode."""
+    """Policies by route name, key tiers, client identity, and decisions with Redis or the
+    fail mode.
+
+    A key's own rate (`Principal.rate`, its tier) replaces the route's policy wherever this
+    limiter runs (middlewares/ratelimit.py: every route with a policy, and every write):
+    `tiers` keeps the policy built from each rate text, so a request with one costs one
+    dict lookup."""
 
     def __init__(
         self,
@@ -41,6 +48,8 @@ class RateLimiter:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}")
         self.redis = redis_windows
         self.policies = dict(policies)
+        self.tiers: dict[str, Policy] = {}
+        self._bad_tiers: set[str] = set()
         self.identity = identity
         self.fail_mode = fail_mode
         self.local = LocalWindows(processes)
@@ -61,6 +70,22 @@ class RateLimiter:
 
     def policy_for(self, route_name: str | None) -> Policy | None:
         return self.policies.get(route_name) if route_name else None
+
+    def tier(self, rate: str, route_name: str | None) -> Policy | None:
+        """The policy of a key's rate (kept in `tiers`). A rate that does not parse (keys are
+        checked when made, so only a hand-edited row) falls back to the route's own policy,
+        logged once per rate."""
+        try:
+            policy = key_policy(rate)
+        except ValueError as exc:
+            if rate not in self._bad_tiers and len(self._bad_tiers) < _TIERS_MAX:
+                self._bad_tiers.add(rate)
+                log.warning("a key's rate %r is not a policy (%s); its routes' policies apply", rate, exc)
+            return self.policy_for(route_name)
+        if len(self.tiers) >= _TIERS_MAX:
+            self.tiers.clear()
+        self.tiers[rate] = policy
+        return policy
 
     @property
     def redis_down(self) -> bool:

@@ -43,6 +43,16 @@ def parse_policy(name: str, text: str) -> Policy:
     return Policy(name, tuple(windows), header)
 
 
+def key_policy(text: str) -> Policy:
+    """A key's own policy (its tier, `Principal.rate`), named by its windows ("tier-3per60s",
+    "tier-10per60s-100per3600s"): keys with the same windows share the name, and so count in
+    buckets of that name; a different rate is a different name, so its buckets never mix with
+    another policy's (the name is part of every Redis key, windows.py). Route names have no
+    hyphen, so no route's policy takes a tier's name. Raises ValueError."""
+    windows = parse_policy("tier", text).windows
+    return parse_policy("tier-" + "-".join(f"{w.limit}per{w.seconds}s" for w in windows), text)
+
+
 def build_policies(
     route_names: Sequence[str], policies: Mapping[str, str], default: str, exempt: Iterable[str]
 ) -> dict[str, Policy]:
@@ -56,6 +66,9 @@ def build_policies(
         raise ValueError(
             f"policies for unknown routes: {', '.join(unknown)} (routes: {', '.join(route_names)})"
         )
+    taken = sorted(name for name in route_names if name.startswith("tier-"))
+    if taken:  # such a route's buckets could be a key tier's (key_policy)
+        raise ValueError(f"route names starting with 'tier-' are reserved for key tiers: {', '.join(taken)}")
     exempt = set(exempt)
     parsed = {name: parse_policy(name, text) for name, text in policies.items()}
     default_policy = parse_policy("default", default) if default.strip() else None

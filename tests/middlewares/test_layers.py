@@ -61,7 +61,8 @@ def test_every_middleware_declares_one_layer_in_order() -> None:
 
 def test_each_route_carries_only_the_layers_that_apply(base_config: Config) -> None:
     app = create_app(base_config)
-    handlers = {route.name: route.handler for route in app.router.routes() if route.method != "HEAD"}
+    routes = [route for route in app.router.routes() if route.method != "HEAD"]
+    handlers = {route.name: route.handler for route in routes}
     assert _chain(handlers["health"]) == [REQUEST_CONTEXT]  # exempt, uncached, tiny
     # a rate-limit policy: the layer is there; no policy: no rate-limit layer at all
     assert _chain(handlers["protected"]) == [REQUEST_CONTEXT, ratelimit_middleware, compression_middleware]
@@ -69,8 +70,11 @@ def test_each_route_carries_only_the_layers_that_apply(base_config: Config) -> N
     # a cached route: the cache bound to it (its fresh path is the outer layer's quick answer)
     assert _chain(handlers["user"]) == [REQUEST_CONTEXT, cache._cached, compression_middleware]
     assert _chain(handlers["products"]) == [REQUEST_CONTEXT]  # it encodes its own kept bytes
-    for name, handler in handlers.items():
-        assert len(_chain(handler)) == len(chain_for(name or "", base_config)), name
+    # a write: rate limited (its policy, or a key's own rate), never cached
+    assert _chain(handlers["users_create"]) == [REQUEST_CONTEXT, ratelimit_middleware, compression_middleware]
+    for route in routes:
+        expected = chain_for(route.name or "", base_config, route.method)
+        assert len(_chain(route.handler)) == len(expected), route
 
 
 def _quick_of(handler: Any) -> Any:
