@@ -35,6 +35,7 @@ from bench.run import (
     ROOT,
     SERVER_CPU,
     _recreate_database,
+    bench_config,
     free_port,
     server,
     taskset,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_recreate_database(env["DATABASE_URL"], BENCH_DB))
         dsn = env["DATABASE_URL"] = with_database(env["DATABASE_URL"], BENCH_DB)
         config = Path(tmp) / "config.toml"
-        config.write_text(f'[embedded]\ndata_dir = "{Path(tmp) / "var"}"\n')
+        config.write_text(bench_config(Path(tmp)))
         env.update(OPEN_ROUTES)
         env["HOTPATH_JOBS_CONCURRENCY"] = str(args.concurrency)
         env["HOTPATH_JOBS_BATCH_SIZE"] = str(args.batch)

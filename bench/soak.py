@@ -207,7 +207,7 @@ async def client_loop(
             url = f"/stream-json/{rng.randint(1, 2000)}"
         elif roll < 0.68:
             url = "/protected-endpoint"
-            headers = {"X-API-Key": f"soak{rng.randrange(1000)}"}
+            headers = {"X-Forwarded-For": f"198.51.100.{rng.randrange(256)}"}  # 256 clients
         elif roll < 0.74 and "/large-dataset" in paths:
             url, headers = "/large-dataset", {"Accept-Encoding": "gzip"}
         elif roll < 0.80 and "/expensive-calculation/{value}" in paths:

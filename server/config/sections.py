@@ -90,7 +90,20 @@ class ProductsConfig:
 class RateLimitConfig:
     enabled: bool = True
     default: str = ""
-    policies: dict[str, str] = field(default_factory=lambda: {"protected": "100/hour, 10/minute"})
+    policies: dict[str, str] = field(
+        default_factory=lambda: {
+            "protected": "100/hour, 10/minute",
+            "users_create": "600/minute",
+            "user_update": "600/minute",
+            "user_delete": "600/minute",
+            "send_notification": "600/minute",
+            "events_publish": "600/minute",
+            "task_cancel": "600/minute",
+            "generate_report": "60/minute",
+            "bulk_process": "60/minute",
+            "process_urls": "60/minute, 1000/hour",
+        }
+    )
     exempt: tuple[str, ...] = ("health", "ready", "metrics", "openapi")
     key_header: str = ""
     trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
