@@ -11,6 +11,7 @@ from aiohttp import web
 
 from handlers import admin, calculation, datasets, feed, fetch, health, legacy, meta, products, tasks, users
 from middlewares import bound_handler
+from middlewares.ratelimit import WRITES
 from server import calculation as calculation_service
 from server import products as catalogue
 from server import records
@@ -110,6 +111,28 @@ _OWNED = (
 )
 
 
+# Every write carries the rate limiter (middlewares/ratelimit.py): its route's policy, or the
+# key's own rate where the route has none. Said once here for all of them, not in each row.
+RATE_LIMITED = Problem(
+    "rate limited (the route's policy in ratelimit.policies, or the key's own rate): "
+    "Retry-After, RateLimit and X-Rate-* headers, `rate_info`",
+    REFUSED_HEADERS,
+)
+
+
+def _writes_limited(*routes: Route) -> tuple[Route, ...]:
+    """`routes`, each write among them answering 429 as well (unless it says so itself)."""
+    return tuple(
+        replace(
+            route,
+            operation=replace(route.operation, responses={429: RATE_LIMITED, **route.operation.responses}),
+        )
+        if route.method in WRITES and 429 not in route.operation.responses
+        else route
+        for route in routes
+    )
+
+
 def _task_create(
     summary: str, fields: Body, query: tuple[Param, ...] = (), also: tuple[str, ...] = ()
 ) -> Operation:
@@ -127,7 +150,7 @@ def _task_create(
     )
 
 
-API: tuple[Route, ...] = (
+API: tuple[Route, ...] = _writes_limited(
     get(
         "/health",
         health.health,

@@ -218,6 +218,15 @@ def _feed(op: dict[str, Any]) -> None:
     op["description"] = DECLARED[op["operationId"]].description
 
 
+# 13. Every write carries the rate limiter (its route's policy, or the key's own rate): 429,
+#     as /protected-endpoint's, described for all of them.
+WRITES = {"post", "put", "patch", "delete"}
+LIMITED = (
+    "rate limited (the route's policy in ratelimit.policies, or the key's own rate): "
+    "Retry-After, RateLimit and X-Rate-* headers, `rate_info`"
+)
+
+
 def _operations(spec: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         (path, method, op)
@@ -298,6 +307,10 @@ def intended(before: dict[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
                 param["description"] = IDEMPOTENCY_KEY
         if (path, method) in NOT_MODIFIED:
             op["responses"]["304"] = {"description": "the client's copy (If-None-Match) is current"}
+        if method in WRITES and "429" not in op["responses"]:
+            limited = copy.deepcopy(before["paths"]["/protected-endpoint"]["get"]["responses"]["429"])
+            limited["description"] = LIMITED
+            op["responses"]["429"] = limited
     for item in spec["paths"].values():
         for param in item.get("parameters", []):
             param["schema"].setdefault("maxLength", PATH_DIGITS[param["name"]])
