@@ -102,6 +102,12 @@ class RateLimitConfig:
             "generate_report": "60/minute",
             "bulk_process": "60/minute",
             "process_urls": "60/minute, 1000/hour",
+            "admin_scopes": "60/minute",
+            "admin_keys": "60/minute",
+            "admin_keys_create": "60/minute",
+            "admin_key_rotate": "60/minute",
+            "admin_key_revoke": "60/minute",
+            "admin_audit": "60/minute",
         }
     )
     exempt: tuple[str, ...] = ("health", "ready", "metrics", "openapi")
