@@ -99,6 +99,7 @@ class RateLimitConfig:
             "send_notification": "600/minute",
             "events_publish": "600/minute",
             "task_cancel": "600/minute",
+            "feed_tokens": "600/minute",
             "generate_report": "60/minute",
             "bulk_process": "60/minute",
             "process_urls": "60/minute, 1000/hour",
