@@ -1,8 +1,9 @@
 """The sliding windows in Redis: every check of one event-loop pass in one EVALSHA.
 
-A window is a Redis sorted set of the request times inside it (microseconds from Redis
-`TIME`, so hosts with skewed clocks agree), which makes "at most N in any W seconds" exact
-rather than approximate. All checks made during one loop pass go to Redis together: one call
+A caller's requests under one policy are a Redis sorted set of their times (microseconds from
+Redis `TIME`, so hosts with skewed clocks agree), kept for the policy's longest window; each
+window counts the members inside it, which makes "at most N in any W seconds" exact rather
+than approximate. All checks made during one loop pass go to Redis together: one call
 of sliding_window.lua (beside this module), which handles them in arrival order, atomically.
 Exactness is kept (the script sees every earlier check of the batch), and under load a process
 pays one round trip for many requests instead of one each.
