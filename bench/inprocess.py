@@ -24,6 +24,7 @@ Loopback only; nothing listens on a port.
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import cProfile
 import os
@@ -166,6 +167,7 @@ async def measure(
     await hot.setup()
     try:
         await _seed(hot)
+        gc.freeze()  # as run.py does once the app has started (freeze_startup_heap)
         key = f"Authorization: Bearer {await _key(hot)}"
         routes = [
             Route("floor GET /json", floor, "/json", guarded=False),
