@@ -24,9 +24,9 @@ Loopback only; nothing listens on a port.
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import sys
