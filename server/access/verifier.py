@@ -3,7 +3,8 @@ process's changes to them.
 
 Each process keeps the active keys (by lookup prefix) in memory, and the keys it has verified
 (by the exact credential sent) in a memo, so a request with a known key costs one dict lookup.
-A credential found nowhere is remembered as unknown for `auth.unknown_ttl` seconds (bounded).
+A well-formed key found nowhere is remembered as unknown for `auth.unknown_ttl` seconds
+(bounded), by the key itself, never by a header text an attacker can pad.
 
 Changes (a key made, rotated, revoked) are announced on a Redis pub/sub channel: every process
 reloads that key from PostgreSQL and drops what it had verified of it, so a revoked key is
@@ -43,6 +44,11 @@ log = logging.getLogger("hotpath.access")
 # What may go wrong while (re)loading keys: the database or Redis away.
 _DOWN = (*REDIS_DOWN, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable, TimeoutError)
 _MEMO_MAX = 100_000  # verified credentials kept; beyond, the memo starts afresh
+# Longest scheme and separator remembered before a credential ("Bearer "): the memo is keyed by
+# the header's exact text, and a header padded with spaces (up to aiohttp's 8 KiB) is the same
+# key under another text. Remembering each such text let one key fill the memo with 100,000
+# headers of 8 KiB (800 MB); padded forms are verified each time instead (no I/O while live).
+_SCHEME_MAX = len("Bearer ")
 STREAM_SECRET = "stream_tokens"
 
 
@@ -91,8 +97,8 @@ class Access:
 
     async def verify(self, token: str, sent: str | None = None) -> Principal:
         """Verify a credential the memo does not hold: a configured shared token, or a key.
-        `sent`: the header's text it came in, which the memo and the unknown memo are keyed by
-        (the token itself when None). Raises Unauthorized."""
+        `sent`: the header's text it came in, which the memo is keyed by (the token itself when
+        None). Raises Unauthorized."""
         sent = token if sent is None else sent
         principal = self.memo.get(sent)
         if principal is not None:
@@ -100,19 +106,18 @@ class Access:
                 del self.memo[sent]
                 raise Unauthorized("this key has expired", invalid=True)
             return principal
-        until = self._unknown.get(sent)
+        until = self._unknown.get(token)
         if until is not None:
             if until > time.monotonic():
                 raise Unauthorized("unknown, revoked or expired key", invalid=True)
-            del self._unknown[sent]
+            del self._unknown[token]
         given = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         for digest, alias in self._aliases:
             if hmac.compare_digest(given, digest):
-                self._remember(sent, alias)
+                self._remember(sent, token, alias)
                 return alias
         parts = split_key(token)
-        if parts is None:
-            self._refuse(sent)
+        if parts is None:  # refused again at no cost: not remembered (it could be 8 KiB long)
             raise Unauthorized("not a hotpath key (hp_<prefix>_<secret>)", invalid=True)
         prefix, secret = parts
         if self.live or self.store is None:
@@ -121,15 +126,15 @@ class Access:
             record = await self.store.by_prefix(prefix)
         now = datetime.now(UTC)
         if record is None or not hmac.compare_digest(record.digest, digest_of(secret)):
-            self._refuse(sent)
+            self._refuse(token)
             raise Unauthorized("unknown, revoked or expired key", invalid=True)
         if not record.active(now):
-            self._refuse(sent)
+            self._refuse(token)
             raise Unauthorized(
                 "this key has expired" if record.revoked_at is None else "this key was revoked", invalid=True
             )
         principal = principal_of(record)
-        self._remember(sent, principal)
+        self._remember(sent, token, principal)
         self.used[record.id] = None
         return principal
 
@@ -160,12 +165,17 @@ class Access:
             claims.channels,
         )
 
-    def _remember(self, token: str, principal: Principal) -> None:
+    def _remember(self, sent: str, token: str, principal: Principal) -> None:
+        """Keep `principal` under the header text `sent` it came in, unless that text is the
+        token padded (see _SCHEME_MAX)."""
+        if len(sent) > len(token) + _SCHEME_MAX:
+            return
         if len(self.memo) >= _MEMO_MAX:
             self.memo.clear()
-        self.memo[token] = principal
+        self.memo[sent] = principal
 
     def _refuse(self, token: str) -> None:
+        """Remember a well-formed key (fixed length) as unknown, by the key itself."""
         cap = self.config.unknown_max
         if cap == 0 or self.config.unknown_ttl == 0:
             return

@@ -170,6 +170,30 @@ async def test_invented_keys_cost_no_database_lookup(aiohttp_client: Any, cfg: C
     assert calls == 0
 
 
+async def test_padded_headers_cannot_fill_the_memos(aiohttp_client: Any, cfg: Config) -> None:
+    """The memo of verified credentials is keyed by the header's text: a key sent padded with
+    spaces, or in another case of "Bearer", is the same key under many texts. Each padded text
+    used to be kept (100,000 of up to 8 KiB each, 800 MB per process, from one key of any
+    scope); now only the unpadded forms are, and unknown keys are kept by the key itself."""
+    client = await aiohttp_client(create_app(closed(cfg, public_reads=True)))
+    access = client.app[ACCESS]
+    await until(lambda: access.live, "the key table to be live")
+    _, key = await make_key(client.app, ["read"])
+    for pad in range(2, 302):
+        scheme = "bearer" if pad % 2 else "Bearer"
+        resp = await client.get("/products", headers={"Authorization": f"{scheme}{' ' * pad}{key}"})
+        assert resp.status == 200
+    assert (await client.get("/products", headers={"Authorization": f"Bearer {key}"})).status == 200
+    assert list(access.memo) == [f"Bearer {key}"]  # what a client sends is still kept
+    invented = "hp_" + "0" * 12 + "_" + "C" * 43
+    for pad in range(1, 101):
+        resp = await client.get("/products", headers={"Authorization": f"Bearer{' ' * (pad * 50)}{invented}"})
+        assert resp.status == 401
+        resp = await client.get("/products", headers={"Authorization": f"Bearer {pad:08d}" + "x" * 4000})
+        assert resp.status == 401
+    assert list(access._unknown) == [invented]
+
+
 async def test_a_revoked_key_is_refused_at_once_here(aiohttp_client: Any, cfg: Config) -> None:
     client = await aiohttp_client(create_app(closed(cfg)))
     key_id, key = await make_key(client.app, ["users:read"])
