@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# What the start of a refused request line or header, which aiohttp quotes in its message, may
+# hold that no log may: a stream token in a query (?token=), a key or a shared token after a
+# Bearer scheme, a hotpath key (hp_) or stream token (hps_) anywhere (a cookie, an alias header).
+_SECRET_AFTER = re.compile(r"(?i)(token=|bearer\s+)[^\s&'\"]+")
+_SECRET_KEY = re.compile(r"\b(hps?_)[A-Za-z0-9_.=-]+")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials it may quote replaced by "***"."""
+    return _SECRET_KEY.sub(r"\1***", _SECRET_AFTER.sub(r"\1***", text))
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -44,7 +56,9 @@ class MalformedRequestFilter(logging.Filter):
     at ERROR with a traceback, although it is the client's error and aiohttp has answered
     it with a 400 already. This filter, on the `aiohttp.server` logger, turns each into one
     INFO line without the traceback, at most one a second (a flood of them is one line a
-    second, counting what it left out), so nobody can fill the log by sending garbage."""
+    second, counting what it left out), so nobody can fill the log by sending garbage. What
+    aiohttp quotes of the request (up to 100 bytes of a line too long) is redacted: a stream
+    token in an over-long URL, or a key in an over-long header, was written to the log."""
 
     def __init__(self, interval: float = 1.0) -> None:
         super().__init__()
@@ -61,7 +75,7 @@ class MalformedRequestFilter(logging.Filter):
             return False
         self._next = record.created + self.interval
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        reason = " ".join(str(exc.message).split())[:200] if exc.message else type(exc).__name__
+        reason = redact(" ".join(str(exc.message).split()))[:200] if exc.message else type(exc).__name__
         more = f" (+{self._skipped} more since the last line)" if self._skipped else ""
         self._skipped = 0
         record.msg, record.args = (

@@ -175,3 +175,31 @@ def test_malformed_request_lines_are_one_a_second() -> None:
     assert f.filter(later) and later.getMessage().endswith("y (+8 more since the last line)")
     other = record(101.6, ValueError("a real bug"))
     assert f.filter(other) and other.exc_info is not None and other.levelno == logging.ERROR
+
+
+def test_malformed_request_lines_never_log_credentials() -> None:
+    """aiohttp quotes the start of a line it refuses (a URL or a header beyond 8 KiB): a stream
+    token in an over-long event-stream URL, or a key in an over-long header, reached the log."""
+    from aiohttp.http_exceptions import LineTooLong
+
+    from server.runtime.logs import MalformedRequestFilter
+
+    key = "hp_0123456789ab_" + "S" * 43
+    stream = "hps_eyJrIjogMX0.c2lnbmF0dXJl"
+    for line in (
+        f"/events?channels=users&token={stream}&x=" + "a" * 100,
+        f"Bearer {key}" + " " * 100,
+        f"bearer metrics-token-{'s' * 20}",
+        f"hotpath_stream={stream}; other=1",
+        key,
+    ):
+        exc = LineTooLong(line[:100] + "...", "8190")
+        r = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, "x", 1, "Error handling request from %s", ("1.2.3.4",),
+            (type(exc), exc, None),
+        )  # fmt: skip
+        assert MalformedRequestFilter().filter(r)
+        message = r.getMessage()
+        assert "Got more than 8190 bytes" in message and "***" in message, message
+        for secret in (key[16:], "S" * 10, stream[4:], "metrics-token"):
+            assert secret not in message, message
