@@ -90,6 +90,8 @@ def test_cli_overrides_beat_environment() -> None:
         ("[server\n", {}, "config.toml"),
         ('[feed]\nprivate_channels = ["users", "secrets"]\n', {}, "feed.private_channels"),
         ("[auth]\nstream_token_ttl = 600\nstream_token_max_ttl = 60\n", {}, "auth.stream_token_ttl"),
+        ('[ratelimit]\npolicies = { protected = "1/999999999999d" }\n', {}, "ratelimit.policies.protected"),
+        ('[ratelimit]\ndefault = "2000000000/minute"\n', {}, "ratelimit.default"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], key: str) -> None:

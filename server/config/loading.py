@@ -40,6 +40,12 @@ _PERIODS = {
     "d": 86400, "day": 86400, "days": 86400,
 }  # fmt: skip
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+# Bounds of one window: beyond them a key's rate (keys create --rate, POST /admin/keys) made
+# every request of that key a 500 (a limit past 64 bits in rate_info), or the sliding-window
+# script fail in Redis (a window of 10^12 days), which put the process's limits for everyone
+# on the local fallback, again at each request of that key.
+RATE_LIMIT_MAX = 1_000_000_000
+RATE_PERIOD_MAX = 366 * 86400
 
 
 def parse_rates(text: str) -> list[tuple[int, int]]:
@@ -53,6 +59,10 @@ def parse_rates(text: str) -> list[tuple[int, int]]:
         seconds = int(match.group(2) or 1) * _PERIODS[match.group(3)]
         if limit < 1 or seconds < 1:
             raise ValueError(f"{part.strip()!r}: limit and period must be positive")
+        if limit > RATE_LIMIT_MAX or seconds > RATE_PERIOD_MAX:
+            raise ValueError(
+                f"{part.strip()!r}: at most {RATE_LIMIT_MAX:,} requests in a window of at most 366 days"
+            )
         rates.append((limit, seconds))
     if not rates:
         raise ValueError("a policy needs at least one window")

@@ -137,6 +137,7 @@ async def test_scopes_lists_every_scope(cfg: Config) -> None:
     [
         (["create", "--name", "x", "--scopes", "users:read,root"], 2, "unknown scope(s) 'root'"),
         (["create", "--name", "x", "--all-scopes", "--rate", "lots"], 2, "--rate"),
+        (["create", "--name", "x", "--all-scopes", "--rate", "1/400d"], 2, "366 days"),
         (["create", "--name", "x", "--all-scopes", "--expires", "2001-01-01"], 2, "in the future"),
         (["create", "--name", "x"], 2, "--scopes"),
         (["rotate", "1", "--overlap", "soon"], 2, "--overlap"),

@@ -190,3 +190,6 @@ async def test_tiers_are_kept_per_rate_and_a_bad_one_falls_back(client: Any) -> 
     # a rate that no longer parses (a hand-edited row): the route's own policy
     assert limiter.tier("lots", "protected") is limiter.policies["protected"]
     assert "lots" not in limiter.tiers
+    # so does a row made before windows were bounded (its limit past 64 bits answered 500s)
+    huge = "999999999999999999999/second"
+    assert limiter.tier(huge, "protected") is limiter.policies["protected"]
