@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 from server.access import tokens
 from server.access.apikeys import KeyRecord, KeyStore, digest_of, split_key
@@ -44,6 +45,11 @@ log = logging.getLogger("hotpath.access")
 # What may go wrong while (re)loading keys: the database or Redis away.
 _DOWN = (*REDIS_DOWN, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable, TimeoutError)
 _MEMO_MAX = 100_000  # verified credentials kept; beyond, the memo starts afresh
+# The subscription to key changes: probed after _PROBE s of silence, down after _SILENT s without
+# an answer, retried at most _RETRY_MAX s apart while down (see Access._listen_forever)
+_PROBE = 0.25
+_SILENT = 0.75
+_RETRY_MAX = 0.25
 # Longest scheme and separator remembered before a credential ("Bearer "): the memo is keyed by
 # the header's exact text, and a header padded with spaces (up to aiohttp's 8 KiB) is the same
 # key under another text. Remembering each such text let one key fill the memo with 100,000
@@ -278,36 +284,62 @@ class Access:
             await self._record_use()
 
     async def _listen_forever(self) -> None:
+        """Hear key changes; while not subscribed (or not sure to be), not live: verify afresh.
+
+        A subscription that hears nothing is not proven alive: a Redis that hangs, or a network
+        that drops packets, raises nothing on a quiet connection, and a process that trusted it
+        kept every key it had verified (a revoked one too) for as long as that lasted (40 s and
+        more, measured with Redis stopped by SIGSTOP). So the subscription is probed with a PING
+        every _PROBE seconds of silence, and taken as down after _SILENT seconds without a word
+        from Redis; it goes live only once Redis has confirmed the subscription, each attempt
+        bounded by _SILENT, and retries at most _RETRY_MAX apart, so that while it is down what
+        was verified is forgotten at least once a second."""
         assert self._sub is not None
-        delay = 0.1
+        loop = asyncio.get_running_loop()
+        delay = 0.05
         while not self._closing:
-            pubsub = self._sub.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._sub.pubsub()  # subscribe confirmations and pongs are what we hear
             try:
-                await pubsub.subscribe(self.channel)
+                await self._subscribe(pubsub)
                 await self._reload_all()  # after subscribing: no change falls between the two
                 self.live = True
                 self.synced.set()
-                delay = 0.1
+                delay = 0.05
+                heard = loop.time()
                 while not self._closing:
-                    msg = await pubsub.get_message(timeout=30.0)
-                    if msg is None:
+                    msg = await pubsub.get_message(timeout=_PROBE)
+                    if msg is not None:
+                        heard = loop.time()
+                        if msg["type"] == "message":
+                            await self._on_message(msg["data"])
+                    elif loop.time() - heard > _SILENT:
+                        raise TimeoutError(f"Redis did not answer for {_SILENT:g} s")
+                    else:
                         await pubsub.ping()
-                        continue
-                    if msg["type"] == "message":
-                        await self._on_message(msg["data"])
-            except _DOWN as exc:
+            except Exception as exc:  # CancelledError (close()) is a BaseException and ends the task
                 if self.closing:
                     return
-                if self.live:
+                if not isinstance(exc, _DOWN):  # a bug must not leave the table trusted
+                    log.exception("listening to key changes failed")
+                elif self.live:
                     log.warning("key changes not heard (%s); verifying against PostgreSQL meanwhile", exc)
                 self.live = False
                 self.synced.clear()
-                with contextlib.suppress(*_DOWN, RuntimeError):
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()
             # not live: what was verified may have been revoked meanwhile; verify afresh
             self.memo.clear()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, _RETRY_MAX)
+
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        """Subscribe to the key changes, and wait (within _SILENT) until Redis confirms it."""
+        async with asyncio.timeout(_SILENT):
+            await pubsub.subscribe(self.channel)
+            while True:
+                msg = await pubsub.get_message(timeout=_SILENT)
+                if msg is not None and msg["type"] == "subscribe":
+                    return
 
     async def _on_message(self, data: bytes) -> None:
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,7 @@ from server.app import create_app
 from server.config import Config, ConfigError
 from server.errors import Unauthorized
 from server.routes import API
+from server.runtime.embedded import EmbeddedRedis
 from server.storage.pool import DB
 from tests.helpers import PYTHON, ROOT, free_port, replace, until, wait_ready
 
@@ -272,6 +275,46 @@ async def test_a_revoke_reaches_another_process_within_a_second(aiohttp_client: 
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+async def test_a_hung_redis_is_noticed_and_a_revoke_still_holds_within_a_second(
+    aiohttp_client: Any, cfg: Config, tmp_path: Path
+) -> None:
+    """A Redis that stops answering (stopped, or behind a network that drops packets) raises
+    nothing on a quiet subscription: the other process kept trusting its table and its memo, and
+    served a revoked key for as long as Redis hung (40 s and more). Now the subscription is
+    probed, found silent, and the process verifies against PostgreSQL within a second."""
+    redis = EmbeddedRedis(tmp_path / "redis")  # our own: the machine's must keep running
+    redis.start()
+    try:
+        config = closed(replace(cfg, redis={"url": redis.url, "socket_timeout": 0.5, "connect_timeout": 0.5}))
+        here = await aiohttp_client(create_app(config))
+        there = await aiohttp_client(create_app(config))
+        access = there.app[ACCESS]
+        await until(lambda: here.app[ACCESS].live and access.live, "both to hear key changes")
+        key_id, key = await make_key(here.app, ["users:read"])
+        auth = {"Authorization": f"Bearer {key}"}
+
+        async def status() -> int:
+            async with there.get("/users", headers=auth) as resp:
+                return resp.status
+
+        await until(lambda: _is(status(), 200), "the other app to know the new key", 5)
+        assert redis.proc is not None
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            # its announcement could not get through: only the other side's own check can see it
+            await here.app[ACCESS].store.revoke("test", key_id)
+            revoked_at = time.monotonic()
+            await until(lambda: _is(status(), 401), "the other app to refuse the revoked key", 1.5)
+            assert time.monotonic() - revoked_at < 1.5
+            assert not access.live
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        await until(lambda: access.live, "the subscription to be back", 10)
+        assert await status() == 401
+    finally:
+        redis.stop()
 
 
 async def _is(status: Any, expected: int) -> bool:
