@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +67,8 @@ def check_name(value: Any, field: str = "name") -> str:
         raise InvalidInput(field, f"must be 1 to {NAME_MAX} characters")
     if _CONTROL.search(name):
         raise InvalidInput(field, "must not contain control characters")
+    if any(unicodedata.category(c) == "Cf" for c in name):  # RLO, zero-width space: spoofing
+        raise InvalidInput(field, "must not contain invisible formatting characters")
     return name
 
 

@@ -50,6 +50,9 @@ _MEMO_MAX = 100_000  # verified credentials kept; beyond, the memo starts afresh
 _PROBE = 0.25
 _SILENT = 0.75
 _RETRY_MAX = 0.25
+# While not live, the table reloaded from PostgreSQL is used for this long (seconds), then
+# each key is looked up in PostgreSQL until it is reloaded again (each retry reloads it).
+_TABLE_FRESH = 1.0
 # Longest scheme and separator remembered before a credential ("Bearer "): the memo is keyed by
 # the header's exact text, and a header padded with spaces (up to aiohttp's 8 KiB) is the same
 # key under another text. Remembering each such text let one key fill the memo with 100,000
@@ -83,6 +86,7 @@ class Access:
         self._unknown: dict[str, float] = {}
         self.used: dict[int, None] = {}  # key ids used since the last write of last_used_at
         self.live = False  # subscribed, and the table loaded since: it is complete
+        self._loaded_at = -1e9  # time.monotonic() of the last load of the whole table
         self.synced = asyncio.Event()
         self._on_revoke: list[Callable[[int], None]] = []
         self._aliases: list[tuple[bytes, Principal]] = []
@@ -126,9 +130,9 @@ class Access:
         if parts is None:  # refused again at no cost: not remembered (it could be 8 KiB long)
             raise Unauthorized("not a hotpath key (hp_<prefix>_<secret>)", invalid=True)
         prefix, secret = parts
-        if self.live or self.store is None:
+        if self.live or self.store is None or time.monotonic() - self._loaded_at < _TABLE_FRESH:
             record = self._by_prefix.get(prefix)
-        else:  # the table may be stale (a revocation not heard): ask PostgreSQL
+        else:  # the table is not kept fresh (a revocation may not be heard): ask PostgreSQL
             record = await self.store.by_prefix(prefix)
         now = datetime.now(UTC)
         if record is None or not hmac.compare_digest(record.digest, digest_of(secret)):
@@ -230,6 +234,7 @@ class Access:
     async def _reload_all(self) -> None:
         assert self.store is not None
         records = await self.store.active()
+        self._loaded_at = time.monotonic()
         gone = set(self._by_id) - {r.id for r in records}
         self._by_id = {r.id: r for r in records}
         self._by_prefix = {r.prefix: r for r in records}
@@ -327,8 +332,13 @@ class Access:
                 self.synced.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-            # not live: what was verified may have been revoked meanwhile; verify afresh
+            # not live: what was verified may have been revoked meanwhile; verify afresh, against
+            # the table reloaded from PostgreSQL about once a second (so a flood of invented keys
+            # costs no query each, stream tokens and open streams follow revocations too)
             self.memo.clear()
+            if time.monotonic() - self._loaded_at >= _TABLE_FRESH - _RETRY_MAX:
+                with contextlib.suppress(*_DOWN):
+                    await self._reload_all()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX)
 

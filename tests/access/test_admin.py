@@ -187,6 +187,9 @@ async def test_bodies_are_validated_field_by_field(api: Any) -> None:
     for bad in (
         {"name": "x", "scopes": []},
         {"name": "", "scopes": ["read"]},
+        {"name": "admin\x07", "scopes": ["read"]},  # a control character
+        {"name": "ops\u202ekey", "scopes": ["read"]},  # right-to-left override: spoofs `keys list`
+        {"name": "ops\u200b", "scopes": ["read"]},  # zero-width space
         {"name": "x", "scopes": "read"},
         # beyond a window's bounds: a limit past 64 bits made each request of the key a 500, a
         # window of 10^12 days failed the Redis script (the process's limits went local)

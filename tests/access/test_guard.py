@@ -309,6 +309,22 @@ async def test_a_hung_redis_is_noticed_and_a_revoke_still_holds_within_a_second(
             await until(lambda: _is(status(), 401), "the other app to refuse the revoked key", 1.5)
             assert time.monotonic() - revoked_at < 1.5
             assert not access.live
+            # meanwhile the table reloaded from PostgreSQL about once a second answers: a flood of
+            # invented keys costs no query each
+            store = access.store
+            assert store is not None
+            real, calls = store.by_prefix, 0
+
+            async def counted(prefix: str) -> Any:
+                nonlocal calls
+                calls += 1
+                return await real(prefix)
+
+            store.by_prefix = counted  # type: ignore[method-assign]
+            for i in range(100):
+                invented = {"Authorization": f"Bearer hp_{i:012x}_" + "C" * 43}
+                assert (await there.get("/users", headers=invented)).status == 401
+            assert calls <= 5, calls
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         await until(lambda: access.live, "the subscription to be back", 10)
