@@ -9,13 +9,15 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from server.access import ACCESS
+from server.access.apikeys import KeyRecord
 from server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +75,19 @@ async def wait_ready(session: aiohttp.ClientSession, base: str, proc: Any, timeo
             pass
         await asyncio.sleep(0.05)
     raise AssertionError("run.py did not become ready")
+
+
+async def new_key(
+    app: Any, scopes: Iterable[str], name: str = "test", **fields: Any
+) -> tuple[KeyRecord, str]:
+    """A key made in `app`'s keys table (actor "test") and applied at once, as the admin routes
+    make one: (its record, the key). `fields`: expires_at, rate."""
+    access = app[ACCESS]
+    record, key = await access.store.create("test", name, list(scopes), **fields)
+    await access.changed(record.id)
+    return record, key
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The headers presenting `key`."""
+    return {"Authorization": f"Bearer {key}"}

@@ -9,13 +9,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.access import ACCESS
 from server.access.apikeys import KEY_PATTERN
 from server.access.scopes import ADMIN, SCOPES, USERS_READ
-from server.app import create_app
 from server.config import Config
 from server.routes import API
-from tests.helpers import replace
+from tests.helpers import bearer, new_key
 
 # (method, path, body) of every admin route, with what an admin key gets for it here.
 ADMIN_CALLS: list[tuple[str, str, Any, int]] = [
@@ -29,27 +27,10 @@ ADMIN_CALLS: list[tuple[str, str, Any, int]] = [
 ]
 
 
-@pytest.fixture
-def auth_cfg(cfg: Config) -> Config:
-    """The shipped access rules: no route open but the public reads."""
-    return replace(cfg, auth={"open_routes": ()})
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, auth_cfg: Config) -> Any:
-    return await aiohttp_client(create_app(auth_cfg))
-
-
 async def make_key(api: Any, scopes: list[str], name: str = "test") -> tuple[int, str]:
     """A key made straight in the store (actor "test") and applied: (id, key)."""
-    access = api.app[ACCESS]
-    record, key = await access.store.create("test", name, scopes)
-    await access.changed(record.id)
+    record, key = await new_key(api.app, scopes, name)
     return record.id, key
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def call(api: Any, method: str, path: str, body: Any = None, key: str | None = None) -> Any:

@@ -13,9 +13,8 @@ import pytest
 
 from server.access.apikeys import KEY_PATTERN
 from server.access.scopes import SCOPES
-from server.app import create_app
 from server.config import Config
-from tests.helpers import PYTHON, ROOT, replace, until
+from tests.helpers import PYTHON, ROOT, until
 
 
 class Ran:
@@ -38,16 +37,6 @@ async def keys(cfg: Config, *args: str, **env: str) -> Ran:
     ran = Ran(await proc.wait(), out.decode(), err.decode())
     assert "Traceback" not in ran.err, ran.err
     return ran
-
-
-@pytest.fixture
-def auth_cfg(cfg: Config) -> Config:
-    return replace(cfg, auth={"open_routes": ()})
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, auth_cfg: Config) -> Any:
-    return await aiohttp_client(create_app(auth_cfg))
 
 
 async def status_with(api: Any, key: str, path: str = "/users") -> int:

@@ -23,7 +23,7 @@ from server.errors import Unauthorized
 from server.routes import API
 from server.runtime.embedded import EmbeddedRedis
 from server.storage.pool import DB
-from tests.helpers import PYTHON, ROOT, free_port, replace, until, wait_ready
+from tests.helpers import PYTHON, ROOT, free_port, new_key, replace, until, wait_ready
 
 CLOSED: dict[str, Any] = {"open_routes": (), "public_reads": False}
 
@@ -34,9 +34,21 @@ def closed(cfg: Config, **auth: Any) -> Config:
 
 
 async def make_key(app: Any, scopes: list[str], name: str = "test", **kw: Any) -> tuple[int, str]:
-    record, key = await app[ACCESS].store.create("test", name, scopes, **kw)
-    await app[ACCESS].changed(record.id)
+    record, key = await new_key(app, scopes, name, **kw)
     return record.id, key
+
+
+def count_lookups(access: Any) -> list[str]:
+    """The prefixes `access` looks up in PostgreSQL from now on, as they are asked."""
+    store = access.store
+    real, asked = store.by_prefix, []
+
+    async def counted(prefix: str) -> Any:
+        asked.append(prefix)
+        return await real(prefix)
+
+    store.by_prefix = counted
+    return asked
 
 
 def _path(route: Any) -> str:
@@ -152,25 +164,16 @@ async def test_invented_keys_cost_no_database_lookup(aiohttp_client: Any, cfg: C
     client = await aiohttp_client(create_app(closed(cfg)))
     access = client.app[ACCESS]
     await until(lambda: access.live, "the key table to be live")
-    calls = 0
-    store = access.store
-    real = store.by_prefix
-
-    async def counted(prefix: str) -> Any:
-        nonlocal calls
-        calls += 1
-        return await real(prefix)
-
-    store.by_prefix = counted  # type: ignore[method-assign]
+    lookups = count_lookups(access)
     for i in range(200):
         key = f"hp_{i:012x}_" + "B" * 43
         resp = await client.get("/users", headers={"Authorization": f"Bearer {key}"})
         assert resp.status == 401
-    assert calls == 0
+    assert lookups == []
     # and an invented key sent again is refused from the memo of unknown keys, before any lookup
     with pytest.raises(Unauthorized):
         await access.verify(f"hp_{0:012x}_" + "B" * 43)
-    assert calls == 0
+    assert lookups == []
 
 
 async def test_padded_headers_cannot_fill_the_memos(aiohttp_client: Any, cfg: Config) -> None:
@@ -311,20 +314,11 @@ async def test_a_hung_redis_is_noticed_and_a_revoke_still_holds_within_a_second(
             assert not access.live
             # meanwhile the table reloaded from PostgreSQL about once a second answers: a flood of
             # invented keys costs no query each
-            store = access.store
-            assert store is not None
-            real, calls = store.by_prefix, 0
-
-            async def counted(prefix: str) -> Any:
-                nonlocal calls
-                calls += 1
-                return await real(prefix)
-
-            store.by_prefix = counted  # type: ignore[method-assign]
+            lookups = count_lookups(access)
             for i in range(100):
                 invented = {"Authorization": f"Bearer hp_{i:012x}_" + "C" * 43}
                 assert (await there.get("/users", headers=invented)).status == 401
-            assert calls <= 5, calls
+            assert len(lookups) <= 5, lookups
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         await until(lambda: access.live, "the subscription to be back", 10)

@@ -28,7 +28,7 @@ from server.feed import FEED
 from server.feed.task_events import publish_task
 from tests.feed.test_feed import SSE, feed_cfg, subscribed
 from tests.feed.test_task_events import NOTE, events_until_end
-from tests.helpers import replace, until
+from tests.helpers import bearer, new_key, replace, until
 from tests.jobs.test_jobs import FAST, truncate_jobs
 
 
@@ -45,15 +45,7 @@ def pcfg(cfg: Config) -> Config:
 
 async def make_key(client: Any, *scopes: str, expires_at: datetime | None = None) -> tuple[KeyRecord, str]:
     """A new key with `scopes`, known to the app at once (as POST /admin/keys makes one)."""
-    access = client.app[ACCESS]
-    assert access.store is not None
-    record, key = await access.store.create("test", f"test {' '.join(scopes)}", scopes, expires_at=expires_at)
-    await access.changed(record.id)
-    return record, key
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+    return await new_key(client.app, scopes, f"test {' '.join(scopes)}", expires_at=expires_at)
 
 
 async def stream(client: Any, path: str = "/events", **kw: Any) -> SSE:

@@ -21,7 +21,7 @@ from server.jobs import JOBS as JOB_ENGINE
 from server.jobs.queue import Job
 from server.storage.pool import DB
 from tests.feed.test_feed import SSE, feed_cfg
-from tests.helpers import replace, until
+from tests.helpers import bearer, new_key, replace, until
 from tests.jobs.test_jobs import FAST, truncate_jobs
 
 NOTE = {"recipient": "ops@example.com", "subject": "hello", "content": "an ownership test"}
@@ -50,9 +50,8 @@ class Keys:
 
     async def make(self, name: str, *scopes: str) -> tuple[dict[str, str], int]:
         """(headers presenting a new key, its owner)."""
-        record, token = await self.store.create("test", name, scopes)
-        await self.client.app[ACCESS].changed(record.id)
-        return {"Authorization": f"Bearer {token}"}, record.owner
+        record, token = await new_key(self.client.app, scopes, name)
+        return bearer(token), record.owner
 
     async def rotate(self, key_id: int) -> dict[str, str]:
         _, new, token = await self.store.rotate("test", key_id, 60.0)

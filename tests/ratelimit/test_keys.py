@@ -19,7 +19,7 @@ from server.ratelimit import RATE_LIMITER
 from server.ratelimit.policy import build_policies, key_policy
 from server.ratelimit.windows import KEY_PREFIX
 from server.storage.pool import DB
-from tests.helpers import replace
+from tests.helpers import bearer, new_key, replace
 
 ALIAS = "X-API-Key"
 
@@ -36,8 +36,7 @@ def auth_on(cfg: Config, policies: dict[str, str], open_routes: tuple[str, ...] 
 
 
 async def make_key(client: Any, name: str, scopes: tuple[str, ...], rate: str | None = None) -> str:
-    record, token = await KeyStore(client.app[DB]).create("test", name, scopes, rate=rate)
-    await client.app[ACCESS].changed(record.id)
+    _, token = await new_key(client.app, scopes, name, rate=rate)
     return token
 
 
@@ -56,10 +55,6 @@ async def statuses(client: Any, path: str, n: int, headers: dict[str, str], meth
         async with client.request(method, path, headers=headers, json=body) as resp:
             out.append(resp.status)
     return out
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 # ---------------------------------------------------------------- invented keys
