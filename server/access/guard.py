@@ -21,7 +21,7 @@ from multidict import istr
 
 from server.access.verifier import Access
 from server.errors import Forbidden, Unauthorized
-from server.http.auth import PRINCIPAL, Principal
+from server.http.auth import PRINCIPAL, Principal, bearer_token
 
 __all__ = ["STREAM_COOKIE", "Guard"]
 
@@ -90,13 +90,9 @@ class Guard:
     async def resolve(self, request: web.Request, sent: str) -> None:
         """Verify a credential the memo does not hold (or holds expired): the text of its header
         as sent; an alias header's value comes prefixed with _ALIAS."""
-        if sent.startswith(_ALIAS):
-            token = sent[len(_ALIAS) :].strip()
-        else:
-            scheme, _, token = sent.partition(" ")
-            token = token.strip()
-            if scheme.lower() != "bearer" or not token:
-                raise Unauthorized("send the key as Authorization: Bearer <key>", invalid=True)
+        token = sent[len(_ALIAS) :].strip() if sent.startswith(_ALIAS) else bearer_token(sent)
+        if not token:
+            raise Unauthorized("send the key as Authorization: Bearer <key>", invalid=True)
         self.admit(request, await self.access.verify(token, sent))
 
     def admit(self, request: web.Request, principal: Principal) -> None:

@@ -1,17 +1,15 @@
-"""Who a request comes from: bearer tokens read from Authorization, compared in constant time on
-the header's bytes, and the verified caller (`Principal`) the access layer (server/access/) puts
-on the request for the layers and handlers inside it."""
+"""Who a request comes from: the bearer token of an Authorization header, and the verified
+caller (`Principal`) the access layer (server/access/) puts on the request for the layers and
+handlers inside it."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-__all__ = ["PRINCIPAL", "Principal", "bearer_token", "token_matches"]
+__all__ = ["PRINCIPAL", "Principal", "bearer_token"]
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -19,20 +17,6 @@ def bearer_token(header: str | None) -> str | None:
     scheme, _, token = (header or "").partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
-
-
-def _digest(text: str) -> bytes:
-    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates (surrogateescape):
-    # encoding them back the same way gives the bytes the client sent, never an exception
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
-
-
-def token_matches(given: str | None, expected: str) -> bool:
-    """`given` equals `expected` (never when either is empty), in time independent of where
-    they differ and of the given token's length (both sides are hashed first)."""
-    if not given or not expected:
-        return False
-    return hmac.compare_digest(_digest(given), _digest(expected))
 
 
 @dataclass(frozen=True, slots=True)
