@@ -220,9 +220,14 @@ class Access:
                 callback(key_id)
 
     async def changed(self, key_id: int) -> None:
-        """A key was made, rotated or revoked here: apply it now, and tell every process."""
+        """A key was made, rotated or revoked here: apply it now, and tell every process. The
+        change is committed already: a failure here is logged, never raised (this process hears
+        its own announcement too, and reloads the table while it cannot hear any)."""
         if self.store is not None:
-            self._apply(key_id, await self.store.get(key_id))
+            try:
+                self._apply(key_id, await self.store.get(key_id))
+            except _DOWN as exc:
+                log.warning("could not reload key %d here (%s); its announcement still goes out", key_id, exc)
         if self._redis is not None:
             try:
                 await announce(self._redis, self.channel, key_id)
